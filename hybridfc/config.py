@@ -1,0 +1,393 @@
+"""The ``"hybridfc"`` section of a DeepSpeed config: schema, loading and error messages.
+
+hybridfc is tuned in a top-level ``"hybridfc"`` section of the DeepSpeed ds_config JSON.
+DeepSpeed keeps unknown top-level keys, so the section sits beside DeepSpeed's own ones.
+Every key, with its default where it has one (``num_classes`` and ``embedding_size`` are
+required)::
+
+    "hybridfc": {
+      "num_classes": 1000000,
+      "embedding_size": 512,
+      "seed": 0,
+      "margin": {"type": "arcface", "scale": 64.0, "margin": 0.5},
+      "selection": {"type": "full"},
+      "optimizer": {"type": "sgd",
+                    "params": {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}},
+      "gradient_clipping": 0.0
+    }
+
+``margin`` is one of::
+
+    {"type": "softmax"}
+    {"type": "cosface",  "scale": 64.0, "margin": 0.35}
+    {"type": "arcface",  "scale": 64.0, "margin": 0.5}
+    {"type": "combined", "scale": 64.0, "m1": 1.0, "m2": 0.5, "m3": 0.0}
+
+``softmax`` is a plain softmax over ``x·Wᵀ`` without normalisation; the others normalise
+``x`` and ``W`` and apply their margin to the target logit. ``seed`` seeds the head's
+weight initialisation. ``gradient_clipping`` is the largest global L2 norm of the head's
+gradient over all shards (0 turns clipping off).
+
+A bad section raises :class:`ConfigError` listing every problem, one per line, each naming
+the full dotted key, the value given and what is allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal, NamedTuple, Union, get_args
+
+import hjson
+from pydantic import (
+    AllowInfNan,
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    StrictInt,
+    ValidationError,
+)
+from pydantic.fields import FieldInfo
+from pydantic_core import ErrorDetails
+
+__all__ = [
+    "ArcFaceMargin",
+    "CombinedMargin",
+    "ConfigError",
+    "CosFaceMargin",
+    "HeadOptimizerConfig",
+    "HybridFCConfig",
+    "MarginConfig",
+    "SGDParams",
+    "SelectionConfig",
+    "SoftmaxMargin",
+    "config_fingerprint",
+    "load_ds_config",
+    "parse_head_optimizer",
+    "parse_hybridfc_section",
+    "parse_margin",
+    "split_ds_config",
+]
+
+SECTION = "hybridfc"
+
+Number = Annotated[float, Strict(), AllowInfNan(False)]
+"""A finite float; an int is accepted and converted, a bool or a string is not."""
+
+
+class ConfigError(ValueError):
+    """Any problem with a DeepSpeed config or its ``"hybridfc"`` section."""
+
+
+class _Section(BaseModel):
+    """Base of every model of the section: unknown keys are errors, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SoftmaxMargin(_Section):
+    """Plain softmax over ``x·Wᵀ``, no normalisation and no margin."""
+
+    type: Literal["softmax"] = "softmax"
+
+
+class CosFaceMargin(_Section):
+    """CosFace: ``scale * (cos θ - margin)`` for the target class."""
+
+    type: Literal["cosface"] = "cosface"
+    scale: Number = Field(64.0, gt=0)
+    margin: Number = Field(0.35, ge=0)
+
+
+class ArcFaceMargin(_Section):
+    """ArcFace: ``scale * cos(θ + margin)`` for the target class."""
+
+    type: Literal["arcface"] = "arcface"
+    scale: Number = Field(64.0, gt=0)
+    margin: Number = Field(0.5, ge=0, lt=math.pi)
+
+
+class CombinedMargin(_Section):
+    """Combined margin: ``scale * (cos(m1·θ + m2) - m3)`` for the target class."""
+
+    type: Literal["combined"] = "combined"
+    scale: Number = Field(64.0, gt=0)
+    m1: Number = Field(1.0, gt=0)
+    m2: Number = Field(0.5, ge=0)
+    m3: Number = Field(0.0, ge=0)
+
+
+MarginConfig = Annotated[
+    Union[SoftmaxMargin, CosFaceMargin, ArcFaceMargin, CombinedMargin],
+    Field(discriminator="type"),
+]
+"""The margin of the head's loss, chosen by its ``"type"`` key."""
+
+
+class SelectionConfig(_Section):
+    """Which classes of each shard enter the softmax; ``full`` takes them all."""
+
+    type: Literal["full"] = "full"
+
+
+class SGDParams(_Section):
+    """Hyper-parameters of the head's SGD optimizer."""
+
+    lr: Number = Field(0.1, gt=0)
+    momentum: Number = Field(0.9, ge=0, lt=1)
+    weight_decay: Number = Field(5e-4, ge=0)
+
+
+class HeadOptimizerConfig(_Section):
+    """The head's optimizer, in DeepSpeed's ``{"type", "params"}`` shape."""
+
+    type: Literal["sgd"] = "sgd"
+    params: SGDParams = Field(default_factory=SGDParams)
+
+
+class HybridFCConfig(_Section):
+    """The whole ``"hybridfc"`` section of a DeepSpeed config."""
+
+    num_classes: StrictInt = Field(ge=1)
+    embedding_size: StrictInt = Field(ge=1)
+    seed: StrictInt = Field(0, ge=0)
+    margin: MarginConfig = Field(default_factory=ArcFaceMargin)
+    selection: SelectionConfig = Field(default_factory=SelectionConfig)
+    optimizer: HeadOptimizerConfig = Field(default_factory=HeadOptimizerConfig)
+    gradient_clipping: Number = Field(0.0, ge=0)
+
+
+_MISSING_SECTION = (
+    f'the DeepSpeed config needs a top-level "{SECTION}" section with at least '
+    f"num_classes and embedding_size, for example:\n"
+    f'  "{SECTION}": {{"num_classes": 1000000, "embedding_size": 512}}'
+)
+
+
+def parse_hybridfc_section(section: dict[str, Any]) -> HybridFCConfig:
+    """Validate the ``"hybridfc"`` section; raise :class:`ConfigError` listing every problem."""
+    if not isinstance(section, dict):
+        raise ConfigError(f"{SECTION}: must be an object (got {_show(section)})")
+    return _validate(HybridFCConfig, section, SECTION)
+
+
+class _StandaloneMargin(_Section):
+    margin: MarginConfig
+
+
+class _StandaloneOptimizer(_Section):
+    optimizer: HeadOptimizerConfig
+
+
+def parse_margin(spec: dict[str, Any]) -> SoftmaxMargin | CosFaceMargin | ArcFaceMargin | CombinedMargin:
+    """Validate a margin dict given outside a ds_config (``ClassParallelFC(margin=...)``)."""
+    return _validate(_StandaloneMargin, {"margin": spec}, "").margin
+
+
+def parse_head_optimizer(spec: dict[str, Any]) -> HeadOptimizerConfig:
+    """Validate a head-optimizer dict given outside a ds_config (``build_head_optimizer``)."""
+    return _validate(_StandaloneOptimizer, {"optimizer": spec}, "").optimizer
+
+
+def _validate(model: type[_Section], data: dict[str, Any], prefix: str) -> Any:
+    """``model.model_validate(data)``, or a :class:`ConfigError` with one line per problem."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        problems = [_describe(error, model, prefix) for error in exc.errors()]
+        raise ConfigError("\n".join(problems)) from None
+
+
+def load_ds_config(config: dict[str, Any] | str | os.PathLike[str]) -> dict[str, Any]:
+    """Return a deep copy of a ds_config dict, or the ds_config read from a JSON (Hjson) file."""
+    if isinstance(config, dict):
+        return copy.deepcopy(config)
+    if not isinstance(config, (str, os.PathLike)):
+        raise ConfigError(
+            "the DeepSpeed config must be a dict or the path of a JSON file "
+            f"(got {type(config).__name__})"
+        )
+    path = Path(config)
+    data = _parse_json(_read_text(path), path)
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"DeepSpeed config file {path}: the top level must be a JSON object "
+            f"(got {type(data).__name__})"
+        )
+    return data
+
+
+def split_ds_config(ds_config: dict[str, Any]) -> tuple[dict[str, Any], HybridFCConfig]:
+    """Return a copy of ds_config without ``"hybridfc"``, for DeepSpeed, and the parsed section."""
+    if not isinstance(ds_config, dict):
+        raise ConfigError(f"the DeepSpeed config must be a dict (got {type(ds_config).__name__})")
+    if SECTION not in ds_config:
+        raise ConfigError(_MISSING_SECTION)
+    rest = {key: copy.deepcopy(value) for key, value in ds_config.items() if key != SECTION}
+    return rest, parse_hybridfc_section(ds_config[SECTION])
+
+
+def config_fingerprint(cfg: HybridFCConfig) -> int:
+    """A 63-bit digest of ``cfg``, the same in every process, to check that all ranks agree."""
+    text = json.dumps(cfg.model_dump(), sort_keys=True)
+    digest = hashlib.sha256(text.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def _read_text(path: Path) -> str:
+    """The text of a config file, or a :class:`ConfigError` naming the path."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"DeepSpeed config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read DeepSpeed config file {path}: {exc}") from None
+
+
+def _parse_json(text: str, path: Path) -> Any:
+    """Parse a config file's text the way DeepSpeed does: Hjson, duplicate keys rejected.
+
+    Hjson is a superset of JSON (comments, trailing commas); DeepSpeed reads its config
+    files with it, so a file DeepSpeed accepts is accepted here too.
+    """
+
+    def reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [key for key, _ in pairs]
+        duplicates = sorted({key for key in keys if keys.count(key) > 1})
+        if duplicates:
+            raise ConfigError(
+                f"DeepSpeed config file {path}: duplicate keys in one object: "
+                + ", ".join(json.dumps(key) for key in duplicates)
+            )
+        return dict(pairs)
+
+    try:
+        return hjson.loads(text, object_pairs_hook=reject_duplicates)
+    except hjson.HjsonDecodeError as exc:
+        raise ConfigError(
+            f"invalid JSON in DeepSpeed config file {path}, "
+            f"line {exc.lineno} column {exc.colno}: {exc.msg}"
+        ) from None
+
+
+class _Location(NamedTuple):
+    """Where a pydantic error points: dotted key, model holding its last part, that field."""
+
+    key: str
+    owner: type[BaseModel] | None
+    field: FieldInfo | None
+
+
+def _tagged_members(field: FieldInfo) -> dict[str, type[BaseModel]]:
+    """The models of a discriminated-union field by tag; empty for any other field."""
+    if not isinstance(field.discriminator, str):
+        return {}
+    return {
+        member.model_fields[field.discriminator].default: member
+        for member in get_args(field.annotation)
+    }
+
+
+def _field_model(field: FieldInfo) -> type[BaseModel] | None:
+    """The model a plain model-typed field holds, or None."""
+    annotation = field.annotation
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return None
+
+
+def _locate(loc: tuple[int | str, ...], root: type[BaseModel], prefix: str) -> _Location:
+    """Follow a pydantic ``loc`` from ``root``, dropping union tags from the key."""
+    parts = [prefix] if prefix else []
+    model: type[BaseModel] | None = root
+    owner: type[BaseModel] | None = None
+    field: FieldInfo | None = None
+    steps = iter(loc)
+    for step in steps:
+        parts.append(str(step))
+        owner = model
+        field = model.model_fields.get(str(step)) if model is not None else None
+        model = None
+        if field is not None:
+            members = _tagged_members(field)
+            model = members.get(next(steps, None)) if members else _field_model(field)
+    return _Location(".".join(parts), owner, field)
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    """A value as the user wrote it in JSON, shortened when long."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _number(value: Any) -> str:
+    """A bound for a message: ``0`` rather than ``0.0``."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def _one_of(values: Any) -> str:
+    """``"a", "b"`` for a message listing allowed values."""
+    return ", ".join(json.dumps(value) for value in values)
+
+
+_BOUNDS = {
+    "greater_than": ("gt", ">"),
+    "greater_than_equal": ("ge", ">="),
+    "less_than": ("lt", "<"),
+    "less_than_equal": ("le", "<="),
+}
+_TYPES = {
+    "int_type": "must be an integer",
+    "float_type": "must be a number",
+    "finite_number": "must be a finite number",
+    "model_type": "must be an object",
+    "model_attributes_type": "must be an object",
+    "dict_type": "must be an object",
+}
+
+
+def _describe(error: ErrorDetails, root: type[BaseModel], prefix: str) -> str:
+    """One line for one pydantic error: dotted key, what was given, what is allowed."""
+    kind, given = error["type"], error["input"]
+    where = _locate(error["loc"], root, prefix)
+    if kind == "missing":
+        return f"{where.key}: required key is missing"
+    if kind == "extra_forbidden":
+        assert where.owner is not None
+        allowed = ", ".join(sorted(where.owner.model_fields))
+        return f"{where.key}: unknown key; allowed keys: {allowed}"
+    if kind == "invalid_key":
+        return f"{where.key}: keys must be strings (got {_show(given)})"
+    if kind in ("union_tag_invalid", "union_tag_not_found"):
+        return _describe_tag(kind, given, where)
+    if kind == "literal_error":
+        assert where.field is not None
+        allowed = _one_of(get_args(where.field.annotation))
+        return f"{where.key}: {_show(given)} is not one of {allowed}"
+    if kind in _BOUNDS:
+        ctx_key, symbol = _BOUNDS[kind]
+        bound = _number(error.get("ctx", {})[ctx_key])
+        return f"{where.key}: must be {symbol} {bound} (got {_show(given)})"
+    reason = _TYPES.get(kind, error["msg"])
+    return f"{where.key}: {reason} (got {_show(given)})"
+
+
+def _describe_tag(kind: str, given: Any, where: _Location) -> str:
+    """The line for a missing or unknown tag of a discriminated union such as ``margin``."""
+    assert where.field is not None and isinstance(where.field.discriminator, str)
+    discriminator = where.field.discriminator
+    allowed = _one_of(_tagged_members(where.field))
+    key = f"{where.key}.{discriminator}"
+    if kind == "union_tag_not_found":
+        return f"{key}: required key is missing; one of {allowed}"
+    return f"{key}: {_show(given[discriminator])} is not one of {allowed}"

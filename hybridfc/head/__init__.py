@@ -1,0 +1,9 @@
+"""The class-parallel head: margins, the sharded cross-entropy, the layer and its optimizer."""
+
+from hybridfc.head.class_parallel_fc import ClassParallelFC
+from hybridfc.head.margins import AngularMargin, SoftmaxMargin, build_margin
+from hybridfc.head.optimizer import HeadSGD, build_head_optimizer
+from hybridfc.head.validation import InputError
+
+__all__ = ["AngularMargin", "ClassParallelFC", "HeadSGD", "InputError", "SoftmaxMargin",
+           "build_head_optimizer", "build_margin"]

@@ -1,0 +1,82 @@
+"""Class-parallel margin softmax cross-entropy: the head's math in one place.
+
+Each rank holds the rows ``W_r`` of its shard and the gathered batch ``E`` ``(B, d)``. Rank r
+computes the logits of its classes only, ``(B, C_r)``, and the ranks agree on the softmax
+with two all-reduces: the row maximum, then the sum of exponentials and the target logit
+fused in one ``(2, B)`` tensor. The softmax is computed in place in the logits buffer and the
+backward pass overwrites that buffer with the gradient, so one ``(B, C_r)`` buffer is all the
+memory the loss needs. Logits, softmax and loss are at least fp32, whatever the input dtype.
+No probability is clamped: a sample's loss is ``log Σ exp − target`` however large it is.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from hybridfc.head.margins import Margin
+from hybridfc.parallel.groups import ProcessGroup, group_size
+
+
+def _all_reduce(x: torch.Tensor, op: dist.ReduceOp, group: ProcessGroup) -> torch.Tensor:
+    if group_size(group) > 1:
+        dist.all_reduce(x, op=op, group=group)
+    return x
+
+
+class _MarginCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, features, weight, local_target, margin: Margin, group: ProcessGroup):
+        rows = torch.nonzero(local_target >= 0).squeeze(1)
+        cols = local_target[rows]
+        logits = features @ weight.t()
+        psi, dpsi = margin.target_logit(logits[rows, cols])
+        logits.mul_(margin.scale)
+        logits[rows, cols] = margin.scale * psi
+
+        row_max = logits.amax(dim=1) if logits.shape[1] else logits.new_full((logits.shape[0],), -torch.inf)
+        row_max = _all_reduce(row_max, dist.ReduceOp.MAX, group)
+        logits.sub_(row_max.unsqueeze(1)).exp_()
+
+        stats = logits.new_zeros(2, logits.shape[0])
+        stats[0] = logits.sum(dim=1)
+        stats[1, rows] = margin.scale * psi - row_max[rows]
+        sum_exp, target = _all_reduce(stats, dist.ReduceOp.SUM, group)
+        logits.div_(sum_exp.unsqueeze(1))
+
+        ctx.save_for_backward(features, weight, logits, rows, cols, dpsi)
+        ctx.scale = margin.scale
+        return sum_exp.log() - target
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        features, weight, softmax, rows, cols, dpsi = ctx.saved_tensors
+        grad_logits = softmax
+        target_prob = softmax[rows, cols]
+        grad_logits.mul_((ctx.scale * grad_loss).unsqueeze(1))
+        grad_logits[rows, cols] = ctx.scale * dpsi * (target_prob - 1) * grad_loss[rows]
+        return grad_logits @ weight, grad_logits.t() @ features, None, None, None
+
+
+def margin_cross_entropy(
+    features: torch.Tensor,
+    weight: torch.Tensor,
+    local_target: torch.Tensor,
+    margin: Margin,
+    group: ProcessGroup = None,
+) -> torch.Tensor:
+    """Per-sample loss ``(B,)`` of a softmax whose classes are split over ``group``.
+
+    Args:
+        features: ``(B, d)`` gathered features (normalised when the margin is angular).
+        weight: ``(C_r, d)`` this rank's class rows (normalised likewise).
+        local_target: ``(B,)`` int64, the target's row in ``weight``, or -1 where the target
+            class lives on another rank.
+        margin: the target-logit transform and scale.
+        group: the ranks that hold the other classes.
+
+    Returns the same ``(B,)`` losses on every rank. The backward pass may run once: it reuses
+    the softmax buffer for the gradient.
+    """
+    dtype = torch.promote_types(features.dtype, torch.float32)
+    return _MarginCrossEntropy.apply(features.to(dtype), weight.to(dtype), local_target, margin, group)

@@ -1,0 +1,78 @@
+"""Input checks whose verdict travels with the batch-size exchange.
+
+Each rank checks its own ``(embeddings, labels)`` and encodes the verdict as a row of four
+int64 numbers: ``[batch_size, problem, detail, non_finite]``. The head all-gathers these rows
+anyway (uneven batches need every rank's size), so a bad input on one rank becomes a clear
+:class:`InputError` on *every* rank, with no extra collective and no hang.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+import torch
+
+
+class InputError(ValueError):
+    """A rank of the group passed embeddings or labels the head cannot use."""
+
+
+class Problem(IntEnum):
+    NONE = 0
+    EMBEDDINGS_NOT_2D = 1
+    EMBEDDINGS_NOT_FLOAT = 2
+    WRONG_WIDTH = 3
+    LABELS_NOT_INTEGER = 4
+    LABELS_SHAPE = 5
+    LABEL_OUT_OF_RANGE = 6
+
+
+def _problem(embeddings: torch.Tensor, labels: torch.Tensor, num_classes: int, width: int):
+    if embeddings.dim() != 2:
+        return Problem.EMBEDDINGS_NOT_2D, embeddings.dim()
+    if not embeddings.is_floating_point():
+        return Problem.EMBEDDINGS_NOT_FLOAT, 0
+    if embeddings.shape[1] != width:
+        return Problem.WRONG_WIDTH, embeddings.shape[1]
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        return Problem.LABELS_NOT_INTEGER, 0
+    if labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
+        return Problem.LABELS_SHAPE, labels.numel()
+    bad = (labels < 0) | (labels >= num_classes)
+    if bool(bad.any()):
+        return Problem.LABEL_OUT_OF_RANGE, int(labels[bad][0])
+    return Problem.NONE, 0
+
+
+def check_inputs(embeddings: torch.Tensor, labels: torch.Tensor, num_classes: int, width: int) -> torch.Tensor:
+    """This rank's verdict ``[batch_size, problem, detail, non_finite]`` as int64 ``(4,)``."""
+    problem, detail = _problem(embeddings, labels, num_classes, width)
+    ok = problem == Problem.NONE
+    rows = embeddings.shape[0] if ok else 0
+    non_finite = ok and not bool(torch.isfinite(embeddings).all())
+    return torch.tensor([rows, int(problem), detail, int(non_finite)], dtype=torch.int64)
+
+
+def describe(problem: int, detail: int, num_classes: int, width: int) -> str:
+    """A sentence naming the problem and what is allowed."""
+    return {
+        Problem.EMBEDDINGS_NOT_2D: f"embeddings must be 2-D (b, {width}), got {detail} dimensions",
+        Problem.EMBEDDINGS_NOT_FLOAT: "embeddings must be a floating-point tensor",
+        Problem.WRONG_WIDTH: f"embeddings have width {detail}, the head expects embedding_size={width}",
+        Problem.LABELS_NOT_INTEGER: "labels must be an integer tensor (int64), got a non-integer dtype",
+        Problem.LABELS_SHAPE: f"labels must be 1-D with one label per embedding row, got {detail} labels",
+        Problem.LABEL_OUT_OF_RANGE: f"label {detail} is out of range [0, {num_classes})",
+    }[Problem(problem)]
+
+
+def raise_if_any_bad(verdicts: torch.Tensor, num_classes: int, width: int) -> None:
+    """Raise :class:`InputError` listing every bad rank; ``verdicts`` is ``(world_size, 4)``."""
+    bad = [
+        f"rank {rank}: {describe(int(v[1]), int(v[2]), num_classes, width)}"
+        for rank, v in enumerate(verdicts.tolist())
+        if v[1] != Problem.NONE
+    ]
+    if bad:
+        raise InputError("hybridfc: bad input to ClassParallelFC on " + "; ".join(bad))
+    if int(verdicts[:, 0].sum()) == 0:
+        raise InputError("hybridfc: the global batch is empty (every rank passed 0 samples)")

@@ -1,0 +1,43 @@
+"""Process groups and the class-dimension sharding rule.
+
+Every collective in hybridfc takes an explicit process group. ``None`` means the default
+(world) group, and a program that never initialised ``torch.distributed`` is treated as a
+single process, so that the head also runs in a plain one-process script.
+
+Sharding: ``num_classes`` rows are split into contiguous shards, one per rank of the group;
+the ``num_classes % world_size`` leftover rows go to the lowest ranks (one each), as in
+insightface's PartialFC.
+
+>>> shard_range(10, world_size=4, rank=0), shard_range(10, world_size=4, rank=3)
+((0, 3), (8, 2))
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch.distributed as dist
+
+ProcessGroup = Optional[dist.ProcessGroup]
+
+
+def is_distributed() -> bool:
+    """True when ``torch.distributed`` is available and initialised."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def group_size(group: ProcessGroup = None) -> int:
+    """Number of ranks in ``group`` (1 without ``torch.distributed``)."""
+    return dist.get_world_size(group) if is_distributed() else 1
+
+
+def group_rank(group: ProcessGroup = None) -> int:
+    """This process's rank inside ``group`` (0 without ``torch.distributed``)."""
+    return dist.get_rank(group) if is_distributed() else 0
+
+
+def shard_range(num_classes: int, world_size: int, rank: int) -> tuple[int, int]:
+    """``(class_start, num_local)`` of ``rank``'s contiguous shard of ``num_classes`` rows."""
+    base, leftover = divmod(num_classes, world_size)
+    start = rank * base + min(rank, leftover)
+    return start, base + (1 if rank < leftover else 0)
