@@ -1,0 +1,252 @@
+"""``hybridfc.initialize``: ``deepspeed.initialize`` for a backbone plus a class-parallel head.
+
+The backbone is wrapped by the DeepSpeed engine as usual (ZeRO 0–3, bf16/fp16, DeepSpeed's
+optimizers, schedulers and checkpoints). The head lives *outside* that engine, with its own
+optimizer: DeepSpeed would broadcast a parameter from rank 0 and average its gradient, which
+is wrong for rows that differ on every rank. :class:`HybridEngine` holds both and drives them
+together, so a DeepSpeed training loop stays as it was:
+
+>>> engine, optimizer, loader, scheduler = hybridfc.initialize(args=args, model=backbone,
+...     model_parameters=backbone.parameters(), training_data=dataset)
+>>> for x, y in loader:
+...     loss = engine(x, y)          # backbone -> head -> loss (mean over the global batch)
+...     engine.backward(loss)
+...     engine.step()
+
+How the head follows the backbone:
+
+* gradient accumulation: the head steps at DeepSpeed's accumulation boundaries, on the
+  gradient accumulated over the micro-batches (DeepSpeed divides each loss by their count);
+* fp16: the head's gradient is divided by the loss scale DeepSpeed multiplied in, and the
+  head does not step when DeepSpeed skipped the step (``was_step_applied()`` is False);
+* learning rate: the head's lr is its configured lr times the ratio of the backbone's current
+  lr to the backbone's configured lr, so DeepSpeed's warm-up and decay schedules apply to both;
+* checkpoints: ``save_checkpoint`` / ``load_checkpoint`` store the head's shards and optimizer
+  state inside DeepSpeed's checkpoint tag directory (see :mod:`hybridfc.checkpoint`).
+
+Anything else (``engine.global_steps``, ``engine.device``, ``engine.module``…) is the
+DeepSpeed engine's, reached through attribute access.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+from typing import Any, Optional
+
+import deepspeed
+import torch
+from deepspeed.accelerator import get_accelerator
+from deepspeed.utils import groups
+
+from hybridfc.checkpoint import check_head_files, load_head, save_head
+from hybridfc.config import ConfigError, HybridFCConfig, config_fingerprint, load_ds_config, split_ds_config
+from hybridfc.data.loader import DistributedLoader
+from hybridfc.head.class_parallel_fc import ClassParallelFC
+from hybridfc.head.optimizer import HeadSGD, build_head_optimizer
+from hybridfc.log import log_dist
+from hybridfc.parallel.groups import ProcessGroup, group_rank, group_size
+from hybridfc.parallel.mappings import all_gather_vector
+
+
+class HybridEngine:
+    """A DeepSpeed engine for the backbone and a :class:`ClassParallelFC` head, driven as one.
+
+    Attributes:
+        backbone: the ``deepspeed.DeepSpeedEngine`` wrapping the backbone.
+        head: the class-parallel head (this rank's shard).
+        head_optimizer: the head's optimizer.
+    """
+
+    def __init__(self, backbone: deepspeed.DeepSpeedEngine, head: ClassParallelFC,
+                 head_optimizer: HeadSGD, backbone_base_lr: Optional[float]) -> None:
+        self.backbone = backbone
+        self.head = head
+        self.head_optimizer = head_optimizer
+        self._backbone_base_lr = backbone_base_lr
+        self._head_base_lr = head_optimizer.param_groups[0]["lr"]
+        self._loss_scale = 1.0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["backbone"], name)
+
+    def __call__(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.forward(inputs, labels)
+
+    def forward(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Loss of this micro-batch (mean over the global batch): ``inputs (b, …)``, ``labels (b,)``."""
+        return self.head(self.embed(inputs), labels.to(self.head.weight.device))
+
+    def embed(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The backbone's embeddings ``(b, d)`` of ``inputs``, cast to the engine's dtype and device."""
+        inputs = inputs.to(self.backbone.device)
+        if inputs.is_floating_point():
+            inputs = inputs.to(self._compute_dtype())
+        return self.backbone(inputs)
+
+    def _compute_dtype(self) -> torch.dtype:
+        if self.backbone.bfloat16_enabled():
+            return torch.bfloat16
+        if self.backbone.fp16_enabled():
+            return torch.float16
+        return torch.float32
+
+    def backward(self, loss: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """DeepSpeed's backward; gradients reach the backbone and the head alike."""
+        if self.backbone.fp16_enabled():
+            self._loss_scale = float(self.backbone._get_optimizer_loss_scale() or 1.0)
+        return self.backbone.backward(loss, **kwargs)
+
+    def step(self) -> None:
+        """DeepSpeed's step, and at an accumulation boundary the head's step too."""
+        boundary = self.backbone.is_gradient_accumulation_boundary()
+        lr_factor = self._lr_factor()
+        self.backbone.step()
+        if boundary:
+            self._step_head(lr_factor)
+
+    def _lr_factor(self) -> float:
+        if not self._backbone_base_lr:
+            return 1.0
+        return self.backbone.get_lr()[0] / self._backbone_base_lr
+
+    def _step_head(self, lr_factor: float) -> None:
+        if self.backbone.was_step_applied():
+            if self._loss_scale != 1.0 and self.head.weight.grad is not None:
+                self.head.weight.grad.div_(self._loss_scale)
+            for group in self.head_optimizer.param_groups:
+                group["lr"] = self._head_base_lr * lr_factor
+            self.head_optimizer.step()
+        else:
+            log_dist("DeepSpeed skipped this step (fp16 overflow); the head skips it too")
+        self.head_optimizer.zero_grad()
+
+    def train(self, mode: bool = True) -> "HybridEngine":
+        self.backbone.train(mode)
+        self.head.train(mode)
+        return self
+
+    def eval(self) -> "HybridEngine":
+        return self.train(False)
+
+    def save_checkpoint(self, save_dir: str, tag: Optional[str] = None, client_state: Optional[dict] = None,
+                        save_latest: bool = True, **kwargs: Any) -> bool:
+        """Save the backbone (DeepSpeed) and the head's shards under ``save_dir/tag``.
+
+        The head is written first: DeepSpeed's ``latest`` file only moves to a tag whose head
+        shards are complete.
+        """
+        tag = str(tag) if tag is not None else f"global_step{self.backbone.global_steps}"
+        save_head(self.head, self.head_optimizer, os.path.join(save_dir, tag))
+        torch.distributed.barrier()
+        return self.backbone.save_checkpoint(save_dir, tag=tag, client_state=client_state or {},
+                                             save_latest=save_latest, **kwargs)
+
+    def load_checkpoint(self, load_dir: str, tag: Optional[str] = None, **kwargs: Any):
+        """Load the backbone (DeepSpeed) and the head's shards; DeepSpeed's return value.
+
+        ``(None, None)`` when ``load_dir`` holds no checkpoint (as DeepSpeed does).
+        """
+        tag = tag if tag is not None else _latest_tag(load_dir)
+        if tag is None:
+            return self.backbone.load_checkpoint(load_dir, tag=None, **kwargs)
+        tag_dir = os.path.join(load_dir, str(tag))
+        _agree_or_raise(lambda: check_head_files(self.head, tag_dir), self.head.group)
+        load_path, client_state = self.backbone.load_checkpoint(load_dir, tag=tag, **kwargs)
+        restore_optimizer = kwargs.get("load_optimizer_states", True) and not kwargs.get("load_module_only", False)
+        _agree_or_raise(lambda: load_head(self.head, self.head_optimizer if restore_optimizer else None, tag_dir),
+                        self.head.group)
+        return load_path, client_state
+
+
+def _device() -> torch.device:
+    """The device collectives of this process use (NCCL needs CUDA tensors)."""
+    return torch.device(get_accelerator().current_device_name())
+
+
+def _latest_tag(load_dir: str) -> Optional[str]:
+    path = os.path.join(load_dir, "latest")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return f.read().strip()
+
+
+def _agree_or_raise(check, group: ProcessGroup) -> None:
+    """Run ``check`` on every rank; if it raised anywhere, raise on every rank."""
+    error: Optional[Exception] = None
+    try:
+        check()
+    except Exception as exc:
+        error = exc
+    failed = all_gather_vector(torch.tensor([int(error is not None)], device=_device()), group)
+    if error is not None:
+        raise error
+    if bool(failed.any()):
+        bad = torch.nonzero(failed.squeeze(1)).squeeze(1).tolist()
+        raise RuntimeError(f"hybridfc: rank(s) {bad} failed to restore the head (see their error)")
+
+
+def _check_same_config(cfg: HybridFCConfig, group: ProcessGroup) -> None:
+    """Raise :class:`ConfigError` on every rank unless every rank has the same section."""
+    mine = torch.tensor([config_fingerprint(cfg), cfg.num_classes, cfg.embedding_size], device=_device())
+    table = all_gather_vector(mine, group)
+    if bool((table[:, 0] != table[0, 0]).any()):
+        rows = "; ".join(f"rank {r}: num_classes={int(t[1])}, embedding_size={int(t[2])}, fingerprint={int(t[0]):x}"
+                         for r, t in enumerate(table))
+        raise ConfigError(f'the "hybridfc" config section differs across ranks ({rows})')
+
+
+def _read_ds_config(args: Optional[argparse.Namespace], config: Any, config_params: Any) -> dict:
+    given = [c for c in (config, config_params, getattr(args, "deepspeed_config", None)) if c is not None]
+    if not given:
+        raise ConfigError("no DeepSpeed config: pass --deepspeed_config FILE, or config= to hybridfc.initialize")
+    if len(given) > 1:
+        raise ConfigError("a DeepSpeed config was given more than once (args.deepspeed_config, config, config_params): "
+                          "give exactly one")
+    return load_ds_config(given[0])
+
+
+def _backbone_base_lr(ds_config: dict, optimizer: Any) -> Optional[float]:
+    lr = ds_config.get("optimizer", {}).get("params", {}).get("lr")
+    if lr is None and optimizer is not None and hasattr(optimizer, "param_groups"):
+        lr = optimizer.param_groups[0]["lr"]
+    return lr
+
+
+def initialize(args: Optional[argparse.Namespace] = None, model: Optional[torch.nn.Module] = None,
+               optimizer: Any = None, model_parameters: Any = None, training_data: Any = None,
+               lr_scheduler: Any = None, mpu: Any = None, dist_init_required: Optional[bool] = None,
+               collate_fn: Any = None, config: Any = None, config_params: Any = None, **kwargs: Any):
+    """Drop-in ``deepspeed.initialize``: same arguments, same 4-tuple.
+
+    Returns ``(engine, optimizer, loader, lr_scheduler)``: a :class:`HybridEngine`, the
+    backbone's DeepSpeed optimizer, hybridfc's :class:`DistributedLoader` over
+    ``training_data`` (None without it), and DeepSpeed's scheduler. The ds_config needs a
+    ``"hybridfc"`` section (see :mod:`hybridfc.config`); the head is sharded over DeepSpeed's
+    data-parallel group.
+    """
+    ds_config, cfg = split_ds_config(_read_ds_config(args, config, config_params))
+    if dist_init_required is not False:
+        deepspeed.init_distributed(dist_backend=getattr(args, "dist_backend", None))
+    _check_same_config(cfg, None)
+    ds_args = copy.copy(args)
+    if ds_args is not None and hasattr(ds_args, "deepspeed_config"):
+        ds_args.deepspeed_config = None
+    backbone, ds_optimizer, _, ds_scheduler = deepspeed.initialize(
+        args=ds_args, model=model, optimizer=optimizer, model_parameters=model_parameters,
+        lr_scheduler=lr_scheduler, mpu=mpu, dist_init_required=dist_init_required,
+        collate_fn=collate_fn, config=ds_config, **kwargs)
+    group = groups._get_data_parallel_group()
+    head = ClassParallelFC(cfg.num_classes, cfg.embedding_size, margin=cfg.margin.model_dump(), group=group,
+                           seed=cfg.seed, device=backbone.device)
+    head_optimizer = build_head_optimizer(head, cfg.optimizer.model_dump(), cfg.gradient_clipping)
+    engine = HybridEngine(backbone, head, head_optimizer, _backbone_base_lr(ds_config, optimizer))
+    log_dist(f"hybridfc head: {cfg.num_classes} classes x {cfg.embedding_size} over {group_size(group)} ranks "
+             f"({head.num_local} rows on rank 0), margin {cfg.margin.model_dump()}")
+    loader = None
+    if training_data is not None:
+        loader = DistributedLoader(training_data, backbone.train_micro_batch_size_per_gpu(), rank=group_rank(group),
+                                   world_size=group_size(group), collate_fn=collate_fn, seed=cfg.seed)
+    return engine, ds_optimizer, loader, ds_scheduler
