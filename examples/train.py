@@ -21,6 +21,7 @@ from tqdm import tqdm
 import hybridfc
 from hybridfc.config import load_ds_config
 from hybridfc.data import DistributedLoader, SyntheticClasses
+from hybridfc.data.loader import step_bounds
 from hybridfc.eval import topk_accuracy
 from hybridfc.log import log_dist
 
@@ -30,11 +31,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     parser.add_argument("--num-classes", type=int, help="override hybridfc.num_classes of the config")
     parser.add_argument("--embedding-size", type=int, help="override hybridfc.embedding_size of the config")
-    parser.add_argument("--samples-per-class", type=int, default=12, help="training samples per class")
+    parser.add_argument("--samples-per-class", type=int, default=16, help="training samples per class")
     parser.add_argument("--test-samples-per-class", type=int, default=2, help="held-out samples per class")
     parser.add_argument("--input-dim", type=int, default=64, help="width of the synthetic inputs")
     parser.add_argument("--hidden", type=int, default=512, help="width of the backbone's hidden layer")
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=4, help="passes over the training set")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic task")
     parser.add_argument("--save-dir", help="save a checkpoint here at the end")
     parser.add_argument("--result-json", help="write the final metrics to this file (rank 0)")
@@ -60,6 +61,17 @@ def load_config(args: argparse.Namespace) -> dict:
         section["embedding_size"] = args.embedding_size
     args.deepspeed_config = None
     return config
+
+
+def set_schedule_length(config: dict, num_samples: int, epochs: int) -> None:
+    """Fill in ``total_num_steps`` of a decaying DeepSpeed schedule from the run's length."""
+    scheduler = config.get("scheduler", {})
+    if scheduler.get("type") not in ("WarmupDecayLR", "WarmupCosineLR"):
+        return
+    world_size = torch.distributed.get_world_size()
+    global_batch = config["train_micro_batch_size_per_gpu"] * world_size
+    steps = len(step_bounds(num_samples, global_batch, world_size)) // config.get("gradient_accumulation_steps", 1)
+    scheduler.setdefault("params", {})["total_num_steps"] = max(1, steps * epochs)
 
 
 def train_epoch(engine, loader: DistributedLoader, epoch: int, show: bool) -> float:
@@ -95,6 +107,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     train_set = SyntheticClasses(section.get("num_classes", 0), args.samples_per_class, args.input_dim,
                                  seed=args.seed, split="train")
+    set_schedule_length(config, len(train_set), args.epochs)
     backbone = build_backbone(args.input_dim, args.hidden, section.get("embedding_size", 0))
     engine, _, loader, _ = hybridfc.initialize(args=args, model=backbone, model_parameters=backbone.parameters(),
                                                training_data=train_set, config=config)

@@ -20,6 +20,7 @@ clipped norm is not finite; every rank takes the same decision.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -74,7 +75,7 @@ class HeadSGD(torch.optim.Optimizer):
         if group_size(self.head.group) > 1:
             dist.all_reduce(sq, group=self.head.group)
         norm = float(sq.sqrt())
-        if not torch.isfinite(torch.tensor(norm)):
+        if not math.isfinite(norm):
             return None
         return min(1.0, self.gradient_clipping / (norm + 1e-6))
 
