@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import logging
 import os
 from typing import Any, Optional
 
@@ -198,6 +199,14 @@ def _check_same_config(cfg: HybridFCConfig, group: ProcessGroup) -> None:
         raise ConfigError(f'the "hybridfc" config section differs across ranks ({rows})')
 
 
+def _check_enough_classes(cfg: HybridFCConfig, mpu: Any) -> None:
+    """Every rank of the head's group needs a class (checked before DeepSpeed builds anything)."""
+    ranks = mpu.get_data_parallel_world_size() if mpu is not None else group_size(None)
+    if cfg.num_classes < ranks:
+        raise ConfigError(f"hybridfc.num_classes: must be at least the number of data-parallel ranks "
+                          f"({ranks}) that shard it (got {cfg.num_classes})")
+
+
 def _read_ds_config(args: Optional[argparse.Namespace], config: Any, config_params: Any) -> dict:
     given = [c for c in (config, config_params, getattr(args, "deepspeed_config", None)) if c is not None]
     if not given:
@@ -212,6 +221,9 @@ def _backbone_base_lr(ds_config: dict, optimizer: Any) -> Optional[float]:
     lr = ds_config.get("optimizer", {}).get("params", {}).get("lr")
     if lr is None and optimizer is not None and hasattr(optimizer, "param_groups"):
         lr = optimizer.param_groups[0]["lr"]
+    if lr is None:
+        log_dist("the backbone's configured lr is unknown (no optimizer.params.lr in the ds_config): "
+                 "the head keeps its own lr and does not follow the backbone's schedule", level=logging.WARNING)
     return lr
 
 
@@ -231,6 +243,7 @@ def initialize(args: Optional[argparse.Namespace] = None, model: Optional[torch.
     if dist_init_required is not False:
         deepspeed.init_distributed(dist_backend=getattr(args, "dist_backend", None))
     _check_same_config(cfg, None)
+    _check_enough_classes(cfg, mpu)
     ds_args = copy.copy(args)
     if ds_args is not None and hasattr(ds_args, "deepspeed_config"):
         ds_args.deepspeed_config = None

@@ -32,6 +32,7 @@ def _entry(fn, rank, world_size, init_file, args, results):
     torch.set_num_threads(1)
     try:
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+        dist.barrier()
         out = fn(rank, world_size, *args)
         buffer = io.BytesIO()
         torch.save(out, buffer)

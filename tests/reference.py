@@ -42,3 +42,31 @@ def reference_grads(embeddings, labels, weight, margin):
     loss = reference_loss(e, labels, w, margin)
     loss.backward()
     return loss.detach(), e.grad, w.grad
+
+
+def random_weight(num_classes: int, width: int, seed: int) -> torch.Tensor:
+    """Fresh ``N(0, 1)`` class rows ``(C, d)`` in float64, the same in every process for a seed."""
+    generator = torch.Generator().manual_seed(2 * seed)
+    return torch.randn(num_classes, width, generator=generator, dtype=torch.float64)
+
+
+def random_batch(num_classes: int, width: int, batch: int, seed: int, weight: torch.Tensor | None = None):
+    """Fresh embeddings ``(B, d)`` float64 and labels ``(B,)`` int64, the same in every process.
+
+    With ``weight``, every third row points close to its class row and every third row away
+    from it, so the target cosines spread over (-1, 1) and reach the margins' edge regions.
+    """
+    generator = torch.Generator().manual_seed(2 * seed + 1)
+    labels = torch.randint(num_classes, (batch,), generator=generator)
+    embeddings = torch.randn(batch, width, generator=generator, dtype=torch.float64)
+    if weight is not None:
+        centres = 3 * F.normalize(weight[labels], dim=1)
+        embeddings[0::3] = centres[0::3] + 0.3 * embeddings[0::3]
+        embeddings[1::3] = -centres[1::3] + 0.3 * embeddings[1::3]
+    return embeddings, labels
+
+
+def rank_rows(sizes, rank: int) -> slice:
+    """The rows of ``rank`` in a global batch made of local batches of ``sizes`` in rank order."""
+    start = sum(sizes[:rank])
+    return slice(start, start + sizes[rank])

@@ -27,8 +27,9 @@ L. The gradient that reaches rank r's embeddings is ``N · ∂L/∂e_r``: a data
 *averages* its gradients over the N ranks, so it then receives exactly ∂L/∂θ (insightface's
 convention).
 
-Non-finite embeddings on any rank (e.g. fp16 overflow) mark the step as non-finite on every
-rank: the head optimizer skips its update and counts it (``non_finite_batches``).
+Non-finite embeddings on any rank (e.g. fp16 overflow), or a non-finite loss, mark the step as
+non-finite on every rank: the head optimizer skips its update, and ``non_finite_batches``
+counts such batches.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from __future__ import annotations
 import logging
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -54,12 +56,12 @@ def init_class_rows(start: int, count: int, width: int, seed: int, std: float) -
     """Rows ``[start, start + count)`` of a ``N(0, std²)`` matrix whose values depend on ``seed``
     and the row index only (drawn in fixed blocks of rows), ``(count, width)`` fp32."""
     first, last = start // _INIT_BLOCK_ROWS, (start + count - 1) // _INIT_BLOCK_ROWS
-    blocks = []
-    for block in range(first, last + 1):
-        generator = torch.Generator().manual_seed((seed << 32) + block)
-        blocks.append(torch.randn(_INIT_BLOCK_ROWS, width, generator=generator) * std)
+    blocks = [
+        np.random.default_rng([seed, block]).standard_normal((_INIT_BLOCK_ROWS, width), dtype=np.float32)
+        for block in range(first, last + 1)
+    ]
     offset = start - first * _INIT_BLOCK_ROWS
-    return torch.cat(blocks)[offset : offset + count].contiguous()
+    return torch.from_numpy(np.concatenate(blocks)[offset : offset + count] * np.float32(std))
 
 
 class ClassParallelFC(nn.Module):
@@ -117,7 +119,10 @@ class ClassParallelFC(nn.Module):
         local_target = all_labels - self.class_start
         local_target[(local_target < 0) | (local_target >= self.num_local)] = -1
         features, weight = self._prepare(features, self.weight)
-        return margin_cross_entropy(features, weight, local_target, self.margin, self.group).mean()
+        loss = margin_cross_entropy(features, weight, local_target, self.margin, self.group).mean()
+        if not bool(torch.isfinite(loss)):
+            self._mark_non_finite("a non-finite loss (the same on every rank)")
+        return loss
 
     def _prepare(self, features: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Features and rows in at least fp32, normalised when the margin is angular."""
@@ -133,18 +138,16 @@ class ClassParallelFC(nn.Module):
         verdicts = all_gather_vector(verdict.to(self.weight.device), self.group).cpu()
         raise_if_any_bad(verdicts, self.num_classes, self.embedding_size)
         if bool(verdicts[:, 3].any()):
-            self._mark_non_finite(verdicts)
+            self._mark_non_finite(f"non-finite embeddings on rank(s) {torch.nonzero(verdicts[:, 3]).squeeze(1).tolist()}")
         return verdicts[:, 0].tolist()
 
-    def _mark_non_finite(self, verdicts: torch.Tensor) -> None:
-        self.non_finite_batches += 1
+    def _mark_non_finite(self, what: str) -> None:
+        """Every rank calls this for the same batch: the head optimizer skips the step."""
+        if self.step_is_finite:
+            self.non_finite_batches += 1
         self.step_is_finite = False
-        ranks = torch.nonzero(verdicts[:, 3]).squeeze(1).tolist()
-        log_dist(
-            f"non-finite embeddings on rank(s) {ranks}: the head skips this step "
-            f"({self.non_finite_batches} non-finite batches so far)",
-            level=logging.WARNING,
-        )
+        log_dist(f"{what}: the head skips this step ({self.non_finite_batches} non-finite batches so far)",
+                 level=logging.WARNING)
 
     def reset_step_state(self) -> None:
         """Start a new optimizer step (called by the head optimizer's ``zero_grad``)."""

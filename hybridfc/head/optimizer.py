@@ -6,10 +6,10 @@ Built from the same ``{"type", "params"}`` dict as DeepSpeed's optimizer entry:
 ...                                                             "weight_decay": 5e-4}})
 >>> loss = head(embeddings, labels); loss.backward(); opt.step(); opt.zero_grad()
 
-A step updates only the rows that received gradient since the last ``zero_grad`` (the union
-over gradient-accumulation micro-batches); untouched rows, their momentum and their weight
-decay stay as they were. On the rows it updates it is ``torch.optim.SGD`` (dampening 0, no
-Nesterov): ``g += wd·w; buf = momentum·buf + g; w -= lr·buf``. ``lr`` is read from
+It is ``torch.optim.SGD`` (dampening 0, no Nesterov) on the shard:
+``g += wd·w; buf = momentum·buf + g; w -= lr·buf``. With every class in the softmax every row
+receives gradient at every step, so every row is updated; the gradient accumulates over
+gradient-accumulation micro-batches until ``zero_grad``. ``lr`` is read from
 ``param_groups`` each step, so torch LR schedulers drive it as usual.
 
 Optional clipping (``gradient_clipping > 0``) scales the gradient so that its L2 norm over *all*
@@ -31,7 +31,7 @@ from hybridfc.parallel.groups import group_size
 
 
 class HeadSGD(torch.optim.Optimizer):
-    """Row-sparse momentum SGD over a :class:`ClassParallelFC` shard."""
+    """Momentum SGD over a :class:`ClassParallelFC` shard, skipping non-finite steps."""
 
     def __init__(
         self,
@@ -41,6 +41,8 @@ class HeadSGD(torch.optim.Optimizer):
         weight_decay: float = 5e-4,
         gradient_clipping: float = 0.0,
     ) -> None:
+        if gradient_clipping < 0:
+            raise ValueError(f"hybridfc: gradient_clipping must be >= 0 (0 turns it off), got {gradient_clipping}")
         super().__init__([head.weight], dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
         self.head = head
         self.gradient_clipping = gradient_clipping
@@ -52,7 +54,7 @@ class HeadSGD(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None) -> bool:
-        """Update the touched rows; returns whether an update was applied."""
+        """Update the shard; returns whether an update was applied."""
         weight = self.head.weight
         if weight.grad is None:
             return False
@@ -63,7 +65,7 @@ class HeadSGD(torch.optim.Optimizer):
         group = self.param_groups[0]
         if "momentum_buffer" not in self.state[weight]:
             self.state[weight]["momentum_buffer"] = torch.zeros_like(weight)
-        _sgd_rows(weight, weight.grad.mul(scale) if scale != 1 else weight.grad,
+        _sgd_update(weight, weight.grad.mul(scale) if scale != 1 else weight.grad,
                   self.state[weight]["momentum_buffer"], group)
         return True
 
@@ -80,7 +82,7 @@ class HeadSGD(torch.optim.Optimizer):
         return min(1.0, self.gradient_clipping / (norm + 1e-6))
 
 
-def _sgd_rows(weight: torch.Tensor, grad: torch.Tensor, buf: torch.Tensor, group: dict) -> None:
+def _sgd_update(weight: torch.Tensor, grad: torch.Tensor, buf: torch.Tensor, group: dict) -> None:
     """``torch.optim.SGD``'s update on every row of ``weight`` (in place)."""
     update = grad.add(weight, alpha=group["weight_decay"]) if group["weight_decay"] else grad
     if group["momentum"]:

@@ -1,0 +1,403 @@
+"""End-to-end tests: hybridfc under the real ``deepspeed`` launcher, 2 CPU ranks (gloo).
+
+Each launch costs 10–20 s of start-up, so one launch of ``worker.py`` runs many short trainings
+one after another (a run per ZeRO stage and dtype, gradient accumulation, an lr schedule, the
+runs that save a checkpoint), and the tests read what each rank recorded. Correctness is measured against a
+single float64 process that runs the full softmax on the global batch (rank 0's rows, then
+rank 1's) with ``tests/reference.py``.
+
+Bad inputs each get a launch of their own: the launcher must return non-zero, with the error
+on the ranks, within a timeout (a hang is a failure).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import worker
+from reference import reference_loss
+
+pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).resolve().parents[2]
+DEEPSPEED = Path(sys.executable).parent / "deepspeed"
+WORKER = Path(__file__).with_name("worker.py")
+
+NUM_CLASSES = 64
+MICRO_BATCH = 8
+MARGIN = {"type": "cosface", "scale": 16.0, "margin": 0.1}
+HEAD_SGD = {"lr": 0.5, "momentum": 0.9, "weight_decay": 1e-4}
+BACKBONE_OPTIMIZERS = {"SGD": {"lr": 0.2, "momentum": 0.9, "weight_decay": 1e-4},
+                       "AdamW": {"lr": 0.01, "weight_decay": 0.01}}
+CLIPPING = 6.0
+HEAD_CLIPPING = 5.0
+TRAIN_STEPS = 15
+SAVE_AFTER, STEPS_AFTER_SAVE = 3, 2
+TOLERANCE = 1e-5
+FAILURE_TIMEOUT = 90
+
+WARMUP_STEPS = 4
+WARMUP = {"type": "WarmupLR", "params": {"warmup_min_lr": 0.001, "warmup_max_lr": BACKBONE_OPTIMIZERS["AdamW"]["lr"],
+                                         "warmup_num_steps": WARMUP_STEPS, "warmup_type": "linear"}}
+
+MATRIX = [(stage, dtype) for stage in (0, 1, 2, 3) for dtype in ("fp32", "bf16")]
+CHECKPOINTED = [(0, "fp32"), (1, "bf16"), (2, "fp32"), (3, "bf16")]
+
+
+def ds_config(stage: int = 0, dtype: str = "fp32", accumulation: int = 1, optimizer: str = "SGD",
+              **hybridfc: object) -> dict:
+    """A ds_config for the worker: the backbone's optimizer with a constant lr (so the head's lr
+    ratio is 1), both halves clipped (clipping acts on the first steps, whose gradients are large).
+
+    SGD, unlike Adam, passes a wrong gradient scale on to the weights, so the float64 replay sees it.
+    """
+    params = dict(BACKBONE_OPTIMIZERS[optimizer], **({"torch_adam": True} if optimizer == "AdamW" else {}))
+    config = {
+        "train_micro_batch_size_per_gpu": MICRO_BATCH,
+        "gradient_accumulation_steps": accumulation,
+        "optimizer": {"type": optimizer, "params": params},
+        "zero_allow_untested_optimizer": optimizer == "SGD",
+        "gradient_clipping": CLIPPING,
+        "zero_optimization": {"stage": stage},
+        "steps_per_print": 10**9,
+        "hybridfc": {"num_classes": NUM_CLASSES, "embedding_size": worker.EMBEDDING_SIZE, "margin": MARGIN,
+                     "optimizer": {"type": "sgd", "params": HEAD_SGD}, "gradient_clipping": HEAD_CLIPPING,
+                     **hybridfc},
+    }
+    if dtype == "bf16":
+        config["bf16"] = {"enabled": True}
+    return config
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tail(output: str, lines: int = 60) -> str:
+    return "\n".join(output.splitlines()[-lines:])
+
+
+def launch(script: Path, *args: object, timeout: float) -> subprocess.CompletedProcess:
+    """``deepspeed --num_gpus 2 script args…`` on CPU; the whole process tree is killed on timeout."""
+    command = [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(free_port()), str(script), *map(str, args)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          start_new_session=True) as process:
+        try:
+            output, _ = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            output, _ = process.communicate()
+            pytest.fail(f"{script.name} did not finish within {timeout} s (hang?):\n{tail(output)}")
+    return subprocess.CompletedProcess(command, process.returncode, output)
+
+
+def launch_worker(directory: Path, runs: list[dict], timeout: float) -> subprocess.CompletedProcess:
+    """Launch the worker on ``runs``; a run's ``"config"`` dict is written to ``<name>.json`` first."""
+    directory.mkdir(parents=True, exist_ok=True)
+    specs = []
+    for run in runs:
+        spec = dict(run)
+        if "config" in spec:
+            path = directory / f"{spec['name']}.json"
+            path.write_text(json.dumps(spec.pop("config")))
+            spec["deepspeed_config"] = str(path)
+        specs.append(spec)
+    runs_file = directory / f"runs_{runs[0]['name']}.json"
+    runs_file.write_text(json.dumps(specs))
+    return launch(WORKER, "--runs", runs_file, "--out", directory, timeout=timeout)
+
+
+def assert_succeeded(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, f"launcher returned {result.returncode}:\n{tail(result.stdout)}"
+
+
+def rank_errors(result: subprocess.CompletedProcess) -> dict[int, tuple[str, str]]:
+    """``{rank: (exception type, message)}`` from the worker's ``worker rank R: …`` lines."""
+    found = re.findall(r"^worker rank (\d+): (\w+): (.*)$", result.stdout, flags=re.MULTILINE)
+    return {int(rank): (kind, message) for rank, kind, message in found}
+
+
+def assert_failed(result: subprocess.CompletedProcess, kinds: tuple[str, ...], *fragments: str,
+                  every_rank: bool) -> None:
+    """Non-zero exit, and every rank (or, with ``every_rank`` False, each rank that got as far as
+    reporting before the launcher stopped it) raised one of ``kinds`` naming all ``fragments``."""
+    assert result.returncode != 0, f"launcher returned 0 despite the bad input:\n{tail(result.stdout)}"
+    errors = rank_errors(result)
+    reported = f"ranks that reported an error: {sorted(errors)}\n{tail(result.stdout)}"
+    assert (set(errors) == {0, 1}) if every_rank else bool(errors), reported
+    for rank, (raised, message) in errors.items():
+        assert raised in kinds, f"rank {rank} raised {raised}: {message}"
+        for fragment in fragments:
+            assert fragment in message, f"rank {rank}'s error does not name {fragment!r}: {message}"
+
+
+def records(directory: Path, name: str) -> list[dict]:
+    """What ranks 0 and 1 recorded in run ``name``."""
+    return [torch.load(directory / f"{name}_rank{rank}.pt") for rank in (0, 1)]
+
+
+def global_batch(recs: list[dict], key: str, index: int) -> torch.Tensor:
+    return torch.cat([rec[key][index] for rec in recs])
+
+
+def assert_close_relative(actual: torch.Tensor, expected: torch.Tensor, what: str, tol: float = TOLERANCE) -> None:
+    """Largest deviation at most ``tol`` times the largest magnitude of ``expected``."""
+    actual, expected = actual.double(), expected.double()
+    error = float((actual - expected).abs().max() / expected.abs().max())
+    assert error <= tol, f"{what}: relative deviation {error:.2e} > {tol:.0e}"
+
+
+def single_process_replay(recs: list[dict], optimizer: str = "SGD", accumulation: int = 1,
+                          backbone: torch.nn.Module | None = None):
+    """Replay a run in one float64 process; ``(loss per micro-batch, head after each micro-batch)``.
+
+    Each step uses the backbone lr the run recorded, and the head's configured lr times its ratio
+    to the backbone's configured lr.
+
+    Without ``backbone`` the recorded embeddings are used and only the head is replayed (momentum
+    SGD after clipping the whole head's gradient norm); with it, the embeddings are recomputed
+    from the recorded inputs and the backbone trains alongside (``optimizer`` after clipping, as
+    DeepSpeed does).
+    """
+    weight = torch.cat([rec["initial_head"] for rec in recs]).double().requires_grad_()
+    head_optimizer = torch.optim.SGD([weight], **HEAD_SGD)
+    base_lr = BACKBONE_OPTIMIZERS[optimizer]["lr"]
+    if backbone is not None:
+        backbone_optimizer = getattr(torch.optim, optimizer)(backbone.parameters(), **BACKBONE_OPTIMIZERS[optimizer])
+    losses, heads = [], []
+    for i in range(len(recs[0]["losses"])):
+        if backbone is None:
+            embeddings = global_batch(recs, "embeddings", i).double()
+        else:
+            embeddings = backbone(global_batch(recs, "inputs", i).double())
+        loss = reference_loss(embeddings, global_batch(recs, "labels", i), weight, MARGIN)
+        (loss / accumulation).backward()
+        losses.append(loss.detach())
+        if (i + 1) % accumulation == 0:
+            lr = recs[0]["backbone_lrs"][i]
+            head_optimizer.param_groups[0]["lr"] = HEAD_SGD["lr"] * lr / base_lr
+            if backbone is not None:
+                backbone_optimizer.param_groups[0]["lr"] = lr
+                torch.nn.utils.clip_grad_norm_(backbone.parameters(), CLIPPING)
+                backbone_optimizer.step()
+                backbone_optimizer.zero_grad()
+            torch.nn.utils.clip_grad_norm_([weight], HEAD_CLIPPING)
+            head_optimizer.step()
+            head_optimizer.zero_grad()
+        heads.append(weight.detach().clone())
+    return torch.stack(losses), heads
+
+
+def assert_matches_replay(recs: list[dict], losses: torch.Tensor, heads: list[torch.Tensor]) -> None:
+    for rec in recs:
+        assert_close_relative(torch.stack(rec["losses"]), losses, "losses")
+    for i, expected in enumerate(heads):
+        assert_close_relative(torch.cat([rec["heads"][i] for rec in recs]), expected,
+                              f"head shards after micro-batch {i + 1}")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """One launch: every (ZeRO stage, dtype) for TRAIN_STEPS steps, gradient accumulation 2 for
+    2 steps, a warm-up lr schedule, and the runs that checkpoint after SAVE_AFTER steps and go on
+    STEPS_AFTER_SAVE more."""
+    directory = tmp_path_factory.mktemp("trained")
+    runs = [{"name": f"train_z{stage}_{dtype}", "config": ds_config(stage, dtype), "steps": TRAIN_STEPS}
+            for stage, dtype in MATRIX]
+    runs.append({"name": "accumulation", "config": ds_config(2, accumulation=2), "steps": 2})
+    runs.append({"name": "schedule", "config": {**ds_config(1, optimizer="AdamW"), "scheduler": WARMUP},
+                 "steps": WARMUP_STEPS + 2})
+    runs += [{"name": f"save_z{stage}_{dtype}", "config": ds_config(stage, dtype, optimizer="AdamW"),
+              "steps": SAVE_AFTER + STEPS_AFTER_SAVE, "save_after": SAVE_AFTER,
+              "checkpoint": str(directory / f"checkpoint_z{stage}_{dtype}")}
+             for stage, dtype in CHECKPOINTED]
+    assert_succeeded(launch_worker(directory, runs, timeout=400))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def resumed(trained: Path) -> Path:
+    """A fresh launch that loads each checkpoint and trains the STEPS_AFTER_SAVE steps that followed it."""
+    runs = [{"name": f"resume_z{stage}_{dtype}", "config": ds_config(stage, dtype, optimizer="AdamW"),
+             "steps": STEPS_AFTER_SAVE,
+             "first_step": SAVE_AFTER, "load": True, "checkpoint": str(trained / f"checkpoint_z{stage}_{dtype}")}
+            for stage, dtype in CHECKPOINTED]
+    assert_succeeded(launch_worker(trained, runs, timeout=240))
+    return trained
+
+
+@pytest.mark.parametrize("stage, dtype", MATRIX)
+def test_backbone_replicas_identical_and_trained(trained, stage, dtype):
+    """Both ranks hold the same backbone after training, and it moved from its initial value."""
+    rank0, rank1 = (rec["backbone"] for rec in records(trained, f"train_z{stage}_{dtype}"))
+    initial = dict(worker.build_backbone().named_parameters())
+    assert rank0.keys() == initial.keys()
+    for name, value in rank0.items():
+        assert torch.equal(value, rank1[name]), f"backbone parameter {name} differs between the ranks"
+        assert not torch.equal(value, initial[name].detach().to(value.dtype)), f"parameter {name} never changed"
+
+
+@pytest.mark.parametrize("stage, dtype", MATRIX)
+def test_head_shards_match_float64_replay(trained, stage, dtype):
+    """Each rank owns its half of the classes; its shard evolves exactly as one float64 process
+    training the full head on the recorded global embeddings would make it evolve."""
+    recs = records(trained, f"train_z{stage}_{dtype}")
+    assert [rec["class_start"] for rec in recs] == [0, NUM_CLASSES // 2]
+    assert not torch.equal(recs[0]["heads"][-1], recs[1]["heads"][-1])
+    assert all(rec["backbone_lrs"] == [BACKBONE_OPTIMIZERS["SGD"]["lr"]] * TRAIN_STEPS for rec in recs)
+    assert all(rec["head_lrs"] == [HEAD_SGD["lr"]] * TRAIN_STEPS for rec in recs)
+    assert_matches_replay(recs, *single_process_replay(recs))
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_fp32_training_matches_single_process(trained, stage):
+    """In fp32 the whole job (backbone under DeepSpeed, head sharded) is one float64 process
+    training backbone and full head on the global batch: same losses, head and backbone."""
+    recs = records(trained, f"train_z{stage}_fp32")
+    backbone = worker.build_backbone().double()
+    assert_matches_replay(recs, *single_process_replay(recs, backbone=backbone))
+    for name, expected in backbone.named_parameters():
+        assert_close_relative(recs[0]["backbone"][name], expected.detach(), f"backbone parameter {name}")
+
+
+@pytest.mark.parametrize("stage, dtype", MATRIX)
+def test_dtypes(trained, stage, dtype):
+    """The backbone computes in the engine's dtype; the head's weights and the loss stay fp32."""
+    for rec in records(trained, f"train_z{stage}_{dtype}"):
+        expected = torch.bfloat16 if dtype == "bf16" else torch.float32
+        assert {e.dtype for e in rec["embeddings"]} == {expected}
+        assert {b.dtype for b in rec["backbone"].values()} == {expected}
+        assert {h.dtype for h in rec["heads"]} == {torch.float32}
+        assert {loss.dtype for loss in rec["losses"]} == {torch.float32}
+
+
+@pytest.mark.parametrize("stage, dtype", MATRIX)
+def test_loss_falls(trained, stage, dtype):
+    """The global loss (the same scalar on both ranks) falls over TRAIN_STEPS steps."""
+    rank0, rank1 = (torch.stack(rec["losses"]) for rec in records(trained, f"train_z{stage}_{dtype}"))
+    assert torch.equal(rank0, rank1)
+    first, last = float(rank0[:3].mean()), float(rank0[-3:].mean())
+    assert last < 0.8 * first, f"mean loss of the first 3 steps {first:.3f}, of the last 3 {last:.3f}"
+
+
+def test_head_steps_only_at_accumulation_boundaries(trained):
+    """With gradient_accumulation_steps 2 the shard changes after micro-batches 2 and 4 only, by
+    the step of the mean gradient of both; the backbone likewise matches the float64 replay."""
+    recs = records(trained, "accumulation")
+    for rec in recs:
+        shards = [rec["initial_head"], *rec["heads"]]
+        changed = [not torch.equal(before, after) for before, after in zip(shards, shards[1:])]
+        assert changed == [False, True, False, True]
+    backbone = worker.build_backbone().double()
+    assert_matches_replay(recs, *single_process_replay(recs, accumulation=2, backbone=backbone))
+    for name, expected in backbone.named_parameters():
+        assert_close_relative(recs[0]["backbone"][name], expected.detach(), f"backbone parameter {name}")
+
+
+def test_head_lr_follows_backbone_schedule(trained):
+    """Under DeepSpeed's WarmupLR the head's lr is its own lr times the backbone's current lr ratio,
+    and the whole run still matches the float64 replay."""
+    recs = records(trained, "schedule")
+    backbone_lrs = recs[0]["backbone_lrs"]
+    assert backbone_lrs[0] < backbone_lrs[WARMUP_STEPS - 1] < backbone_lrs[-1]
+    base_lr = BACKBONE_OPTIMIZERS["AdamW"]["lr"]
+    assert backbone_lrs[-1] == pytest.approx(base_lr, rel=1e-12)
+    for rec in recs:
+        assert rec["head_lrs"] == pytest.approx([HEAD_SGD["lr"] * lr / base_lr for lr in backbone_lrs], rel=1e-12)
+    backbone = worker.build_backbone().double()
+    assert_matches_replay(recs, *single_process_replay(recs, "AdamW", backbone=backbone))
+
+
+@pytest.mark.parametrize("stage, dtype", CHECKPOINTED)
+def test_checkpoint_tag_holds_head_shards(trained, stage, dtype):
+    """The tag directory holds one head shard per rank, with the rows the rank had when saving."""
+    saved = records(trained, f"save_z{stage}_{dtype}")
+    checkpoint = trained / f"checkpoint_z{stage}_{dtype}"
+    tag = f"global_step{SAVE_AFTER}"
+    assert (checkpoint / "latest").read_text().strip() == tag
+    for rank, rec in enumerate(saved):
+        shard = torch.load(checkpoint / tag / f"hybridfc_head_rank{rank:05d}_of_00002.pt")
+        assert shard["shard"]["class_start"] == rec["class_start"]
+        assert torch.equal(shard["weight"], rec["heads"][SAVE_AFTER - 1])
+
+
+@pytest.mark.parametrize("stage, dtype", CHECKPOINTED)
+def test_resume_continues_like_uninterrupted_run(resumed, stage, dtype):
+    """A fresh launch that loads the checkpoint reproduces the uninterrupted run's later steps bit
+    for bit: restored shards, same losses, same final head and backbone."""
+    saved = records(resumed, f"save_z{stage}_{dtype}")
+    loaded = records(resumed, f"resume_z{stage}_{dtype}")
+    for rank, (before, after) in enumerate(zip(saved, loaded)):
+        assert torch.equal(after["initial_head"], before["heads"][SAVE_AFTER - 1]), f"rank {rank}'s shard not restored"
+        assert torch.equal(torch.stack(after["losses"]), torch.stack(before["losses"][SAVE_AFTER:])), \
+            f"rank {rank}'s losses after resuming differ"
+        assert torch.equal(after["heads"][-1], before["heads"][-1]), f"rank {rank}'s final shard differs"
+        for name, value in after["backbone"].items():
+            assert torch.equal(value, before["backbone"][name]), f"rank {rank}'s backbone parameter {name} differs"
+
+
+def test_loading_checkpoint_with_other_num_classes_fails_on_every_rank(trained, tmp_path):
+    """A checkpoint saved with 64 classes does not load into an 80-class head: every rank says so."""
+    run = {"name": "other_num_classes", "config": ds_config(optimizer="AdamW", num_classes=80), "steps": 1,
+           "load": True, "checkpoint": str(trained / "checkpoint_z0_fp32")}
+    result = launch_worker(tmp_path, [run], timeout=FAILURE_TIMEOUT)
+    assert_failed(result, ("CheckpointError",), "num_classes", "64", "80", every_rank=True)
+
+
+def test_out_of_range_label_on_one_rank_fails_every_rank(tmp_path):
+    """A bad label on rank 1 only raises InputError on both ranks, naming rank 1 and the label."""
+    run = {"name": "bad_label", "config": ds_config(), "steps": 1, "bad_label_rank": 1}
+    result = launch_worker(tmp_path, [run], timeout=FAILURE_TIMEOUT)
+    assert_failed(result, ("InputError",), "rank 1", str(worker.BAD_LABEL), every_rank=True)
+
+
+def test_misspelled_config_key_is_named(tmp_path):
+    """A typo inside the hybridfc section is reported with its full dotted key."""
+    run = {"name": "typo", "config": ds_config(margin={"type": "arcface", "sclae": 64}), "steps": 1}
+    result = launch_worker(tmp_path, [run], timeout=FAILURE_TIMEOUT)
+    assert_failed(result, ("ConfigError",), "hybridfc.margin.sclae", every_rank=False)
+
+
+def test_missing_config_file_is_named(tmp_path):
+    """A ds_config path that does not exist is reported with the path."""
+    missing = tmp_path / "no_such_config.json"
+    run = {"name": "missing", "deepspeed_config": str(missing), "steps": 1}
+    result = launch_worker(tmp_path, [run], timeout=FAILURE_TIMEOUT)
+    assert_failed(result, ("ConfigError",), str(missing), every_rank=False)
+
+
+def test_fewer_classes_than_ranks_is_an_error(tmp_path):
+    """num_classes 1 cannot be sharded over 2 ranks: a clear error on every rank, no hang."""
+    run = {"name": "one_class", "config": ds_config(num_classes=1), "steps": 1}
+    result = launch_worker(tmp_path, [run], timeout=FAILURE_TIMEOUT)
+    assert_failed(result, ("ValueError", "ConfigError"), "num_classes", every_rank=True)
+
+
+def test_example_train_script(tmp_path):
+    """examples/train.py trains, evaluates, checkpoints and writes its result on a tiny task."""
+    result_json, checkpoint = tmp_path / "result.json", tmp_path / "checkpoint"
+    result = launch(REPO / "examples" / "train.py", "--deepspeed_config", REPO / "ds_configs" / "cpu.json",
+                    "--num-classes", 500, "--samples-per-class", 4, "--epochs", 1,
+                    "--result-json", result_json, "--save-dir", checkpoint, timeout=240)
+    assert_succeeded(result)
+    metrics = json.loads(result_json.read_text())
+    assert 0.0 <= metrics["top1"] <= 1.0
+    assert metrics["num_classes"] == 500
+    assert math.isfinite(metrics["final_loss"])
+    tag = (checkpoint / "latest").read_text().strip()
+    assert sorted(p.name for p in (checkpoint / tag).glob("hybridfc_head_*.pt")) == [
+        "hybridfc_head_rank00000_of_00002.pt", "hybridfc_head_rank00001_of_00002.pt"]

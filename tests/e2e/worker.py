@@ -1,0 +1,122 @@
+"""A tiny hybridfc training job for the end-to-end tests, started by the real deepspeed launcher.
+
+    deepspeed --num_gpus 2 tests/e2e/worker.py --runs runs.json --out DIR
+
+``runs.json`` lists runs done one after another in this process, each a dict:
+
+* ``name``: rank r writes its record to ``DIR/<name>_rank<r>.pt``;
+* ``deepspeed_config``: the ds_config file, handed to ``hybridfc.initialize`` as
+  ``args.deepspeed_config``, the way a user's ``--deepspeed_config`` reaches it;
+* ``steps``: optimizer steps, each of ``gradient_accumulation_steps`` micro-batches;
+* ``first_step`` (default 0): the index in the data stream of the first step's batches;
+* ``checkpoint`` with ``save_after`` (save there after that many steps) or ``load`` (true: load
+  it before training);
+* ``bad_label_rank``: that rank puts the out-of-range label ``BAD_LABEL`` in its first batch.
+
+The micro-batch of (step, micro-batch, rank) depends on those three numbers alone, not on a
+loader's state, so a resumed run sees the batches the uninterrupted run saw.
+
+A record holds, per micro-batch: the inputs, labels and embeddings (as the backbone produced
+them), the loss, the backbone's lr in effect, and the head shard and the head optimizer's lr
+after ``engine.step()``; and once: the shard's first class, the shard before training and the
+backbone's parameters after training (gathered under ZeRO-3). An exception is printed as one line
+``worker rank R: Type: message`` before it ends the process, so a test can tell the ranks apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+from pathlib import Path
+
+import deepspeed
+import torch
+from torch import nn
+
+import hybridfc
+from hybridfc.data import SyntheticClasses
+
+INPUT_DIM = 16
+HIDDEN = 32
+EMBEDDING_SIZE = 16
+SAMPLES_PER_CLASS = 64
+DATA_SEED = 7
+MODEL_SEED = 11
+BAD_LABEL = 1_000_000
+
+
+def build_backbone() -> nn.Module:
+    """The same small MLP in every process (no batch norm: its statistics are per rank)."""
+    torch.manual_seed(MODEL_SEED)
+    return nn.Sequential(nn.Linear(INPUT_DIM, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, EMBEDDING_SIZE))
+
+
+def micro_batch(dataset: SyntheticClasses, step: int, micro: int, rank: int, batch_size: int):
+    """``(x (b, INPUT_DIM) float32, y (b,) int64)`` of (step, micro-batch, rank)."""
+    generator = torch.Generator().manual_seed(DATA_SEED * 1_000_003 + step * 1_009 + micro * 31 + rank)
+    return dataset.batch(torch.randint(len(dataset), (batch_size,), generator=generator))
+
+
+def backbone_parameters(engine) -> dict[str, torch.Tensor]:
+    """This rank's copy of the backbone's full parameters (ZeRO-3 partitions gathered)."""
+    module = engine.backbone.module
+    with deepspeed.zero.GatheredParameters(list(module.parameters())):
+        return {name: p.detach().clone().cpu() for name, p in module.named_parameters()}
+
+
+def train(args: argparse.Namespace, run: dict, out: Path) -> None:
+    run_args = copy.copy(args)
+    run_args.deepspeed_config = run["deepspeed_config"]
+    backbone = build_backbone()
+    embeddings: list[torch.Tensor] = []
+    backbone.register_forward_hook(lambda module, inputs, output: embeddings.append(output.detach().clone()))
+    engine, _, _, _ = hybridfc.initialize(args=run_args, model=backbone, model_parameters=backbone.parameters())
+    rank = torch.distributed.get_rank()
+    if run.get("load"):
+        engine.load_checkpoint(run["checkpoint"])
+    dataset = SyntheticClasses(engine.head.num_classes, SAMPLES_PER_CLASS, INPUT_DIM, seed=DATA_SEED)
+    record = {"class_start": engine.head.class_start, "initial_head": engine.head.weight.detach().clone(),
+              "inputs": [], "labels": [], "losses": [], "backbone_lrs": [], "heads": [], "head_lrs": []}
+    first = run.get("first_step", 0)
+    for step in range(first, first + run["steps"]):
+        for micro in range(engine.gradient_accumulation_steps()):
+            x, y = micro_batch(dataset, step, micro, rank, engine.train_micro_batch_size_per_gpu())
+            if step == first and run.get("bad_label_rank") == rank:
+                y[0] = BAD_LABEL
+            loss = engine(x, y)
+            engine.backward(loss)
+            record["backbone_lrs"].append(engine.get_lr()[0])
+            engine.step()
+            record["inputs"].append(x)
+            record["labels"].append(y)
+            record["losses"].append(loss.detach().clone())
+            record["heads"].append(engine.head.weight.detach().clone())
+            record["head_lrs"].append(engine.head_optimizer.param_groups[0]["lr"])
+        if run.get("save_after") == step + 1 - first:
+            engine.save_checkpoint(run["checkpoint"])
+    record.update(embeddings=embeddings, backbone=backbone_parameters(engine))
+    torch.save(record, out / f"{run['name']}_rank{rank}.pt")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
+    parser.add_argument("--runs", required=True, help="JSON file: the list of runs")
+    parser.add_argument("--out", required=True, help="directory for the records")
+    args = deepspeed.add_config_arguments(parser).parse_args()
+    torch.set_num_threads(1)
+    try:
+        for run in json.loads(Path(args.runs).read_text()):
+            train(args, run, Path(args.out))
+    except Exception as exc:
+        message = " | ".join(str(exc).splitlines())
+        sys.stdout.write(f"worker rank {os.environ.get('RANK')}: {type(exc).__name__}: {message}\n")
+        sys.stdout.flush()
+        raise
+
+
+if __name__ == "__main__":
+    main()
