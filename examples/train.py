@@ -22,7 +22,6 @@ import hybridfc
 from hybridfc.config import load_ds_config
 from hybridfc.data import DistributedLoader, SyntheticClasses
 from hybridfc.data.loader import step_bounds
-from hybridfc.eval import topk_accuracy
 from hybridfc.log import log_dist
 
 
@@ -74,7 +73,8 @@ def set_schedule_length(config: dict, num_samples: int, epochs: int) -> None:
     scheduler.setdefault("params", {})["total_num_steps"] = max(1, steps * epochs)
 
 
-def train_epoch(engine, loader: DistributedLoader, epoch: int, show: bool) -> float:
+def train_epoch(engine, loader: DistributedLoader, test_loader: DistributedLoader, epoch: int, show: bool) -> float:
+    """One pass over ``loader``; held-out evaluation whenever the config's interval comes up."""
     engine.train()
     bar = tqdm(loader, desc=f"epoch {epoch}", disable=not show, dynamic_ncols=True, mininterval=1.0)
     start, seen, loss_value = time.perf_counter(), 0, float("nan")
@@ -82,21 +82,14 @@ def train_epoch(engine, loader: DistributedLoader, epoch: int, show: bool) -> fl
         loss = engine(x, y)
         engine.backward(loss)
         engine.step()
+        if engine.evaluation_due():
+            engine.evaluate(test_loader)
         seen += x.shape[0] * loader.world_size
         loss_value = loss.item()
-        bar.set_postfix(loss=f"{loss_value:.3f}", samples_per_s=f"{seen / (time.perf_counter() - start):.0f}", refresh=False)
+        held_out = {f"top{k}": f"{acc:.3f}" for k, acc in engine.last_evaluation.items()}
+        bar.set_postfix(loss=f"{loss_value:.3f}", samples_per_s=f"{seen / (time.perf_counter() - start):.0f}",
+                        **held_out, refresh=False)
     return loss_value
-
-
-@torch.no_grad()
-def evaluate(engine, loader: DistributedLoader) -> float:
-    engine.eval()
-    correct, total = 0.0, 0
-    for x, y in loader:
-        accuracy = topk_accuracy(engine.head, engine.embed(x), y, ks=(1,))[1]
-        batch = x.shape[0] * loader.world_size
-        correct, total = correct + accuracy * batch, total + batch
-    return correct / total
 
 
 def main() -> None:
@@ -119,9 +112,9 @@ def main() -> None:
              f"{len(test_set)} held-out samples")
     start = time.perf_counter()
     for epoch in range(args.epochs):
-        loss = train_epoch(engine, loader, epoch, show)
+        loss = train_epoch(engine, loader, test_loader, epoch, show)
     train_seconds = time.perf_counter() - start
-    top1 = evaluate(engine, test_loader)
+    top1 = engine.evaluate(test_loader, ks=(1,))[1]
     log_dist(f"held-out top-1 accuracy {top1:.4f} on {len(test_set)} samples of {train_set.num_classes} classes "
              f"(final loss {loss:.3f}, training {train_seconds:.0f} s)")
     if args.save_dir:

@@ -13,7 +13,8 @@ required)::
       "selection": {"type": "full"},
       "optimizer": {"type": "sgd",
                     "params": {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}},
-      "gradient_clipping": 0.0
+      "gradient_clipping": 0.0,
+      "evaluation": {"interval": 0, "top_k": [1]}
     }
 
 ``margin`` is one of::
@@ -26,7 +27,9 @@ required)::
 ``softmax`` is a plain softmax over ``x·Wᵀ`` without normalisation; the others normalise
 ``x`` and ``W`` and apply their margin to the target logit. ``seed`` seeds the head's
 weight initialisation. ``gradient_clipping`` is the largest global L2 norm of the head's
-gradient over all shards (0 turns clipping off).
+gradient over all shards (0 turns clipping off). ``evaluation`` asks for the held-out top-k
+accuracy every ``interval`` optimizer steps (0: never), computed by
+:meth:`hybridfc.HybridEngine.evaluate` over the shards.
 
 A bad section raises :class:`ConfigError` listing every problem, one per line, each naming
 the full dotted key, the value given and what is allowed.
@@ -60,6 +63,7 @@ __all__ = [
     "CombinedMargin",
     "ConfigError",
     "CosFaceMargin",
+    "EvaluationConfig",
     "HeadOptimizerConfig",
     "HybridFCConfig",
     "MarginConfig",
@@ -135,6 +139,13 @@ class SelectionConfig(_Section):
     type: Literal["full"] = "full"
 
 
+class EvaluationConfig(_Section):
+    """Held-out top-k accuracy every ``interval`` optimizer steps (0: never)."""
+
+    interval: StrictInt = Field(0, ge=0)
+    top_k: list[Annotated[StrictInt, Field(ge=1)]] = Field(default_factory=lambda: [1], min_length=1)
+
+
 class SGDParams(_Section):
     """Hyper-parameters of the head's SGD optimizer."""
 
@@ -160,6 +171,7 @@ class HybridFCConfig(_Section):
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
     optimizer: HeadOptimizerConfig = Field(default_factory=HeadOptimizerConfig)
     gradient_clipping: Number = Field(0.0, ge=0)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
 
 
 _MISSING_SECTION = (

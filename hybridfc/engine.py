@@ -34,7 +34,7 @@ import argparse
 import copy
 import logging
 import os
-from typing import Any, Optional
+from typing import Any, Iterable, Optional, Sequence
 
 import deepspeed
 import torch
@@ -42,8 +42,10 @@ from deepspeed.accelerator import get_accelerator
 from deepspeed.utils import groups
 
 from hybridfc.checkpoint import check_head_files, load_head, save_head
-from hybridfc.config import ConfigError, HybridFCConfig, config_fingerprint, load_ds_config, split_ds_config
+from hybridfc.config import (ConfigError, EvaluationConfig, HybridFCConfig, config_fingerprint, load_ds_config,
+                             split_ds_config)
 from hybridfc.data.loader import DistributedLoader
+from hybridfc.eval.topk import accuracies, topk_correct
 from hybridfc.head.class_parallel_fc import ClassParallelFC
 from hybridfc.head.optimizer import HeadSGD, build_head_optimizer
 from hybridfc.log import log_dist
@@ -60,11 +62,14 @@ class HybridEngine:
         head_optimizer: the head's optimizer.
     """
 
-    def __init__(self, backbone: deepspeed.DeepSpeedEngine, head: ClassParallelFC,
-                 head_optimizer: HeadSGD, backbone_base_lr: Optional[float]) -> None:
+    def __init__(self, backbone: deepspeed.DeepSpeedEngine, head: ClassParallelFC, head_optimizer: HeadSGD,
+                 backbone_base_lr: Optional[float], evaluation: Optional[EvaluationConfig] = None) -> None:
         self.backbone = backbone
         self.head = head
         self.head_optimizer = head_optimizer
+        self.evaluation = evaluation or EvaluationConfig()
+        self.last_evaluation: dict[int, float] = {}
+        self._last_evaluated_step = -1
         self._backbone_base_lr = backbone_base_lr
         self._head_base_lr = head_optimizer.param_groups[0]["lr"]
         self._loss_scale = 1.0
@@ -122,6 +127,32 @@ class HybridEngine:
         else:
             log_dist("DeepSpeed skipped this step (fp16 overflow); the head skips it too")
         self.head_optimizer.zero_grad()
+
+    def evaluation_due(self) -> bool:
+        """True once per ``evaluation.interval`` optimizer steps (call it after ``step()``)."""
+        step = self.backbone.global_steps
+        interval = self.evaluation.interval
+        return interval > 0 and step > 0 and step % interval == 0 and step != self._last_evaluated_step
+
+    @torch.no_grad()
+    def evaluate(self, loader: Iterable, ks: Optional[Sequence[int]] = None) -> dict[int, float]:
+        """Top-k accuracy ``{k: fraction}`` over a held-out loader, every rank its own part.
+
+        ``ks`` defaults to the config's ``evaluation.top_k``. Scores are those of the head
+        without margin, merged over the shards by :func:`hybridfc.eval.topk_correct`.
+        """
+        ks = list(ks or self.evaluation.top_k)
+        was_training = self.backbone.training
+        self.eval()
+        counts = torch.zeros(1 + len(ks), dtype=torch.float64, device=self.head.weight.device)
+        for inputs, labels in loader:
+            counts += topk_correct(self.head, self.embed(inputs), labels, ks)
+        self.train(was_training)
+        self.last_evaluation = accuracies(counts, ks)
+        self._last_evaluated_step = self.backbone.global_steps
+        summary = ", ".join(f"top-{k} {acc:.4f}" for k, acc in self.last_evaluation.items())
+        log_dist(f"step {self.backbone.global_steps}: held-out {summary} on {int(counts[0])} samples")
+        return self.last_evaluation
 
     def train(self, mode: bool = True) -> "HybridEngine":
         self.backbone.train(mode)
@@ -255,7 +286,7 @@ def initialize(args: Optional[argparse.Namespace] = None, model: Optional[torch.
     head = ClassParallelFC(cfg.num_classes, cfg.embedding_size, margin=cfg.margin.model_dump(), group=group,
                            seed=cfg.seed, device=backbone.device)
     head_optimizer = build_head_optimizer(head, cfg.optimizer.model_dump(), cfg.gradient_clipping)
-    engine = HybridEngine(backbone, head, head_optimizer, _backbone_base_lr(ds_config, optimizer))
+    engine = HybridEngine(backbone, head, head_optimizer, _backbone_base_lr(ds_config, optimizer), cfg.evaluation)
     log_dist(f"hybridfc head: {cfg.num_classes} classes x {cfg.embedding_size} over {group_size(group)} ranks "
              f"({head.num_local} rows on rank 0), margin {cfg.margin.model_dump()}")
     loader = None

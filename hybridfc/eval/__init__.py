@@ -1,5 +1,5 @@
 """Evaluation over a class-sharded head."""
 
-from hybridfc.eval.topk import distributed_topk, topk_accuracy
+from hybridfc.eval.topk import accuracies, distributed_topk, topk_accuracy, topk_correct
 
-__all__ = ["distributed_topk", "topk_accuracy"]
+__all__ = ["accuracies", "distributed_topk", "topk_accuracy", "topk_correct"]

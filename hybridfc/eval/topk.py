@@ -57,14 +57,26 @@ def distributed_topk(head: ClassParallelFC, embeddings: torch.Tensor, k: int = 1
 
 
 @torch.no_grad()
+def topk_correct(head: ClassParallelFC, embeddings: torch.Tensor, labels: torch.Tensor,
+                 ks: Sequence[int] = (1,)) -> torch.Tensor:
+    """``[samples, correct@k for k in ks]`` summed over every rank, float64 ``(1 + len(ks),)``."""
+    predictions = distributed_topk(head, embeddings, max(ks))
+    labels = labels.to(predictions.device).view(-1, 1)
+    hits = [float((predictions[:, :k] == labels).any(1).sum()) for k in ks]
+    counts = torch.tensor([float(labels.shape[0])] + hits, dtype=torch.float64, device=head.weight.device)
+    if group_size(head.group) > 1:
+        dist.all_reduce(counts, group=head.group)
+    return counts
+
+
+def accuracies(counts: torch.Tensor, ks: Sequence[int]) -> dict[int, float]:
+    """``{k: fraction correct}`` from :func:`topk_correct`'s counts (possibly summed over batches)."""
+    total = max(float(counts[0]), 1.0)
+    return {k: float(counts[i + 1]) / total for i, k in enumerate(ks)}
+
+
+@torch.no_grad()
 def topk_accuracy(head: ClassParallelFC, embeddings: torch.Tensor, labels: torch.Tensor,
                   ks: Sequence[int] = (1,)) -> dict[int, float]:
     """Top-k accuracy over the samples of every rank: ``{k: fraction correct}``."""
-    predictions = distributed_topk(head, embeddings, max(ks))
-    labels = labels.to(predictions.device).view(-1, 1)
-    counts = torch.tensor([float(labels.shape[0])] + [float((predictions[:, :k] == labels).any(1).sum()) for k in ks],
-                          dtype=torch.float64, device=head.weight.device)
-    if group_size(head.group) > 1:
-        dist.all_reduce(counts, group=head.group)
-    total = max(float(counts[0]), 1.0)
-    return {k: float(counts[i + 1]) / total for i, k in enumerate(ks)}
+    return accuracies(topk_correct(head, embeddings, labels, ks), ks)
