@@ -38,6 +38,7 @@ FULL = {
     "selection": {"type": "full"},
     "optimizer": {"type": "sgd", "params": {"lr": 0.2, "momentum": 0.5, "weight_decay": 1e-4}},
     "gradient_clipping": 5.0,
+    "evaluation": {"interval": 100, "top_k": [1, 5]},
 }
 
 
@@ -134,6 +135,8 @@ def test_config_is_frozen() -> None:
         (section(gradient_clipping=math.inf),
          "hybridfc.gradient_clipping: must be a finite number (got Infinity)"),
         (margin(type="arcface", scale=math.nan), "hybridfc.margin.scale: must be a finite"),
+        (section(evaluation={"interval": -1}), "hybridfc.evaluation.interval: must be >= 0 (got -1)"),
+        (section(evaluation={"top_k": [1, 0]}), "hybridfc.evaluation.top_k.1: must be >= 1 (got 0)"),
         (sgd(lr=0), "hybridfc.optimizer.params.lr: must be > 0 (got 0)"),
         (sgd(momentum=1),
          "hybridfc.optimizer.params.momentum: must be < 1 (got 1)"),

@@ -8,7 +8,19 @@ Example::
     loader = DistributedLoader(dataset, batch_size=256)
 """
 
+from hybridfc.data.image_folder import ImageFolderDataset
 from hybridfc.data.loader import DistributedLoader
+from hybridfc.data.recordio import RecordIODataset, RecordIOError, write_recordio
 from hybridfc.data.synthetic import SyntheticClasses
+from hybridfc.data.transforms import Compose, RandomHorizontalFlip, decode_image
 
 __all__ = ["DistributedLoader", "SyntheticClasses"]
+__all__ += [
+    "Compose",
+    "ImageFolderDataset",
+    "RandomHorizontalFlip",
+    "RecordIODataset",
+    "RecordIOError",
+    "decode_image",
+    "write_recordio",
+]
