@@ -171,7 +171,7 @@ def test_bad_value_names_key_value_and_allowed(bad: dict[str, Any], expected: st
         (margin(type="combined", m4=0),
          "hybridfc.margin.m4: unknown key; allowed keys: m1, m2, m3, scale, type"),
         (section(num_clases=10),
-         "hybridfc.num_clases: unknown key; allowed keys: embedding_size, gradient_clipping, "
+         "hybridfc.num_clases: unknown key; allowed keys: embedding_size, evaluation, gradient_clipping, "
          "margin, num_classes, optimizer, seed, selection"),
         (section(selection={"type": "full", "budget": 0.1}),
          "hybridfc.selection.budget: unknown key; allowed keys: type"),
