@@ -36,8 +36,10 @@ def decode_image(data: bytes, source: str) -> Tensor:
             pixels = np.asarray(image.convert("RGB"))
     except (OSError, ValueError, Image.DecompressionBombError) as error:
         raise ValueError(f"cannot decode the image of {source}: {error}") from error
-    x = torch.from_numpy(pixels.copy()).permute(2, 0, 1).to(torch.float32)
-    return (x / 255.0 - 0.5) / 0.5
+    chw = np.ascontiguousarray(pixels.transpose(2, 0, 1), dtype=np.float32)
+    chw /= 127.5
+    chw -= 1.0
+    return torch.from_numpy(chw)
 
 
 class RandomHorizontalFlip:
