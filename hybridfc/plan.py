@@ -38,9 +38,12 @@ logits                     batch·comp·4           logits, softmax in place, th
 row_copy                   comp·d·4 or 0          the fp32 rows fed to the normalisation when they
                                                   are not the weight itself: the fp32 cast of a
                                                   bf16/fp16 weight, or the gathered selected rows
-normalized_rows            comp·d·4               ``F.normalize`` of the rows, saved for backward
-normalize_temporaries      4·comp·d·4             backward of ``F.normalize`` w.r.t. the row norm:
-                                                  ``x/n``, ``x/n/n``, ``-g`` and their product
+normalized_rows            comp·d·4 or 0          data-parallel only: ``F.normalize`` of the rows,
+                                                  saved for backward (hybridfc's head normalises
+                                                  inside its kernel and keeps no such copy)
+normalize_temporaries      4·comp·d·4 or 0        data-parallel only: backward of ``F.normalize``
+                                                  w.r.t. the row norm: ``x/n``, ``x/n/n``, ``-g``
+                                                  and their product
 feature_buffers            batch·d·4·(2 or 3)     normalised features and their gradient, plus the
                                                   fp32 gathered (or cast) features when the head
                                                   made them
@@ -52,12 +55,14 @@ Two moments can be the peak; ``total`` is the larger:
   produced the weight gradient; logits, normalised rows and features are still held):
   weight + optimizer_state + row_copy + normalized_rows + logits + weight_gradient +
   feature_buffers;
-* ``normalize_peak``, inside the backward of the rows' normalisation (logits and normalised
-  rows are freed, four temporaries of the rows' size coexist with their incoming gradient):
-  weight + optimizer_state + row_copy + weight_gradient + normalize_temporaries.
+* ``normalize_peak``, data-parallel only, inside the backward of ``F.normalize`` on the rows
+  (logits and normalised rows are freed, four temporaries of the rows' size coexist with their
+  incoming gradient): weight + optimizer_state + row_copy + weight_gradient +
+  normalize_temporaries.
 
-The optimizer step comes later and holds less (the gradient in storage dtype and at most three
-update temporaries of the weight's size, against five fp32 ones here). Left out: vectors of one
+The optimizer step comes later and holds less: hybridfc's update is in place (weight, state and
+gradient only); the data-parallel baseline's ``torch.optim.SGD`` makes at most three update
+temporaries of the weight's size, against five fp32 ones in ``normalize_peak``. Left out: vectors of one
 value per row or sample (row norms, labels, indices; ≤ 2/d of a weight copy) and the selection's
 own structures (random scores, the KNN graph, the ANN index). The model assumes an angular
 margin (arcface, cosface, combined), which normalises the rows; the plain ``softmax`` margin
@@ -256,14 +261,15 @@ def _memory(inputs: PlanInputs, rows: int, comp: int, batch: int, sharded: bool,
     d, s = inputs.embedding_size, DTYPE_BYTES[inputs.storage_dtype]
     weight = rows * d * s
     state = OPTIMIZER_STATES[inputs.optimizer] * weight
-    gradient = normalized = comp * d * FP32
-    temporaries = NORMALIZE_TEMPORARIES * comp * d * FP32
+    gradient = comp * d * FP32
+    normalized = 0 if sharded else comp * d * FP32
+    temporaries = 0 if sharded else NORMALIZE_TEMPORARIES * comp * d * FP32
     row_copy = comp * d * FP32 if selected or s != FP32 else 0
     made_features = (sharded and inputs.world_size > 1) or DTYPE_BYTES[inputs.feature_dtype] != FP32
     features = batch * d * FP32 * (3 if made_features else 2)
     logits = batch * comp * FP32
     softmax_peak = weight + state + row_copy + normalized + logits + gradient + features
-    normalize_peak = weight + state + row_copy + gradient + temporaries
+    normalize_peak = weight + state + row_copy + gradient + temporaries if not sharded else 0
     return Memory(weight, state, gradient, logits, row_copy, normalized, temporaries, features,
                   softmax_peak, normalize_peak, max(softmax_peak, normalize_peak))
 

@@ -125,11 +125,11 @@ class ClassParallelFC(nn.Module):
         return loss
 
     def _prepare(self, features: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Features and rows in at least fp32, normalised when the margin is angular."""
+        """Features (normalised when the margin is angular) and rows, in at least fp32."""
         dtype = torch.promote_types(torch.promote_types(features.dtype, weight.dtype), torch.float32)
         features, weight = features.to(device=weight.device, dtype=dtype), weight.to(dtype)
         if self.margin.normalize:
-            return F.normalize(features, dim=1), F.normalize(weight, dim=1)
+            features = F.normalize(features, dim=1)
         return features, weight
 
     def _exchange_sizes(self, embeddings: torch.Tensor, labels: torch.Tensor) -> list[int]:
@@ -158,6 +158,8 @@ class ClassParallelFC(nn.Module):
         """Scores of this rank's classes, ``(n, d)`` -> ``(n, num_local)`` fp32, no margin:
         cosines for angular margins, ``x·Wᵀ`` for softmax."""
         features, weight = self._prepare(embeddings, self.weight)
+        if self.margin.normalize:
+            weight = F.normalize(weight, dim=1)
         return features @ weight.t()
 
     def extra_repr(self) -> str:

@@ -5,7 +5,10 @@ computes the logits of its classes only, ``(B, C_r)``, and the ranks agree on th
 with two all-reduces: the row maximum, then the sum of exponentials and the target logit
 fused in one ``(2, B)`` tensor. The softmax is computed in place in the logits buffer and the
 backward pass overwrites that buffer with the gradient, so one ``(B, C_r)`` buffer is all the
-memory the loss needs. Logits, softmax and loss are at least fp32, whatever the input dtype.
+memory the loss needs. For angular margins the class rows are normalised inside the kernel:
+the logits' columns are scaled by ``1/‖w_c‖`` and the backward pass projects the row gradient,
+so no normalised copy of the ``(C_r, d)`` shard, and none of its gradient, is ever made.
+Logits, softmax and loss are at least fp32, whatever the input dtype.
 No probability is clamped: a sample's loss is ``log Σ exp − target`` however large it is.
 """
 
@@ -29,7 +32,10 @@ class _MarginCrossEntropy(torch.autograd.Function):
     def forward(ctx, features, weight, local_target, margin: Margin, group: ProcessGroup):
         rows = torch.nonzero(local_target >= 0).squeeze(1)
         cols = local_target[rows]
+        inv_norm = _inverse_row_norms(weight) if margin.normalize else None
         logits = features @ weight.t()
+        if inv_norm is not None:
+            logits.mul_(inv_norm)
         psi, dpsi = margin.target_logit(logits[rows, cols])
         logits.mul_(margin.scale)
         logits[rows, cols] = margin.scale * psi
@@ -44,18 +50,35 @@ class _MarginCrossEntropy(torch.autograd.Function):
         sum_exp, target = _all_reduce(stats, dist.ReduceOp.SUM, group)
         logits.div_(sum_exp.unsqueeze(1))
 
-        ctx.save_for_backward(features, weight, logits, rows, cols, dpsi)
+        ctx.save_for_backward(features, weight, logits, rows, cols, dpsi, inv_norm)
         ctx.scale = margin.scale
         return sum_exp.log() - target
 
     @staticmethod
     def backward(ctx, grad_loss):
-        features, weight, softmax, rows, cols, dpsi = ctx.saved_tensors
+        features, weight, softmax, rows, cols, dpsi, inv_norm = ctx.saved_tensors
         grad_logits = softmax
         target_prob = softmax[rows, cols]
         grad_logits.mul_((ctx.scale * grad_loss).unsqueeze(1))
         grad_logits[rows, cols] = ctx.scale * dpsi * (target_prob - 1) * grad_loss[rows]
-        return grad_logits @ weight, grad_logits.t() @ features, None, None, None
+        if inv_norm is not None:
+            grad_logits.mul_(inv_norm)
+        grad_weight = grad_logits.t() @ features
+        if inv_norm is not None:
+            _project_out_row_direction_(grad_weight, weight, inv_norm)
+        return grad_logits @ weight, grad_weight, None, None, None
+
+
+def _inverse_row_norms(weight: torch.Tensor) -> torch.Tensor:
+    """``1 / max(‖w_c‖, 1e-12)`` for every row, ``(C_r,)`` (``F.normalize``'s floor)."""
+    return torch.linalg.vector_norm(weight, dim=1).clamp_min_(1e-12).reciprocal_()
+
+
+def _project_out_row_direction_(grad: torch.Tensor, weight: torch.Tensor, inv_norm: torch.Tensor) -> None:
+    """Turn ``M = ∂L/∂ŵ_c / ‖w_c‖`` into ``∂L/∂w_c`` in place: ``M_c − (ŵ_c·M_c) ŵ_c``."""
+    row_dots = torch.bmm(weight.unsqueeze(1), grad.unsqueeze(2)).view(-1)
+    along = row_dots * inv_norm * inv_norm
+    grad.addcmul_(weight, along.unsqueeze(1), value=-1)
 
 
 def margin_cross_entropy(
@@ -68,8 +91,8 @@ def margin_cross_entropy(
     """Per-sample loss ``(B,)`` of a softmax whose classes are split over ``group``.
 
     Args:
-        features: ``(B, d)`` gathered features (normalised when the margin is angular).
-        weight: ``(C_r, d)`` this rank's class rows (normalised likewise).
+        features: ``(B, d)`` gathered features, already normalised when the margin is angular.
+        weight: ``(C_r, d)`` this rank's class rows, raw: an angular margin normalises them here.
         local_target: ``(B,)`` int64, the target's row in ``weight``, or -1 where the target
             class lives on another rank.
         margin: the target-logit transform and scale.

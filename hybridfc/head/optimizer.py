@@ -12,8 +12,9 @@ receives gradient at every step, so every row is updated; the gradient accumulat
 gradient-accumulation micro-batches until ``zero_grad``. ``lr`` is read from
 ``param_groups`` each step, so torch LR schedulers drive it as usual.
 
-Optional clipping (``gradient_clipping > 0``) scales the gradient so that its L2 norm over *all*
-shards is at most that value, with one all-reduce of a scalar. A step is skipped, and counted in
+Optional clipping (``gradient_clipping > 0``) scales the gradient in place so that its L2 norm
+over *all* shards is at most that value, with one all-reduce of a scalar. The update allocates
+nothing of the shard's size. A step is skipped, and counted in
 ``skipped_steps``, when the head saw non-finite embeddings since ``zero_grad`` or when the
 clipped norm is not finite; every rank takes the same decision.
 """
@@ -63,17 +64,18 @@ class HeadSGD(torch.optim.Optimizer):
             self.skipped_steps += 1
             return False
         group = self.param_groups[0]
-        if "momentum_buffer" not in self.state[weight]:
+        if scale != 1.0:
+            weight.grad.mul_(scale)
+        if group["momentum"] and "momentum_buffer" not in self.state[weight]:
             self.state[weight]["momentum_buffer"] = torch.zeros_like(weight)
-        _sgd_update(weight, weight.grad.mul(scale) if scale != 1 else weight.grad,
-                  self.state[weight]["momentum_buffer"], group)
+        _sgd_update(weight, weight.grad, self.state[weight].get("momentum_buffer"), group)
         return True
 
     def _clip_scale(self, grad: torch.Tensor) -> Optional[float]:
         """Factor that brings the global gradient norm under the limit; None if not finite."""
         if self.gradient_clipping <= 0:
             return 1.0
-        sq = grad.double().pow(2).sum()
+        sq = torch.linalg.vector_norm(grad).double().square()
         if group_size(self.head.group) > 1:
             dist.all_reduce(sq, group=self.head.group)
         norm = float(sq.sqrt())
@@ -82,13 +84,18 @@ class HeadSGD(torch.optim.Optimizer):
         return min(1.0, self.gradient_clipping / (norm + 1e-6))
 
 
-def _sgd_update(weight: torch.Tensor, grad: torch.Tensor, buf: torch.Tensor, group: dict) -> None:
-    """``torch.optim.SGD``'s update on every row of ``weight`` (in place)."""
-    update = grad.add(weight, alpha=group["weight_decay"]) if group["weight_decay"] else grad
-    if group["momentum"]:
-        buf.mul_(group["momentum"]).add_(update)
-        update = buf
-    weight.add_(update, alpha=-group["lr"])
+def _sgd_update(weight: torch.Tensor, grad: torch.Tensor, buf: Optional[torch.Tensor], group: dict) -> None:
+    """``torch.optim.SGD``'s update of ``weight`` in place, with no temporary of its size."""
+    lr, momentum, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
+    if momentum:
+        buf.mul_(momentum).add_(grad)
+        if weight_decay:
+            buf.add_(weight, alpha=weight_decay)
+        weight.add_(buf, alpha=-lr)
+        return
+    if weight_decay:
+        weight.mul_(1 - lr * weight_decay)
+    weight.add_(grad, alpha=-lr)
 
 
 def build_head_optimizer(head: ClassParallelFC, spec: dict, gradient_clipping: float = 0.0) -> HeadSGD:
