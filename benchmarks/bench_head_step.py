@@ -1,0 +1,507 @@
+"""One head training step: ``hybridfc.ClassParallelFC`` against a naive DDP-replicated classifier.
+
+What is timed, per step and per rank: forward + backward + optimizer update + ``zero_grad``, with a
+barrier before and after (the step time is the max over ranks; the table shows the median over
+the timed steps, after warm-up steps). Beside the wall time, the CPU time of each rank's process
+(all its threads) over the same interval: it does not count time spent waiting or descheduled, so
+it stays meaningful when other jobs share the machine (compare the two: equal means no contention).
+
+* ``ours``:  ``ClassParallelFC(C, d, margin)`` (rank r holds ~C/N rows) with
+  ``build_head_optimizer(head, {"type": "sgd", "params": {lr 0.1, momentum 0.9, wd 5e-4}})``;
+  each rank passes its local batch b = B/N, the head all-gathers the B features.
+* ``naive``: what a user writes without hybridfc: every rank holds all of W in an
+  ``nn.Linear(d, C, bias=False)`` inside a DDP-wrapped module (default DDP settings), normalises
+  features and W with ``F.normalize``, applies the same margin at the target logit with a
+  ``scatter``, ``F.cross_entropy`` over its own local batch; DDP all-reduces the C×d gradient;
+  ``torch.optim.SGD`` with the same hyper-parameters.
+
+Both start from the same weights (the head's seeded init) and see the same batches, so their
+losses must agree step by step (printed as a sanity check).
+
+Arithmetic floor: the three GEMMs of the step (logits, dE, dW), each 2·M·N·d FLOPs per rank
+(ours: M = B, N = C/N; naive: M = b, N = C), at the rate that plain ``torch.mm`` of exactly those
+shapes and layouts reaches in the same process, single-threaded, with the other rank doing the
+same at the same time. Two floors are measured: ``torch.mm(a, b, out=buf)`` into a pre-allocated
+output (the pure GEMM rate; the floor the ratio uses), and ``torch.mm(a, b)`` allocating its output
+(includes first-touch page faults of a fresh (B×C_r) buffer, as a step that allocates pays them).
+
+Memory: each configuration (method × C) runs in its own freshly spawned process group. Per rank:
+baseline = VmRSS after imports, process-group init and a tiny warm-up (a small autograd step, SGD
+step and DDP step: they page in kernels and trigger torch's lazy imports, e.g. torch.optim pulls in
+torch._dynamo, ~65 MiB) and ``malloc_trim(0)``, before the model exists. Peak = the kernel's RSS
+high-water mark (VmHWM of /proc/self/status), *reset to the current RSS* (``echo 5 > /proc/self/clear_refs``) after the model and optimizer are
+built (and ``malloc_trim(0)`` has returned construction garbage to the OS), right before the
+first step, and read after the last one: so ``peak − baseline`` is the
+largest RSS above the pre-model baseline during the steps, exact (kernel-tracked, no sampling
+gap), and not inflated by anything before the baseline or by one-off construction transients.
+A thread sampling VmRSS every 5 ms gives a cross-check (it can miss short peaks, never
+over-reports). (``getrusage().ru_maxrss`` was not used: it is a high-water mark since exec that
+cannot be reset, so a baseline taken from it is only valid if the baseline is the maximum so far,
+and construction transients would be counted as step memory.) Tensors below glibc's mmap threshold
+(up to 32 MiB) live in the malloc heap, whose freed memory stays resident, so at small C the
+peak includes allocator retention; from C ~ 10^6 every large tensor is its own mapping.
+
+The library measured is whatever ``import hybridfc`` finds (printed in the report, with its git
+commit); to pin a commit while the tree changes, put a clone first on ``PYTHONPATH``.
+
+    python benchmarks/bench_head_step.py --classes 100000 1000000 --dim 128 --batch 256 --steps 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import math
+import os
+import queue
+import statistics
+import tempfile
+import threading
+import time
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+MIB = 1024 * 1024
+SGD_PARAMS = {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}
+
+
+# ----------------------------------------------------------------------------- memory probes
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def rss_bytes() -> int:
+    return _status_kib("VmRSS") * 1024
+
+
+def hwm_bytes() -> int:
+    return _status_kib("VmHWM") * 1024
+
+
+def reset_hwm() -> None:
+    """Reset the RSS high-water mark to the current RSS (Linux >= 4.0)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+class RssSampler(threading.Thread):
+    """Samples the RSS every ``period`` seconds and keeps the maximum."""
+
+    def __init__(self, period: float = 0.005):
+        super().__init__(daemon=True)
+        import psutil
+
+        self._proc, self.period, self.peak = psutil.Process(), period, 0
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+            time.sleep(self.period)
+
+    def stop(self) -> int:
+        self._stop_event.set()
+        self.join()
+        return max(self.peak, self._proc.memory_info().rss)
+
+
+# ----------------------------------------------------------------------------- the naive head
+class NaiveMarginHead(nn.Module):
+    """Full W on every rank: normalised features × normalised W, margin at the target, CE."""
+
+    def __init__(self, num_classes: int, dim: int, margin: dict):
+        super().__init__()
+        self.fc = nn.Linear(dim, num_classes, bias=False)
+        self.kind, self.scale, self.m = margin["type"], float(margin["scale"]), float(margin["margin"])
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        cos = F.linear(F.normalize(x, dim=1), F.normalize(self.fc.weight, dim=1))
+        target = cos.gather(1, y[:, None])
+        if self.kind == "cosface":
+            target = target - self.m
+        else:  # arcface: cos(θ + m), original fallback cos θ − m·sin m beyond θ + m > π
+            theta = torch.acos(target.clamp(-1 + 1e-7, 1 - 1e-7))
+            target = torch.where(theta + self.m <= math.pi, torch.cos(theta + self.m),
+                                 target - self.m * math.sin(self.m))
+        logits = cos.scatter(1, y[:, None], target)
+        return F.cross_entropy(self.scale * logits, y)
+
+
+# ----------------------------------------------------------------------------- per-rank worker
+def batch_for_step(step: int, batch: int, dim: int, num_classes: int):
+    g = torch.Generator().manual_seed(12345 + step)
+    return torch.randn(batch, dim, generator=g), torch.randint(num_classes, (batch,), generator=g)
+
+
+def time_mm(a, b, out, reps: int) -> dict:
+    """Median wall and CPU seconds of torch.mm(a, b, out=out) and of torch.mm(a, b) (allocating);
+    both ranks in lock-step, like in the step."""
+    res = {}
+    for name, fn in (("out", lambda: torch.mm(a, b, out=out)), ("alloc", lambda: torch.mm(a, b))):
+        walls, cpus = [], []
+        for i in range(reps + 1):
+            dist.barrier()
+            t0, c0 = time.perf_counter(), time.process_time()
+            r = fn()
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+            del r
+            if i:  # the first one is a warm-up
+                walls.append(wall)
+                cpus.append(cpu)
+        res[name] = (statistics.median(walls), statistics.median(cpus))
+    return res
+
+
+def gemm_floor(m: int, n: int, d: int, reps: int) -> dict:
+    """The step's three GEMMs with the head's layouts: E(m×d)@Wᵀ, G(m×n)@W, Gᵀ@E."""
+    g = torch.Generator().manual_seed(7)
+    E, W = torch.randn(m, d, generator=g), torch.randn(n, d, generator=g)
+    G = torch.randn(m, n, generator=g)
+    L, dE, dW = torch.empty(m, n), torch.empty(m, d), torch.empty(n, d)
+    shapes = {"logits": (E, W.t(), L), "dE": (G, W, dE), "dW": (G.t(), E, dW)}
+    t = {k: time_mm(a, b, o, reps) for k, (a, b, o) in shapes.items()}
+    one = 2 * m * n * d
+    return {"flops": 3 * one,
+            "wall": sum(v["out"][0] for v in t.values()),
+            "cpu": sum(v["out"][1] for v in t.values()),
+            "wall_alloc": sum(v["alloc"][0] for v in t.values()),
+            "gflops": {k: one / v["out"][0] / 1e9 for k, v in t.items()}}
+
+
+def malloc_trim() -> None:
+    """Give glibc's free heap memory back to the OS (so construction garbage is not counted)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+def worker(rank: int, cfg: dict) -> dict:
+    world, C, d, B = cfg["world_size"], cfg["classes"], cfg["dim"], cfg["batch"]
+    b = B // world
+    import hybridfc
+    import hybridfc.config  # imported lazily by the head's builders: load it before the baseline
+    from hybridfc.head.class_parallel_fc import init_class_rows
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    # tiny warm-up before the baseline: pages in the GEMM / autograd / gloo code, and lets
+    # torch.optim import what it imports lazily on first use (torch._dynamo, ~65 MiB of RSS)
+    x = torch.randn(8, d, requires_grad=True)
+    F.cross_entropy(F.normalize(x, dim=1) @ torch.randn(d, 16), torch.zeros(8, dtype=torch.long)).backward()
+    tiny = torch.optim.SGD([x], **SGD_PARAMS)
+    tiny.step()
+    tiny.zero_grad()
+    # and a tiny DDP step: the backbone of either method is DDP anyway; what DDP loads and keeps
+    # per process independently of C is not the head's memory
+    tiny_ddp = DDP(nn.Linear(d, 16, bias=False))
+    tiny_ddp(x.detach()).sum().backward()
+    dist.all_reduce(torch.ones(1024))
+    del x, tiny, tiny_ddp
+    malloc_trim()
+    dist.barrier()
+
+    baseline = rss_bytes()
+    if cfg["method"] == "ours":
+        model = hybridfc.ClassParallelFC(C, d, margin=cfg["margin"], seed=0)
+        opt = hybridfc.build_head_optimizer(model, {"type": "sgd", "params": dict(SGD_PARAMS)})
+        gemm_m, gemm_n = B, model.num_local
+    else:
+        head = NaiveMarginHead(C, d, cfg["margin"])
+        with torch.no_grad():  # the same initial weights as ClassParallelFC(seed=0)
+            head.fc.weight.copy_(init_class_rows(0, C, d, seed=0, std=0.01))
+        model = DDP(head)
+        opt = torch.optim.SGD(model.parameters(), **SGD_PARAMS)
+        gemm_m, gemm_n = b, C
+    malloc_trim()
+    after_build = rss_bytes()
+
+    sampler = RssSampler(0.005)
+    dist.barrier()
+    reset_hwm()
+    sampler.start()
+    walls, cpus, phases, losses = [], [], [], []
+    for step in range(cfg["warmup"] + cfg["steps"]):
+        xg, yg = batch_for_step(step, B, d, C)
+        x = xg[rank * b:(rank + 1) * b].clone().requires_grad_(True)
+        y = yg[rank * b:(rank + 1) * b].clone()
+        dist.barrier()
+        t0, c0 = time.perf_counter(), time.process_time()
+        loss = model(x, y)
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+        opt.step()
+        opt.zero_grad()
+        t3 = time.perf_counter()
+        dist.barrier()
+        t4, c4 = time.perf_counter(), time.process_time()
+        value = loss.detach().clone()
+        if cfg["method"] == "naive":  # local mean -> global mean, for the sanity check only
+            dist.all_reduce(value)
+            value /= world
+        losses.append(float(value))
+        if step >= cfg["warmup"]:
+            walls.append(t4 - t0)
+            cpus.append(c4 - c0)
+            phases.append((t1 - t0, t2 - t1, t3 - t2))
+    peak_sampled = sampler.stop()
+    peak_hwm = hwm_bytes()
+
+    del model, opt, loss, x
+    if cfg["method"] == "naive":
+        del head
+    floor = gemm_floor(gemm_m, gemm_n, d, cfg["mm_reps"])
+    return {"walls": walls, "cpus": cpus, "phases": phases, "losses": losses, "baseline": baseline,
+            "after_build": after_build, "peak_hwm": peak_hwm, "peak_sampled": peak_sampled,
+            "floor": floor, "gemm_shape": (gemm_m, gemm_n)}
+
+
+def _entry(rank: int, cfg: dict, init_file: str, results) -> None:
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                                world_size=cfg["world_size"])
+        out = worker(rank, cfg)
+        results.put((rank, "ok", out))
+    except BaseException as exc:  # report, so the parent does not wait for a dead rank
+        results.put((rank, "error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_config(cfg: dict, timeout: float) -> list[dict]:
+    """Spawn a fresh process group for one configuration; the per-rank results."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file = os.path.join(tmp, "store")
+        procs = [ctx.Process(target=_entry, args=(r, cfg, init_file, results))
+                 for r in range(cfg["world_size"])]
+        for p in procs:
+            p.start()
+        collected = {}
+        try:
+            for _ in procs:
+                rank, status, out = results.get(timeout=timeout)
+                if status != "ok":
+                    raise RuntimeError(f"{cfg['method']} C={cfg['classes']} rank {rank} failed:\n{out}")
+                collected[rank] = out
+        except queue.Empty:
+            raise RuntimeError(f"{cfg['method']} C={cfg['classes']}: no result within {timeout}s") from None
+        finally:
+            for p in procs:
+                p.join(timeout=30)
+                if p.is_alive():
+                    p.kill()
+    return [collected[r] for r in range(cfg["world_size"])]
+
+
+# ----------------------------------------------------------------------------- reporting
+def expected_parts(method: str, C: int, d: int, B: int, world: int) -> dict:
+    """Arithmetic memory per rank (the largest shard), bytes: weight, grad, momentum, logits."""
+    rows = -(-C // world) if method == "ours" else C
+    w = rows * d * 4
+    return {"weight": w, "grad": w, "momentum": w,
+            "logits": (B if method == "ours" else B // world) * rows * 4}
+
+
+def summarize(cfg: dict, ranks: list[dict]) -> dict:
+    n = cfg["steps"]
+
+    def per_step_max(key):
+        return [max(r[key][i] for r in ranks) for i in range(n)]
+
+    walls, cpus = per_step_max("walls"), per_step_max("cpus")
+    exp = expected_parts(cfg["method"], cfg["classes"], cfg["dim"], cfg["batch"], cfg["world_size"])
+    return {
+        "method": cfg["method"], "C": cfg["classes"],
+        "ms": statistics.median(walls) * 1e3, "ms_min": min(walls) * 1e3, "ms_max": max(walls) * 1e3,
+        "cpu_ms": statistics.median(cpus) * 1e3,
+        "phase_ms": [statistics.median(max(r["phases"][i][k] for r in ranks) for i in range(n)) * 1e3
+                     for k in range(3)],
+        "floor_ms": max(r["floor"]["wall"] for r in ranks) * 1e3,
+        "floor_cpu_ms": max(r["floor"]["cpu"] for r in ranks) * 1e3,
+        "floor_alloc_ms": max(r["floor"]["wall_alloc"] for r in ranks) * 1e3,
+        "gflops": ranks[0]["floor"]["flops"] / max(r["floor"]["wall"] for r in ranks) / 1e9,
+        "gemm_gflops": ranks[0]["floor"]["gflops"],
+        "peak_mib": max(r["peak_hwm"] - r["baseline"] for r in ranks) / MIB,
+        "sampled_mib": max(r["peak_sampled"] - r["baseline"] for r in ranks) / MIB,
+        "model_mib": max(r["after_build"] - r["baseline"] for r in ranks) / MIB,
+        "baseline_mib": max(r["baseline"] for r in ranks) / MIB,
+        "expected_mib": sum(exp.values()) / MIB, "expected_parts": {k: v / MIB for k, v in exp.items()},
+        "losses": ranks[0]["losses"], "gemm_shape": ranks[0]["gemm_shape"],
+    }
+
+
+def library_version() -> str:
+    """Where hybridfc was imported from, and its git commit (+ "dirty" with uncommitted edits)."""
+    import subprocess
+
+    import hybridfc
+
+    where = os.path.dirname(os.path.abspath(hybridfc.__file__))
+    try:
+        git = ["git", "-C", where]
+        commit = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(git + ["status", "--porcelain", "--", "."], capture_output=True, text=True,
+                               check=True).stdout.strip()
+        state = f"git {commit}" + (" + uncommitted changes in hybridfc/" if dirty else " (clean)")
+    except (OSError, subprocess.CalledProcessError):
+        state = "not a git checkout"
+    return f"hybridfc {hybridfc.__version__} from {where}, {state}"
+
+
+def print_report(args, rows: list[dict]) -> None:
+    margin = MARGINS[args.margin]
+    print()
+    print(f"head step = forward + backward + SGD step + zero_grad; {args.world_size} ranks, gloo, 1 thread/rank; "
+          f"global batch {args.batch} ({args.batch // args.world_size}/rank); d={args.dim}; fp32; "
+          f"margin {args.margin} s={margin['scale']} m={margin['margin']}")
+    print(f"median over {args.steps} steps after {args.warmup} warm-up; per step the max over ranks; torch "
+          f"{torch.__version__}; load average (1 min) {args.load_start:.2f} at start, "
+          f"{os.getloadavg()[0]:.2f} at end, {os.cpu_count()} CPUs")
+    print(args.version)
+    print()
+    print("TIME (ms per step, per rank)")
+    hdr = (f"{'C':>9} {'method':>6} | {'wall':>8} {'min':>7} {'max':>7} | {'fwd':>7} {'bwd':>7} {'opt':>6} | "
+           f"{'floor':>6} {'GF/s':>4} {'wall/fl':>7} | {'cpu':>8} {'cpu fl':>6} {'cpu/fl':>6} | {'fl alloc':>8}")
+    print(hdr)
+    print("-" * len(hdr))
+    for r in rows:
+        f, b_, o = r["phase_ms"]
+        print(f"{r['C']:>9,} {r['method']:>6} | {r['ms']:>8.1f} {r['ms_min']:>7.1f} {r['ms_max']:>7.1f} | "
+              f"{f:>7.1f} {b_:>7.1f} {o:>6.1f} | {r['floor_ms']:>6.1f} {r['gflops']:>4.0f} "
+              f"{r['ms'] / r['floor_ms']:>7.2f} | {r['cpu_ms']:>8.1f} {r['floor_cpu_ms']:>6.1f} "
+              f"{r['cpu_ms'] / r['floor_cpu_ms']:>6.2f} | {r['floor_alloc_ms']:>8.1f}")
+    print()
+    print("MEMORY (MiB per rank, max over ranks, above the RSS baseline taken before the model)")
+    hdr = (f"{'C':>9} {'method':>6} | {'baseline':>8} {'model':>6} {'peak':>6} {'sampled':>7} | "
+           f"{'expect':>6} {'peak/exp':>8} | expect = weight + grad + momentum + logits buffer")
+    print(hdr)
+    print("-" * len(hdr))
+    for r in rows:
+        p = r["expected_parts"]
+        m, n = r["gemm_shape"]
+        print(f"{r['C']:>9,} {r['method']:>6} | {r['baseline_mib']:>8.0f} {r['model_mib']:>6.0f} "
+              f"{r['peak_mib']:>6.0f} {r['sampled_mib']:>7.0f} | {r['expected_mib']:>6.0f} "
+              f"{r['peak_mib'] / r['expected_mib']:>8.2f} | {p['weight']:.0f} + {p['grad']:.0f} + "
+              f"{p['momentum']:.0f} + {p['logits']:.0f} ({m}x{n})")
+    print()
+    print("wall = median step time between barriers; cpu = CPU time of the rank's process (all threads) in the")
+    print("  step, blind to time the rank waits or is descheduled; fwd/bwd/opt = wall time of the phases;")
+    print("  floor = the step's 3 GEMMs (logits E@W^T, dE = G@W, dW = G^T@E; 3 x 2*M*N*d FLOPs per rank) at the")
+    print("  rate plain torch.mm of those shapes reaches into a preallocated output in the same process, 1")
+    print("  thread, both ranks at once (wall, GF/s; and CPU time); fl alloc = the same GEMMs with torch.mm")
+    print("  allocating its output, as a step does (fresh pages, page faults); model = RSS after building")
+    print("  model + optimizer; peak = kernel RSS high-water mark (VmHWM, reset after the build) during the")
+    print("  steps; sampled = max of 5 ms RSS samples (cross-check)")
+    print("  GEMM GF/s (logits/dE/dW): " + "; ".join(
+        f"{r['C']:,} {r['method']} " + "/".join(f"{v:.0f}" for v in r["gemm_gflops"].values()) for r in rows))
+    print()
+    by = {(r["C"], r["method"]): r for r in rows}
+    for C in args.classes:
+        ours, naive = by.get((C, "ours")), by.get((C, "naive"))
+        if not (ours and naive):
+            continue
+        diff = max(abs(a - b) for a, b in zip(ours["losses"], naive["losses"]))
+        print(f"C={C:,}: naive/ours time {naive['ms'] / ours['ms']:.2f}x wall, "
+              f"{naive['cpu_ms'] / ours['cpu_ms']:.2f}x cpu | ours/naive peak memory "
+              f"{ours['peak_mib'] / naive['peak_mib']:.2f} | ours/floor {ours['ms'] / ours['floor_ms']:.2f} wall, "
+              f"{ours['cpu_ms'] / ours['floor_cpu_ms']:.2f} cpu | loss ours/naive step 0 "
+              f"{ours['losses'][0]:.4f}/{naive['losses'][0]:.4f}, max |diff| {diff:.1e}")
+    big = max(args.classes)
+    ours, naive = by.get((big, "ours")), by.get((big, "naive"))
+    if ours and naive:
+        print()
+        print(f"targets at C={big:,}:")
+        print(f"  ours faster than naive (wall)        : {naive['ms'] / ours['ms']:.2f}x   "
+              f"{'PASS' if ours['ms'] < naive['ms'] else 'FAIL'}")
+        print(f"  ours peak <= 0.6 x naive peak        : {ours['peak_mib'] / naive['peak_mib']:.2f}    "
+              f"{'PASS' if ours['peak_mib'] <= 0.6 * naive['peak_mib'] else 'FAIL'}")
+        print(f"  ours <= 2 x GEMM floor (wall / cpu)  : {ours['ms'] / ours['floor_ms']:.2f} / "
+              f"{ours['cpu_ms'] / ours['floor_cpu_ms']:.2f}  "
+              f"{'PASS' if ours['ms'] <= 2 * ours['floor_ms'] else 'FAIL'} / "
+              f"{'PASS' if ours['cpu_ms'] <= 2 * ours['floor_cpu_ms'] else 'FAIL'}")
+
+
+MARGINS = {"cosface": {"type": "cosface", "scale": 64.0, "margin": 0.35},
+           "arcface": {"type": "arcface", "scale": 64.0, "margin": 0.5}}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--classes", type=int, nargs="+", default=[100_000, 1_000_000])
+    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--batch", type=int, default=256, help="global batch (split evenly over ranks)")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--world-size", type=int, default=2)
+    p.add_argument("--margin", choices=sorted(MARGINS), default="cosface")
+    p.add_argument("--methods", nargs="+", choices=["ours", "naive"], default=["ours", "naive"])
+    p.add_argument("--mm-reps", type=int, default=3, help="timed repetitions of each floor GEMM")
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds per configuration")
+    p.add_argument("--json", type=str, default=None,
+                   help="also write the results as JSON (read by benchmarks/plot_results.py)")
+    args = p.parse_args(argv)
+    if args.batch % args.world_size:
+        p.error("--batch must be divisible by --world-size")
+
+    configs = [dict(method=m, classes=C, dim=args.dim, batch=args.batch, steps=args.steps,
+                    warmup=args.warmup, world_size=args.world_size, margin=MARGINS[args.margin],
+                    mm_reps=args.mm_reps)
+               for C in args.classes for m in args.methods]
+    args.version = library_version()  # before the runs: the code the spawned ranks import
+    args.load_start = os.getloadavg()[0]
+    rows, start = [], time.perf_counter()
+    for i, cfg in enumerate(configs, 1):
+        r = summarize(cfg, run_config(cfg, args.timeout))
+        rows.append(r)
+        print(f"[{i}/{len(configs)}] {cfg['method']:>5} C={cfg['classes']:,}: {r['ms']:.1f} ms/step, "
+              f"peak {r['peak_mib']:.0f} MiB/rank  ({time.perf_counter() - start:.0f} s elapsed)", flush=True)
+    print_report(args, rows)
+    if args.json:
+        write_json(args, rows)
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
+def write_json(args, rows: list[dict]) -> None:
+    """``{"machine", "results": [{"method", "classes", "samples_per_s", "peak_mib", ...}]}``."""
+    import json
+
+    machine = (f"{cpu_model()}, {os.cpu_count()} CPUs; torch {torch.__version__}; {args.world_size} ranks "
+               f"gloo, 1 thread each; B={args.batch}, d={args.dim}, {args.margin}; {args.version}")
+    results = [{"method": r["method"], "classes": r["C"],
+                "samples_per_s": args.batch / (r["ms"] / 1e3),
+                "peak_mib": r["peak_mib"], "ms_per_step": r["ms"], "cpu_ms_per_step": r["cpu_ms"],
+                "floor_ms": r["floor_ms"], "floor_alloc_ms": r["floor_alloc_ms"],
+                "expected_mib": r["expected_mib"], "sampled_peak_mib": r["sampled_mib"],
+                "losses": r["losses"]} for r in rows]
+    with open(args.json, "w") as f:
+        json.dump({"machine": machine, "results": results}, f, indent=1)
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
