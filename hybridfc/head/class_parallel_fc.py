@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hybridfc.head.cross_entropy import margin_cross_entropy
+from hybridfc.head.cross_entropy import LogitsWorkspace, margin_cross_entropy
 from hybridfc.head.margins import AngularMargin, Margin, build_margin
 from hybridfc.head.validation import check_inputs, raise_if_any_bad
 from hybridfc.log import log_dist
@@ -110,6 +110,7 @@ class ClassParallelFC(nn.Module):
         self.weight = nn.Parameter(rows.to(device))
         self.non_finite_batches = 0
         self.step_is_finite = True
+        self._workspace = LogitsWorkspace()
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean loss over the global batch: ``embeddings (b, d)``, ``labels (b,)`` -> scalar."""
@@ -119,7 +120,7 @@ class ClassParallelFC(nn.Module):
         local_target = all_labels - self.class_start
         local_target[(local_target < 0) | (local_target >= self.num_local)] = -1
         features, weight = self._prepare(features, self.weight)
-        loss = margin_cross_entropy(features, weight, local_target, self.margin, self.group).mean()
+        loss = margin_cross_entropy(features, weight, local_target, self.margin, self.group, self._workspace).mean()
         if not bool(torch.isfinite(loss)):
             self._mark_non_finite("a non-finite loss (the same on every rank)")
         return loss

@@ -1,0 +1,61 @@
+"""The head reuses its logits buffer between steps, and overlapping steps stay correct."""
+
+import torch
+
+from hybridfc import ClassParallelFC
+from hybridfc.head.cross_entropy import LogitsWorkspace
+
+CLASSES, WIDTH = 37, 5
+
+
+def _batch(seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    embeddings = torch.randn(6, WIDTH, generator=generator, dtype=torch.float64, requires_grad=True)
+    return embeddings, torch.randint(0, CLASSES, (6,), generator=generator)
+
+
+def _grads(head: ClassParallelFC, embeddings: torch.Tensor, labels: torch.Tensor):
+    head.weight.grad = None
+    loss = head(embeddings, labels)
+    features_grad, weight_grad = torch.autograd.grad(loss, (embeddings, head.weight))
+    return loss.detach(), features_grad, weight_grad
+
+
+def test_buffer_is_reused_from_one_step_to_the_next():
+    head = ClassParallelFC(CLASSES, WIDTH, seed=1).double()
+    embeddings, labels = _batch(0)
+    head(embeddings, labels).backward()
+    lent = head._workspace._buffer
+    assert lent is not None
+    head(embeddings, labels).backward()
+    assert head._workspace._buffer.data_ptr() == lent.data_ptr()
+
+
+def test_overlapping_forward_passes_give_the_sequential_gradients():
+    head = ClassParallelFC(CLASSES, WIDTH, margin={"type": "arcface", "scale": 16.0, "margin": 0.4}, seed=2).double()
+    (e1, y1), (e2, y2) = _batch(1), _batch(2)
+    expected = [_grads(head, e1, y1), _grads(head, e2, y2)]
+    loss1, loss2 = head(e1, y1), head(e2, y2)
+    got2 = torch.autograd.grad(loss2, (e2, head.weight))
+    got1 = torch.autograd.grad(loss1, (e1, head.weight))
+    for (loss, *want), (got_loss, got) in zip(expected, [(loss1, got1), (loss2, got2)]):
+        assert torch.equal(got_loss.detach(), loss)
+        assert all(torch.allclose(g, w, rtol=0, atol=1e-14) for g, w in zip(got, want))
+
+
+def test_a_forward_without_backward_leaves_later_steps_correct():
+    head = ClassParallelFC(CLASSES, WIDTH, seed=3).double()
+    (e1, y1), (e2, y2) = _batch(3), _batch(4)
+    expected = _grads(head, e2, y2)
+    head(e1, y1)
+    with torch.no_grad():
+        head(e1, y1)
+    assert all(torch.allclose(g, w, rtol=0, atol=1e-14) for g, w in zip(_grads(head, e2, y2), expected))
+
+
+def test_workspace_allocates_when_the_shape_changes():
+    workspace, like = LogitsWorkspace(), torch.zeros(1)
+    first = workspace.take(2, 3, like)
+    workspace.give_back(first)
+    assert workspace.take(2, 3, like) is first
+    assert workspace.take(4, 3, like).shape == (4, 3)
