@@ -82,7 +82,8 @@ def _add_plan_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--storage-dtype", choices=tuple(DTYPE_BYTES), default="fp32",
                    help="the head's weight storage (logits are always fp32; default fp32)")
     p.add_argument("--feature-dtype", choices=tuple(DTYPE_BYTES), default="fp32",
-                   help="the backbone's output, as all-gathered (default fp32)")
+                   help="the backbone's output dtype; the head all-gathers features in fp32 whatever it is "
+                        "(default fp32)")
     p.add_argument("--optimizer", choices=tuple(OPTIMIZER_STATES), default="sgd",
                    help="sgd: momentum SGD, 1 state tensor; adam: 2 (default sgd)")
     p.add_argument("--memory-gib", type=_positive_float,

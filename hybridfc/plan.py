@@ -280,9 +280,8 @@ def _ring_all_reduce(nbytes: int, world_size: int) -> int:
 
 def _communication(inputs: PlanInputs, sharded: bool) -> Communication:
     n, b, d = inputs.world_size, inputs.local_batch, inputs.embedding_size
-    f = DTYPE_BYTES[inputs.feature_dtype]
     if sharded:
-        features = (n - 1) * b * d * f
+        features = (n - 1) * b * d * FP32
         labels = (n - 1) * (b + VERDICT_VALUES) * INT64
         softmax = _ring_all_reduce(SOFTMAX_SCALARS * inputs.global_batch * FP32, n)
         parts = (features, labels, softmax, features, 0)

@@ -17,7 +17,8 @@ One forward pass, N ranks, local batch ``b_r``, global batch ``B = Σ b_r``:
 
 1. every rank checks its inputs; the verdicts travel with the batch sizes (one all-gather), so a
    bad input raises :class:`~hybridfc.head.validation.InputError` on every rank;
-2. features ``(b_r, d)`` and labels are all-gathered into ``(B, d)`` and ``(B,)``;
+2. features ``(b_r, d)``, in at least fp32, and labels are all-gathered into ``(B, d)`` and
+   ``(B,)``; so the backward reduce-scatter sums the ranks' feature gradients in fp32 too;
 3. each rank computes the logits of its own classes ``(B, num_local)`` in fp32 and the ranks agree
    on the softmax (:func:`~hybridfc.head.cross_entropy.margin_cross_entropy`);
 4. the loss returned is the mean over the global batch, the same scalar on every rank.
@@ -115,6 +116,7 @@ class ClassParallelFC(nn.Module):
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean loss over the global batch: ``embeddings (b, d)``, ``labels (b,)`` -> scalar."""
         sizes = self._exchange_sizes(embeddings, labels)
+        embeddings = embeddings.to(torch.promote_types(embeddings.dtype, torch.float32))
         features = gather_rows(scale_gradient(embeddings, self.world_size), sizes, self.group)
         all_labels = gather_padded(labels.to(device=self.weight.device, dtype=torch.int64), sizes, self.group)
         local_target = all_labels - self.class_start
