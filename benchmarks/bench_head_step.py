@@ -50,13 +50,11 @@ commit); to pin a commit while the tree changes, put a clone first on ``PYTHONPA
 from __future__ import annotations
 
 import argparse
-import ctypes
 import math
 import os
 import queue
 import statistics
 import tempfile
-import threading
 import time
 import traceback
 
@@ -66,52 +64,10 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
+from memory_probe import RssSampler, hwm_bytes, release_free_heap, reset_hwm, rss_bytes
+
 MIB = 1024 * 1024
 SGD_PARAMS = {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}
-
-
-# ----------------------------------------------------------------------------- memory probes
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def rss_bytes() -> int:
-    return _status_kib("VmRSS") * 1024
-
-
-def hwm_bytes() -> int:
-    return _status_kib("VmHWM") * 1024
-
-
-def reset_hwm() -> None:
-    """Reset the RSS high-water mark to the current RSS (Linux >= 4.0)."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
-class RssSampler(threading.Thread):
-    """Samples the RSS every ``period`` seconds and keeps the maximum."""
-
-    def __init__(self, period: float = 0.005):
-        super().__init__(daemon=True)
-        import psutil
-
-        self._proc, self.period, self.peak = psutil.Process(), period, 0
-        self._stop_event = threading.Event()
-
-    def run(self) -> None:
-        while not self._stop_event.is_set():
-            self.peak = max(self.peak, self._proc.memory_info().rss)
-            time.sleep(self.period)
-
-    def stop(self) -> int:
-        self._stop_event.set()
-        self.join()
-        return max(self.peak, self._proc.memory_info().rss)
 
 
 # ----------------------------------------------------------------------------- the naive head
@@ -177,14 +133,6 @@ def gemm_floor(m: int, n: int, d: int, reps: int) -> dict:
             "gflops": {k: one / v["out"][0] / 1e9 for k, v in t.items()}}
 
 
-def malloc_trim() -> None:
-    """Give glibc's free heap memory back to the OS (so construction garbage is not counted)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-
-
 def worker(rank: int, cfg: dict) -> dict:
     world, C, d, B = cfg["world_size"], cfg["classes"], cfg["dim"], cfg["batch"]
     b = B // world
@@ -206,7 +154,7 @@ def worker(rank: int, cfg: dict) -> dict:
     tiny_ddp(x.detach()).sum().backward()
     dist.all_reduce(torch.ones(1024))
     del x, tiny, tiny_ddp
-    malloc_trim()
+    release_free_heap()
     dist.barrier()
 
     baseline = rss_bytes()
@@ -221,12 +169,13 @@ def worker(rank: int, cfg: dict) -> dict:
         model = DDP(head)
         opt = torch.optim.SGD(model.parameters(), **SGD_PARAMS)
         gemm_m, gemm_n = b, C
-    malloc_trim()
+    release_free_heap()
     after_build = rss_bytes()
 
     sampler = RssSampler(0.005)
     dist.barrier()
-    reset_hwm()
+    if not reset_hwm():
+        raise RuntimeError("/proc/self/clear_refs is not writable: the kernel peak cannot be reset")
     sampler.start()
     walls, cpus, phases, losses = [], [], [], []
     for step in range(cfg["warmup"] + cfg["steps"]):

@@ -24,15 +24,11 @@ says so.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import os
 import queue
 import sys
 import tempfile
-import threading
-import time
 from typing import Optional
 
 import psutil
@@ -41,49 +37,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from hybridfc.plan import PlanInputs, make_plan
+from memory_probe import RssSampler, hwm_bytes, release_free_heap, reset_hwm
 
 MARGIN = {"type": "arcface", "scale": 64.0, "margin": 0.5}
 OPTIMIZER = {"type": "sgd", "params": {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}}
 GIB = 2**30
-
-
-class RssSampler(threading.Thread):
-    """Reads the process's RSS every ``period`` seconds and keeps the largest value."""
-
-    def __init__(self, period: float = 0.002) -> None:
-        super().__init__(daemon=True)
-        self.process, self.period, self.peak = psutil.Process(), period, 0
-        self.done = threading.Event()
-
-    def run(self) -> None:
-        while not self.done.is_set():
-            self.peak = max(self.peak, self.process.memory_info().rss)
-            time.sleep(self.period)
-
-    def stop(self) -> int:
-        self.done.set()
-        self.join()
-        return max(self.peak, self.process.memory_info().rss)
-
-
-def _kernel_peak_reset() -> bool:
-    """Reset VmHWM to the current RSS; False where the kernel does not allow it."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _kernel_peak() -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-
-
-def _release_free_heap() -> None:
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _steps(head, optimizer, steps: int, batch: int, dim: int, seed: int) -> None:
@@ -108,17 +66,17 @@ def measure_rank(rank: int, world_size: int, cfg: dict) -> dict:
     import hybridfc
 
     _warm_up(world_size, cfg["dim"], cfg["local_batch"])
-    _release_free_heap()
+    release_free_heap()
     baseline = psutil.Process().memory_info().rss
     head = hybridfc.ClassParallelFC(cfg["classes"], cfg["dim"], margin=MARGIN)
     optimizer = hybridfc.build_head_optimizer(head, OPTIMIZER)
-    _release_free_heap()
-    has_kernel_peak = _kernel_peak_reset()
-    sampler = RssSampler()
+    release_free_heap()
+    has_kernel_peak = reset_hwm()
+    sampler = RssSampler(0.002)
     sampler.start()
     _steps(head, optimizer, cfg["steps"], cfg["local_batch"], cfg["dim"], seed=100 + rank)
     sampled = sampler.stop()
-    kernel = _kernel_peak() - baseline if has_kernel_peak else None
+    kernel = hwm_bytes() - baseline if has_kernel_peak else None
     return {"rank": rank, "baseline": baseline, "sampled": sampled - baseline, "kernel": kernel}
 
 
