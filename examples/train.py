@@ -114,7 +114,9 @@ def main() -> None:
     for epoch in range(args.epochs):
         loss = train_epoch(engine, loader, test_loader, epoch, show)
     train_seconds = time.perf_counter() - start
-    top1 = engine.evaluate(test_loader, ks=(1,))[1]
+    if engine.last_evaluated_step != engine.global_steps or 1 not in engine.last_evaluation:
+        engine.evaluate(test_loader, ks=(1,))
+    top1 = engine.last_evaluation[1]
     log_dist(f"held-out top-1 accuracy {top1:.4f} on {len(test_set)} samples of {train_set.num_classes} classes "
              f"(final loss {loss:.3f}, training {train_seconds:.0f} s)")
     if args.save_dir:

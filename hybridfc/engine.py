@@ -60,6 +60,7 @@ class HybridEngine:
         backbone: the ``deepspeed.DeepSpeedEngine`` wrapping the backbone.
         head: the class-parallel head (this rank's shard).
         head_optimizer: the head's optimizer.
+        last_evaluation, last_evaluated_step: the latest :meth:`evaluate` result and its step.
     """
 
     def __init__(self, backbone: deepspeed.DeepSpeedEngine, head: ClassParallelFC, head_optimizer: HeadSGD,
@@ -69,7 +70,7 @@ class HybridEngine:
         self.head_optimizer = head_optimizer
         self.evaluation = evaluation or EvaluationConfig()
         self.last_evaluation: dict[int, float] = {}
-        self._last_evaluated_step = -1
+        self.last_evaluated_step = -1
         self._backbone_base_lr = backbone_base_lr
         self._head_base_lr = head_optimizer.param_groups[0]["lr"]
         self._loss_scale = 1.0
@@ -132,7 +133,7 @@ class HybridEngine:
         """True once per ``evaluation.interval`` optimizer steps (call it after ``step()``)."""
         step = self.backbone.global_steps
         interval = self.evaluation.interval
-        return interval > 0 and step > 0 and step % interval == 0 and step != self._last_evaluated_step
+        return interval > 0 and step > 0 and step % interval == 0 and step != self.last_evaluated_step
 
     @torch.no_grad()
     def evaluate(self, loader: Iterable, ks: Optional[Sequence[int]] = None) -> dict[int, float]:
@@ -149,7 +150,7 @@ class HybridEngine:
             counts += topk_correct(self.head, self.embed(inputs), labels, ks)
         self.train(was_training)
         self.last_evaluation = accuracies(counts, ks)
-        self._last_evaluated_step = self.backbone.global_steps
+        self.last_evaluated_step = self.backbone.global_steps
         summary = ", ".join(f"top-{k} {acc:.4f}" for k, acc in self.last_evaluation.items())
         log_dist(f"step {self.backbone.global_steps}: held-out {summary} on {int(counts[0])} samples")
         return self.last_evaluation
