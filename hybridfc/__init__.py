@@ -10,11 +10,11 @@ The backbone trains data-parallel under the DeepSpeed engine; the classification
 """
 
 from hybridfc.config import ConfigError
-from hybridfc.head import ClassParallelFC, HeadSGD, InputError, build_head_optimizer
+from hybridfc.head import ClassParallelFC, HeadAdam, HeadOptimizer, HeadSGD, InputError, build_head_optimizer
 
 __version__ = "0.1.0"
 
-__all__ = ["ClassParallelFC", "ConfigError", "HeadSGD", "HybridEngine", "InputError",
+__all__ = ["ClassParallelFC", "ConfigError", "HeadAdam", "HeadOptimizer", "HeadSGD", "HybridEngine", "InputError",
            "build_head_optimizer", "initialize"]
 
 

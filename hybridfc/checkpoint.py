@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from hybridfc.head.class_parallel_fc import ClassParallelFC
-from hybridfc.head.optimizer import HeadSGD
+from hybridfc.head.optimizer import HeadOptimizer
 
 
 class CheckpointError(RuntimeError):
@@ -41,7 +41,7 @@ def _description(head: ClassParallelFC) -> dict[str, int]:
     }
 
 
-def save_head(head: ClassParallelFC, optimizer: HeadSGD, tag_dir: "str | os.PathLike") -> Path:
+def save_head(head: ClassParallelFC, optimizer: HeadOptimizer, tag_dir: "str | os.PathLike") -> Path:
     """Write this rank's shard, its optimizer state and counters; returns the file written."""
     path = shard_file(tag_dir, head.rank, head.world_size)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -51,6 +51,8 @@ def save_head(head: ClassParallelFC, optimizer: HeadSGD, tag_dir: "str | os.Path
         "optimizer": optimizer.state_dict(),
         "non_finite_batches": head.non_finite_batches,
         "skipped_steps": optimizer.skipped_steps,
+        "steps": head.steps,
+        "selection": head.selection.state_dict(),
     }
     tmp = path.with_suffix(".pt.tmp")
     torch.save(state, tmp)
@@ -73,7 +75,7 @@ def check_head_files(head: ClassParallelFC, tag_dir: "str | os.PathLike") -> Pat
     )
 
 
-def load_head(head: ClassParallelFC, optimizer: "HeadSGD | None", tag_dir: "str | os.PathLike") -> None:
+def load_head(head: ClassParallelFC, optimizer: "HeadOptimizer | None", tag_dir: "str | os.PathLike") -> None:
     """Restore this rank's shard (and optimizer state, when given) from ``tag_dir``."""
     path = check_head_files(head, tag_dir)
     state: dict[str, Any] = torch.load(path, map_location=head.weight.device, weights_only=True)
@@ -85,6 +87,8 @@ def load_head(head: ClassParallelFC, optimizer: "HeadSGD | None", tag_dir: "str 
     with torch.no_grad():
         head.weight.copy_(state["weight"])
     head.non_finite_batches = state["non_finite_batches"]
+    head.steps = state["steps"]
+    head.selection.load_state_dict(state["selection"])
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
         optimizer.skipped_steps = state["skipped_steps"]

@@ -43,30 +43,41 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal, NamedTuple, Union, get_args
+from typing import Annotated, Any, Literal, NamedTuple, Optional, Union, get_args
 
 import hjson
 from pydantic import (
     AllowInfNan,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     Strict,
     StrictInt,
     ValidationError,
+    PlainValidator,
+    model_validator,
 )
 from pydantic.fields import FieldInfo
 from pydantic_core import ErrorDetails
 
 __all__ = [
+    "AdamOptimizer",
+    "AdamParams",
+    "AdamWOptimizer",
     "ArcFaceMargin",
     "CombinedMargin",
     "ConfigError",
     "CosFaceMargin",
     "EvaluationConfig",
+    "FullSelection",
+    "HFSelection",
     "HeadOptimizerConfig",
     "HybridFCConfig",
+    "KNNSelection",
     "MarginConfig",
+    "PartialSelection",
+    "SGDOptimizer",
     "SGDParams",
     "SelectionConfig",
     "SoftmaxMargin",
@@ -75,6 +86,7 @@ __all__ = [
     "parse_head_optimizer",
     "parse_hybridfc_section",
     "parse_margin",
+    "parse_selection",
     "split_ds_config",
 ]
 
@@ -133,10 +145,75 @@ MarginConfig = Annotated[
 """The margin of the head's loss, chosen by its ``"type"`` key."""
 
 
-class SelectionConfig(_Section):
-    """Which classes of each shard enter the softmax; ``full`` takes them all."""
+def _check_budget(value: Any) -> "int | float":
+    is_count = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+    is_rate = isinstance(value, float) and 0 < value <= 1
+    if not (is_count or is_rate):
+        raise ValueError("must be a row count (an integer >= 1) or a rate of the shard (a number in (0, 1])")
+    return value
+
+
+Budget = Annotated[Union[int, float], PlainValidator(_check_budget)]
+"""Active rows per rank: an integer is a row count, a float in (0, 1] a rate of the shard."""
+
+IndexKind = Literal["auto", "exact", "ivf", "hnsw"]
+"""How nearest classes are found: exact matmul + top-k, or a faiss IVF / HNSW index; ``auto``
+picks exact for small shards and IVF for large ones."""
+
+
+class FullSelection(_Section):
+    """Every class of the shard enters the softmax (the exact class-parallel softmax)."""
 
     type: Literal["full"] = "full"
+
+
+class PartialSelection(_Section):
+    """PartialFC: the positives plus uniformly random negatives, ``budget`` rows per rank."""
+
+    type: Literal["partial"] = "partial"
+    budget: Budget = 0.1
+
+
+class _Rebuilt(_Section):
+    """Keys shared by the selections that look classes up in a structure rebuilt from W."""
+
+    budget: Budget = 0.1
+    k: StrictInt = Field(32, ge=1)
+    rebuild_interval: StrictInt = Field(1000, ge=0)
+    rebuild_delay: Optional[StrictInt] = Field(None, ge=1)
+    index: IndexKind = "auto"
+
+    @model_validator(mode="after")
+    def _delay_within_interval(self) -> "_Rebuilt":
+        if self.rebuild_delay is not None and self.rebuild_interval and self.rebuild_delay > self.rebuild_interval:
+            raise ValueError(f"rebuild_delay ({self.rebuild_delay}) must be at most rebuild_interval "
+                             f"({self.rebuild_interval}): one rebuild runs at a time")
+        return self
+
+    def delay(self) -> int:
+        """Steps between a rebuild's snapshot and its swap: ``rebuild_delay``, or a tenth of the interval."""
+        return self.rebuild_delay or max(1, self.rebuild_interval // 10)
+
+
+class KNNSelection(_Rebuilt):
+    """KNN softmax: the union of the ``k`` nearest classes of the batch's labels, from a
+    class-to-class graph over all classes rebuilt every ``rebuild_interval`` steps."""
+
+    type: Literal["knn"] = "knn"
+
+
+class HFSelection(_Rebuilt):
+    """HF-softmax: each sample's ``k`` nearest classes of the shard, from an index over the
+    shard's centres rebuilt every ``rebuild_interval`` steps."""
+
+    type: Literal["hf"] = "hf"
+
+
+SelectionConfig = Annotated[
+    Union[FullSelection, PartialSelection, KNNSelection, HFSelection],
+    Field(discriminator="type"),
+]
+"""Which classes of each shard enter each step's softmax, chosen by its ``"type"`` key."""
 
 
 class EvaluationConfig(_Section):
@@ -154,11 +231,49 @@ class SGDParams(_Section):
     weight_decay: Number = Field(5e-4, ge=0)
 
 
-class HeadOptimizerConfig(_Section):
-    """The head's optimizer, in DeepSpeed's ``{"type", "params"}`` shape."""
+class AdamParams(_Section):
+    """Hyper-parameters of the head's Adam / AdamW optimizer (row-sparse)."""
+
+    lr: Number = Field(1e-3, gt=0)
+    betas: list[Annotated[Number, Field(ge=0, lt=1)]] = Field(default_factory=lambda: [0.9, 0.999],
+                                                              min_length=2, max_length=2)
+    eps: Number = Field(1e-8, gt=0)
+    weight_decay: Number = Field(0.0, ge=0)
+
+
+class SGDOptimizer(_Section):
+    """Momentum SGD, in DeepSpeed's ``{"type", "params"}`` shape."""
 
     type: Literal["sgd"] = "sgd"
     params: SGDParams = Field(default_factory=SGDParams)
+
+
+class AdamOptimizer(_Section):
+    """Adam with L2 weight decay added to the gradient."""
+
+    type: Literal["adam"] = "adam"
+    params: AdamParams = Field(default_factory=AdamParams)
+
+
+class AdamWOptimizer(_Section):
+    """AdamW: Adam with decoupled weight decay."""
+
+    type: Literal["adamw"] = "adamw"
+    params: AdamParams = Field(default_factory=lambda: AdamParams(weight_decay=0.01))
+
+
+def _sgd_by_default(value: Any) -> Any:
+    if isinstance(value, dict) and "type" not in value:
+        return {"type": "sgd", **value}
+    return value
+
+
+HeadOptimizerConfig = Annotated[
+    Union[SGDOptimizer, AdamOptimizer, AdamWOptimizer],
+    Field(discriminator="type"),
+    BeforeValidator(_sgd_by_default),
+]
+"""The head's optimizer, in DeepSpeed's ``{"type", "params"}`` shape (``"type"`` defaults to sgd)."""
 
 
 class HybridFCConfig(_Section):
@@ -168,8 +283,9 @@ class HybridFCConfig(_Section):
     embedding_size: StrictInt = Field(ge=1)
     seed: StrictInt = Field(0, ge=0)
     margin: MarginConfig = Field(default_factory=ArcFaceMargin)
-    selection: SelectionConfig = Field(default_factory=SelectionConfig)
-    optimizer: HeadOptimizerConfig = Field(default_factory=HeadOptimizerConfig)
+    selection: SelectionConfig = Field(default_factory=FullSelection)
+    storage_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    optimizer: HeadOptimizerConfig = Field(default_factory=SGDOptimizer)
     gradient_clipping: Number = Field(0.0, ge=0)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
 
@@ -196,14 +312,23 @@ class _StandaloneOptimizer(_Section):
     optimizer: HeadOptimizerConfig
 
 
+class _StandaloneSelection(_Section):
+    selection: SelectionConfig
+
+
 def parse_margin(spec: dict[str, Any]) -> SoftmaxMargin | CosFaceMargin | ArcFaceMargin | CombinedMargin:
     """Validate a margin dict given outside a ds_config (``ClassParallelFC(margin=...)``)."""
     return _validate(_StandaloneMargin, {"margin": spec}, "").margin
 
 
-def parse_head_optimizer(spec: dict[str, Any]) -> HeadOptimizerConfig:
+def parse_head_optimizer(spec: dict[str, Any]) -> SGDOptimizer | AdamOptimizer | AdamWOptimizer:
     """Validate a head-optimizer dict given outside a ds_config (``build_head_optimizer``)."""
     return _validate(_StandaloneOptimizer, {"optimizer": spec}, "").optimizer
+
+
+def parse_selection(spec: dict[str, Any]) -> FullSelection | PartialSelection | KNNSelection | HFSelection:
+    """Validate a selection dict given outside a ds_config (``ClassParallelFC(selection=...)``)."""
+    return _validate(_StandaloneSelection, {"selection": spec}, "").selection
 
 
 def _validate(model: type[_Section], data: dict[str, Any], prefix: str) -> Any:
@@ -390,6 +515,8 @@ def _describe(error: ErrorDetails, root: type[BaseModel], prefix: str) -> str:
         ctx_key, symbol = _BOUNDS[kind]
         bound = _number(error.get("ctx", {})[ctx_key])
         return f"{where.key}: must be {symbol} {bound} (got {_show(given)})"
+    if kind == "value_error":
+        return f"{where.key}: {error['ctx']['error']} (got {_show(given)})"
     reason = _TYPES.get(kind, error["msg"])
     return f"{where.key}: {reason} (got {_show(given)})"
 

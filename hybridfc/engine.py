@@ -47,7 +47,7 @@ from hybridfc.config import (ConfigError, EvaluationConfig, HybridFCConfig, conf
 from hybridfc.data.loader import DistributedLoader
 from hybridfc.eval.topk import accuracies, topk_correct
 from hybridfc.head.class_parallel_fc import ClassParallelFC
-from hybridfc.head.optimizer import HeadSGD, build_head_optimizer
+from hybridfc.head.optimizer import HeadOptimizer, build_head_optimizer
 from hybridfc.log import log_dist
 from hybridfc.parallel.groups import ProcessGroup, group_rank, group_size
 from hybridfc.parallel.mappings import all_gather_vector
@@ -63,7 +63,7 @@ class HybridEngine:
         last_evaluation, last_evaluated_step: the latest :meth:`evaluate` result and its step.
     """
 
-    def __init__(self, backbone: deepspeed.DeepSpeedEngine, head: ClassParallelFC, head_optimizer: HeadSGD,
+    def __init__(self, backbone: deepspeed.DeepSpeedEngine, head: ClassParallelFC, head_optimizer: HeadOptimizer,
                  backbone_base_lr: Optional[float], evaluation: Optional[EvaluationConfig] = None) -> None:
         self.backbone = backbone
         self.head = head
@@ -120,8 +120,9 @@ class HybridEngine:
 
     def _step_head(self, lr_factor: float) -> None:
         if self.backbone.was_step_applied():
-            if self._loss_scale != 1.0 and self.head.weight.grad is not None:
-                self.head.weight.grad.div_(self._loss_scale)
+            _, grad = self.head.gradient()
+            if self._loss_scale != 1.0 and grad is not None:
+                grad.div_(self._loss_scale)
             for group in self.head_optimizer.param_groups:
                 group["lr"] = self._head_base_lr * lr_factor
             self.head_optimizer.step()
@@ -285,11 +286,13 @@ def initialize(args: Optional[argparse.Namespace] = None, model: Optional[torch.
         collate_fn=collate_fn, config=ds_config, **kwargs)
     group = groups._get_data_parallel_group()
     head = ClassParallelFC(cfg.num_classes, cfg.embedding_size, margin=cfg.margin.model_dump(), group=group,
-                           seed=cfg.seed, device=backbone.device)
+                           seed=cfg.seed, device=backbone.device, selection=cfg.selection.model_dump(),
+                           storage_dtype=cfg.storage_dtype)
     head_optimizer = build_head_optimizer(head, cfg.optimizer.model_dump(), cfg.gradient_clipping)
     engine = HybridEngine(backbone, head, head_optimizer, _backbone_base_lr(ds_config, optimizer), cfg.evaluation)
     log_dist(f"hybridfc head: {cfg.num_classes} classes x {cfg.embedding_size} over {group_size(group)} ranks "
-             f"({head.num_local} rows on rank 0), margin {cfg.margin.model_dump()}")
+             f"({head.num_local} rows on rank 0), margin {cfg.margin.model_dump()}, "
+             f"selection {cfg.selection.model_dump()}, {head.selection.budget} active rows per step")
     loader = None
     if training_data is not None:
         loader = DistributedLoader(training_data, backbone.train_micro_batch_size_per_gpu(), rank=group_rank(group),

@@ -17,10 +17,10 @@ from hybridfc.config import (
     CombinedMargin,
     ConfigError,
     CosFaceMargin,
-    HeadOptimizerConfig,
+    FullSelection,
     HybridFCConfig,
+    SGDOptimizer,
     SGDParams,
-    SelectionConfig,
     SoftmaxMargin,
     config_fingerprint,
     load_ds_config,
@@ -35,8 +35,10 @@ FULL = {
     "embedding_size": 64,
     "seed": 7,
     "margin": {"type": "combined", "scale": 32.0, "m1": 1.0, "m2": 0.3, "m3": 0.2},
-    "selection": {"type": "full"},
-    "optimizer": {"type": "sgd", "params": {"lr": 0.2, "momentum": 0.5, "weight_decay": 1e-4}},
+    "selection": {"type": "knn", "budget": 0.2, "k": 8, "rebuild_interval": 50, "rebuild_delay": 5,
+                  "index": "exact"},
+    "storage_dtype": "bf16",
+    "optimizer": {"type": "adamw", "params": {"lr": 0.2, "betas": [0.8, 0.99], "eps": 1e-6, "weight_decay": 1e-4}},
     "gradient_clipping": 5.0,
     "evaluation": {"interval": 100, "top_k": [1, 5]},
 }
@@ -70,8 +72,9 @@ def test_defaults_are_filled() -> None:
     assert cfg.num_classes == 1000 and cfg.embedding_size == 64
     assert cfg.seed == 0
     assert cfg.margin == ArcFaceMargin(scale=64.0, margin=0.5)
-    assert cfg.selection == SelectionConfig(type="full")
-    assert cfg.optimizer == HeadOptimizerConfig(
+    assert cfg.selection == FullSelection(type="full")
+    assert cfg.storage_dtype == "fp32"
+    assert cfg.optimizer == SGDOptimizer(
         type="sgd", params=SGDParams(lr=0.1, momentum=0.9, weight_decay=5e-4)
     )
     assert cfg.gradient_clipping == 0.0
@@ -142,9 +145,26 @@ def test_config_is_frozen() -> None:
          "hybridfc.optimizer.params.momentum: must be < 1 (got 1)"),
         (sgd(weight_decay=-1),
          "hybridfc.optimizer.params.weight_decay: must be >= 0 (got -1)"),
-        (section(optimizer={"type": "adam"}),
-         'hybridfc.optimizer.type: "adam" is not one of "sgd"'),
-        (section(selection={"type": "knn"}), 'hybridfc.selection.type: "knn" is not one of "full"'),
+        (section(optimizer={"type": "lamb"}),
+         'hybridfc.optimizer.type: "lamb" is not one of "sgd", "adam", "adamw"'),
+        (section(selection={"type": "topk"}),
+         'hybridfc.selection.type: "topk" is not one of "full", "partial", "knn", "hf"'),
+        (section(selection={"type": "knn", "budget": 0}),
+         "hybridfc.selection.budget: must be a row count (an integer >= 1) or a rate of the shard"),
+        (section(selection={"type": "partial", "budget": 1.5}),
+         "hybridfc.selection.budget: must be a row count (an integer >= 1) or a rate of the shard"),
+        (section(selection={"type": "knn", "kk": 3}),
+         "hybridfc.selection.kk: unknown key; allowed keys: budget, index, k, rebuild_delay, rebuild_interval, type"),
+        (section(selection={"type": "partial", "k": 3}),
+         "hybridfc.selection.k: unknown key; allowed keys: budget, type"),
+        (section(selection={"type": "hf", "index": "annoy"}),
+         'hybridfc.selection.index: "annoy" is not one of "auto", "exact", "ivf", "hnsw"'),
+        (section(selection={"type": "knn", "rebuild_interval": 10, "rebuild_delay": 11}),
+         "hybridfc.selection: rebuild_delay (11) must be at most rebuild_interval (10)"),
+        (section(storage_dtype="fp8"),
+         'hybridfc.storage_dtype: "fp8" is not one of "fp32", "bf16", "fp16"'),
+        (section(optimizer={"type": "adamw", "params": {"betas": [0.9, 1.0]}}),
+         "hybridfc.optimizer.params.betas.1: must be < 1 (got 1.0)"),
         (margin(type="arc"),
          'hybridfc.margin.type: "arc" is not one of "softmax", "cosface", "arcface", "combined"'),
         (margin(scale=64),
@@ -172,7 +192,7 @@ def test_bad_value_names_key_value_and_allowed(bad: dict[str, Any], expected: st
          "hybridfc.margin.m4: unknown key; allowed keys: m1, m2, m3, scale, type"),
         (section(num_clases=10),
          "hybridfc.num_clases: unknown key; allowed keys: embedding_size, evaluation, gradient_clipping, "
-         "margin, num_classes, optimizer, seed, selection"),
+         "margin, num_classes, optimizer, seed, selection, storage_dtype"),
         (section(selection={"type": "full", "budget": 0.1}),
          "hybridfc.selection.budget: unknown key; allowed keys: type"),
         (sgd(betas=[0.9, 0.99]),
@@ -203,7 +223,7 @@ def test_every_problem_is_reported_one_per_line() -> None:
         "embedding_size": True,
         "seed": -2,
         "margin": {"type": "arcface", "scale": -1, "sclae": 3},
-        "selection": {"type": "knn"},
+        "selection": {"type": "knn", "k": 0},
         "optimizer": {"params": {"lr": "fast", "momentum": 2}},
         "gradient_clipping": -1,
         "communication": {"chunks": 4},
@@ -216,7 +236,7 @@ def test_every_problem_is_reported_one_per_line() -> None:
         "hybridfc.seed",
         "hybridfc.margin.scale",
         "hybridfc.margin.sclae",
-        "hybridfc.selection.type",
+        "hybridfc.selection.k",
         "hybridfc.optimizer.params.lr",
         "hybridfc.optimizer.params.momentum",
         "hybridfc.gradient_clipping",
@@ -350,9 +370,13 @@ def test_fingerprint_is_the_same_in_another_process() -> None:
         {"margin": {"type": "arcface"}},
         {"margin": {"type": "cosface"}},
         {"margin": {"type": "softmax"}},
-        {"optimizer": {"params": {**FULL["optimizer"]["params"], "lr": 0.21}}},
-        {"optimizer": {"params": {**FULL["optimizer"]["params"], "momentum": 0.51}}},
-        {"optimizer": {"params": {**FULL["optimizer"]["params"], "weight_decay": 2e-4}}},
+        {"optimizer": {"type": "adamw", "params": {**FULL["optimizer"]["params"], "lr": 0.21}}},
+        {"optimizer": {"type": "adamw", "params": {**FULL["optimizer"]["params"], "eps": 2e-6}}},
+        {"optimizer": {"type": "adamw", "params": {**FULL["optimizer"]["params"], "weight_decay": 2e-4}}},
+        {"optimizer": {"type": "adam", "params": FULL["optimizer"]["params"]}},
+        {"selection": {**FULL["selection"], "budget": 0.25}},
+        {"selection": {**FULL["selection"], "type": "hf"}},
+        {"storage_dtype": "fp16"},
         {"gradient_clipping": 5.5},
     ],
 )

@@ -210,7 +210,8 @@ def test_state_dict_round_trip_continues_identically(run):
 @pytest.mark.parametrize(
     ("spec", "key"),
     [
-        ({"type": "adam"}, "optimizer.type"),
+        ({"type": "lamb"}, "optimizer.type"),
+        ({"type": "adam", "params": {"momentum": 0.9}}, "optimizer.params.momentum"),
         ({"type": "sgd", "params": {"lr": -1}}, "optimizer.params.lr"),
         ({"type": "sgd", "params": {"lr": 0.1, "nesterov": True}}, "optimizer.params.nesterov"),
         ({"type": "sgd", "betas": [0.9, 0.99]}, "optimizer.betas"),

@@ -49,8 +49,21 @@ from hybridfc.head.validation import check_inputs, raise_if_any_bad
 from hybridfc.log import log_dist
 from hybridfc.parallel.groups import ProcessGroup, group_rank, group_size, shard_range
 from hybridfc.parallel.mappings import all_gather_vector, gather_padded, gather_rows, scale_gradient
+from hybridfc.selection import Selection, Shard, build_selection
 
 _INIT_BLOCK_ROWS = 4096
+_STORAGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def storage_dtype_of(dtype: "str | torch.dtype") -> torch.dtype:
+    """``"fp32"`` / ``"bf16"`` / ``"fp16"`` (or the torch dtype itself) -> the torch dtype."""
+    if isinstance(dtype, str):
+        if dtype not in _STORAGE_DTYPES:
+            raise ValueError(f"hybridfc: storage_dtype must be one of {', '.join(_STORAGE_DTYPES)} (got {dtype!r})")
+        return _STORAGE_DTYPES[dtype]
+    if dtype not in _STORAGE_DTYPES.values():
+        raise ValueError(f"hybridfc: storage_dtype must be torch.float32, bfloat16 or float16 (got {dtype})")
+    return dtype
 
 
 def init_class_rows(start: int, count: int, width: int, seed: int, std: float) -> torch.Tensor:
@@ -93,6 +106,8 @@ class ClassParallelFC(nn.Module):
         seed: int = 0,
         init_std: float = 0.01,
         device: Optional[torch.device] = None,
+        selection: "dict | None" = None,
+        storage_dtype: "str | torch.dtype" = torch.float32,
     ) -> None:
         super().__init__()
         self.group = group
@@ -108,9 +123,15 @@ class ClassParallelFC(nn.Module):
         self.margin = AngularMargin.arcface() if margin is None else build_margin(margin)
         self.class_start, self.num_local = shard_range(num_classes, self.world_size, self.rank)
         rows = init_class_rows(self.class_start, self.num_local, embedding_size, seed, init_std)
-        self.weight = nn.Parameter(rows.to(device))
+        self.weight = nn.Parameter(rows.to(device=device, dtype=storage_dtype_of(storage_dtype)))
+        shard = Shard(num_classes, self.class_start, self.num_local, self.rank, self.world_size, group)
+        self.selection = build_selection(selection or {"type": "full"}, shard, seed)
         self.non_finite_batches = 0
         self.step_is_finite = True
+        self.steps = 0
+        self.last_selection: Optional[Selection] = None
+        self._micro_batches = 0
+        self._touched: Optional[tuple[torch.Tensor, torch.Tensor]] = None
         self._workspace = LogitsWorkspace()
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -119,21 +140,50 @@ class ClassParallelFC(nn.Module):
         embeddings = embeddings.to(torch.promote_types(embeddings.dtype, torch.float32))
         features = gather_rows(scale_gradient(embeddings, self.world_size), sizes, self.group)
         all_labels = gather_padded(labels.to(device=self.weight.device, dtype=torch.int64), sizes, self.group)
-        local_target = all_labels - self.class_start
-        local_target[(local_target < 0) | (local_target >= self.num_local)] = -1
-        features, weight = self._prepare(features, self.weight)
-        loss = margin_cross_entropy(features, weight, local_target, self.margin, self.group, self._workspace).mean()
+        features = self._prepare(features)
+        selection = self.selection.select(all_labels, features, self.weight, self.steps, self._micro_batches)
+        self._micro_batches += 1
+        if self.selection.dense:
+            self.last_selection, weight = None, self.weight.to(features.dtype)
+        else:
+            self.last_selection, weight = selection, self._active_rows(selection.rows, features.dtype)
+        loss = margin_cross_entropy(features, weight, selection.target, self.margin, self.group,
+                                    self._workspace).mean()
         if not bool(torch.isfinite(loss)):
             self._mark_non_finite("a non-finite loss (the same on every rank)")
         return loss
 
-    def _prepare(self, features: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Features (normalised when the margin is angular) and rows, in at least fp32."""
-        dtype = torch.promote_types(torch.promote_types(features.dtype, weight.dtype), torch.float32)
-        features, weight = features.to(device=weight.device, dtype=dtype), weight.to(dtype)
-        if self.margin.normalize:
-            features = F.normalize(features, dim=1)
-        return features, weight
+    def _active_rows(self, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """A leaf copy of ``weight[rows]`` whose gradient is added to the touched rows."""
+        active = self.weight.detach()[rows].to(dtype)
+        if torch.is_grad_enabled():
+            active.requires_grad_(True)
+            active.register_hook(lambda grad: self._add_row_gradient(rows, grad))
+        return active
+
+    def _add_row_gradient(self, rows: torch.Tensor, grad: torch.Tensor) -> None:
+        """Keep ``grad`` of ``rows``; rows touched by several micro-batches are summed."""
+        if self._touched is None:
+            self._touched = (rows, grad)
+            return
+        kept_rows, kept_grad = self._touched
+        union, where = torch.unique(torch.cat([kept_rows, rows]), sorted=True, return_inverse=True)
+        total = grad.new_zeros(union.numel(), grad.shape[1])
+        total.index_add_(0, where[: kept_rows.numel()], kept_grad)
+        total.index_add_(0, where[kept_rows.numel():], grad)
+        self._touched = (union, total)
+
+    def gradient(self) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """``(rows, grad)`` since the last ``zero_grad``: the touched local rows ``(T,)`` and their
+        gradient ``(T, d)`` fp32, or ``(None, weight.grad)`` when every row is computed (``full``)."""
+        if self.selection.dense:
+            return None, self.weight.grad
+        return self._touched if self._touched is not None else (None, None)
+
+    def _prepare(self, features: torch.Tensor) -> torch.Tensor:
+        """Features on the shard's device, in at least fp32, normalised when the margin is angular."""
+        features = features.to(device=self.weight.device, dtype=torch.promote_types(features.dtype, torch.float32))
+        return F.normalize(features, dim=1) if self.margin.normalize else features
 
     def _exchange_sizes(self, embeddings: torch.Tensor, labels: torch.Tensor) -> list[int]:
         """All-gather every rank's batch size and input verdict; raise on any bad input."""
@@ -155,12 +205,21 @@ class ClassParallelFC(nn.Module):
     def reset_step_state(self) -> None:
         """Start a new optimizer step (called by the head optimizer's ``zero_grad``)."""
         self.step_is_finite = True
+        self._touched = None
+        self._micro_batches = 0
+
+    def finish_step(self) -> None:
+        """Count an optimizer step (applied or skipped; called by the head optimizer's ``step``);
+        selections that rebuild a structure from the rows schedule it here."""
+        self.steps += 1
+        self.selection.step_end(self.steps, self.weight)
 
     @torch.no_grad()
     def local_scores(self, embeddings: torch.Tensor) -> torch.Tensor:
         """Scores of this rank's classes, ``(n, d)`` -> ``(n, num_local)`` fp32, no margin:
         cosines for angular margins, ``x·Wᵀ`` for softmax."""
-        features, weight = self._prepare(embeddings, self.weight)
+        features = self._prepare(embeddings)
+        weight = self.weight.to(features.dtype)
         if self.margin.normalize:
             weight = F.normalize(weight, dim=1)
         return features @ weight.t()

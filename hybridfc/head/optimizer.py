@@ -1,4 +1,4 @@
-"""The head's optimizer: momentum SGD with weight decay on this rank's shard.
+"""The head's optimizers: momentum SGD and Adam(W) on this rank's shard, dense or row-sparse.
 
 Built from the same ``{"type", "params"}`` dict as DeepSpeed's optimizer entry:
 
@@ -6,17 +6,26 @@ Built from the same ``{"type", "params"}`` dict as DeepSpeed's optimizer entry:
 ...                                                             "weight_decay": 5e-4}})
 >>> loss = head(embeddings, labels); loss.backward(); opt.step(); opt.zero_grad()
 
-It is ``torch.optim.SGD`` (dampening 0, no Nesterov) on the shard:
-``g += wd·w; buf = momentum·buf + g; w -= lr·buf``. With every class in the softmax every row
-receives gradient at every step, so every row is updated; the gradient accumulates over
-gradient-accumulation micro-batches until ``zero_grad``. ``lr`` is read from
-``param_groups`` each step, so torch LR schedulers drive it as usual.
+Types: ``sgd`` (torch.optim.SGD: dampening 0, no Nesterov; ``g += wd·w; buf = m·buf + g;
+w -= lr·buf``), ``adam`` (torch.optim.Adam, L2 decay added to the gradient) and ``adamw``
+(decoupled decay). The gradient accumulates over gradient-accumulation micro-batches until
+``zero_grad``; ``lr`` is read from ``param_groups`` each step, so torch LR schedulers drive it.
 
-Optional clipping (``gradient_clipping > 0``) scales the gradient in place so that its L2 norm
-over *all* shards is at most that value, with one all-reduce of a scalar. The update allocates
-nothing of the shard's size. A step is skipped, and counted in
-``skipped_steps``, when the head saw non-finite embeddings since ``zero_grad`` or when the
-clipped norm is not finite; every rank takes the same decision.
+What gets updated follows the head's selection (:meth:`ClassParallelFC.gradient`):
+
+* ``full``: every row, in place, with no temporary of the shard's size for SGD;
+* any other selection: only the rows touched since ``zero_grad``. Their rows and optimizer
+  state are gathered, updated in fp32 and written back; every other row, its momentum, its
+  Adam moments and its weight decay stay exactly as they were, and the cost scales with the
+  active set, not with the shard. Adam keeps a step count per row, so each row's bias
+  correction counts the steps that row was updated (lazy Adam).
+
+State tensors have the shard's storage dtype. Optional clipping (``gradient_clipping > 0``)
+scales the gradient so that its L2 norm over *all* shards is at most that value, with one
+all-reduce of a scalar. A step is skipped, and counted in ``skipped_steps``, when the head saw
+non-finite embeddings or loss since ``zero_grad`` or when the norm is not finite; every rank
+takes the same decision. Every ``step()`` call, applied or skipped, advances the head's step
+count (:meth:`ClassParallelFC.finish_step`), which schedules the selection's rebuilds.
 """
 
 from __future__ import annotations
@@ -31,20 +40,19 @@ from hybridfc.head.class_parallel_fc import ClassParallelFC
 from hybridfc.parallel.groups import group_size
 
 
-class HeadSGD(torch.optim.Optimizer):
-    """Momentum SGD over a :class:`ClassParallelFC` shard, skipping non-finite steps."""
+class HeadOptimizer(torch.optim.Optimizer):
+    """Base of the head optimizers: clipping over all shards, skipped steps, dense or sparse rows.
 
-    def __init__(
-        self,
-        head: ClassParallelFC,
-        lr: float = 0.1,
-        momentum: float = 0.9,
-        weight_decay: float = 5e-4,
-        gradient_clipping: float = 0.0,
-    ) -> None:
+    Subclasses name their state tensors (``STATE``, each shaped like the shard) and implement
+    :meth:`_update` on a block of rows.
+    """
+
+    STATE: tuple[str, ...] = ()
+
+    def __init__(self, head: ClassParallelFC, defaults: dict, gradient_clipping: float = 0.0) -> None:
         if gradient_clipping < 0:
             raise ValueError(f"hybridfc: gradient_clipping must be >= 0 (0 turns it off), got {gradient_clipping}")
-        super().__init__([head.weight], dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+        super().__init__([head.weight], defaults)
         self.head = head
         self.gradient_clipping = gradient_clipping
         self.skipped_steps = 0
@@ -56,20 +64,50 @@ class HeadSGD(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None) -> bool:
         """Update the shard; returns whether an update was applied."""
-        weight = self.head.weight
-        if weight.grad is None:
+        try:
+            return self._apply()
+        finally:
+            self.head.finish_step()
+
+    def _apply(self) -> bool:
+        rows, grad = self.head.gradient()
+        if grad is None:
             return False
-        scale = self._clip_scale(weight.grad)
+        scale = self._clip_scale(grad)
         if not self.head.step_is_finite or scale is None:
             self.skipped_steps += 1
             return False
-        group = self.param_groups[0]
         if scale != 1.0:
-            weight.grad.mul_(scale)
-        if group["momentum"] and "momentum_buffer" not in self.state[weight]:
-            self.state[weight]["momentum_buffer"] = torch.zeros_like(weight)
-        _sgd_update(weight, weight.grad, self.state[weight].get("momentum_buffer"), group)
+            grad.mul_(scale)
+        state = self._state()
+        if rows is None:
+            self._update(self.head.weight, grad, state, None)
+        else:
+            self._update_rows(rows, grad, state)
         return True
+
+    def _state(self) -> dict[str, torch.Tensor]:
+        weight = self.head.weight
+        state = self.state[weight]
+        for name in self.STATE:
+            if name not in state:
+                state[name] = torch.zeros_like(weight)
+        return state
+
+    def _update_rows(self, rows: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor]) -> None:
+        """Gather ``rows`` of the shard and of its state, update them in fp32, write them back."""
+        weight = self.head.weight
+        block = weight[rows].float()
+        block_state = {name: state[name][rows].float() for name in self.STATE}
+        self._update(block, grad.float(), block_state, rows)
+        weight[rows] = block.to(weight.dtype)
+        for name in self.STATE:
+            state[name][rows] = block_state[name].to(state[name].dtype)
+
+    def _update(self, weight: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor],
+                rows: Optional[torch.Tensor]) -> None:
+        """Update ``weight`` and ``state`` (the rows ``rows`` of the shard; None: all) in place."""
+        raise NotImplementedError
 
     def _clip_scale(self, grad: torch.Tensor) -> Optional[float]:
         """Factor that brings the global gradient norm under the limit; None if not finite."""
@@ -84,23 +122,76 @@ class HeadSGD(torch.optim.Optimizer):
         return min(1.0, self.gradient_clipping / (norm + 1e-6))
 
 
-def _sgd_update(weight: torch.Tensor, grad: torch.Tensor, buf: Optional[torch.Tensor], group: dict) -> None:
-    """``torch.optim.SGD``'s update of ``weight`` in place, with no temporary of its size."""
-    lr, momentum, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
-    if momentum:
-        buf.mul_(momentum).add_(grad)
+class HeadSGD(HeadOptimizer):
+    """Momentum SGD over a :class:`ClassParallelFC` shard (torch.optim.SGD's update)."""
+
+    def __init__(self, head: ClassParallelFC, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 5e-4,
+                 gradient_clipping: float = 0.0) -> None:
+        super().__init__(head, dict(lr=lr, momentum=momentum, weight_decay=weight_decay), gradient_clipping)
+        self.STATE = ("momentum_buffer",) if momentum else ()
+
+    def _update(self, weight, grad, state, rows) -> None:
+        group = self.param_groups[0]
+        lr, momentum, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
+        if momentum:
+            buf = state["momentum_buffer"]
+            buf.mul_(momentum).add_(grad)
+            if weight_decay:
+                buf.add_(weight, alpha=weight_decay)
+            weight.add_(buf, alpha=-lr)
+            return
         if weight_decay:
-            buf.add_(weight, alpha=weight_decay)
-        weight.add_(buf, alpha=-lr)
-        return
-    if weight_decay:
-        weight.mul_(1 - lr * weight_decay)
-    weight.add_(grad, alpha=-lr)
+            weight.mul_(1 - lr * weight_decay)
+        weight.add_(grad, alpha=-lr)
 
 
-def build_head_optimizer(head: ClassParallelFC, spec: dict, gradient_clipping: float = 0.0) -> HeadSGD:
-    """The head optimizer from a DeepSpeed-shaped entry ``{"type": "sgd", "params": {...}}``."""
+class HeadAdam(HeadOptimizer):
+    """Adam (``decoupled=False``) or AdamW (``decoupled=True``) with a step count per row."""
+
+    STATE = ("exp_avg", "exp_avg_sq")
+
+    def __init__(self, head: ClassParallelFC, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, decoupled: bool = False,
+                 gradient_clipping: float = 0.0) -> None:
+        super().__init__(head, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay),
+                         gradient_clipping)
+        self.decoupled = decoupled
+
+    def _row_steps(self, rows: Optional[torch.Tensor]) -> torch.Tensor:
+        """Count one more step for ``rows`` (None: all); ``(n, 1)`` fp64 counts after it."""
+        state = self.state[self.head.weight]
+        if "row_steps" not in state:
+            state["row_steps"] = torch.zeros(self.head.num_local, dtype=torch.int64, device=self.head.weight.device)
+        steps = state["row_steps"]
+        if rows is None:
+            steps += 1
+            return steps.double().unsqueeze(1)
+        steps[rows] += 1
+        return steps[rows].double().unsqueeze(1)
+
+    def _update(self, weight, grad, state, rows) -> None:
+        group = self.param_groups[0]
+        lr, (beta1, beta2), eps, weight_decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        steps = self._row_steps(rows)
+        if weight_decay and self.decoupled:
+            weight.mul_(1 - lr * weight_decay)
+        elif weight_decay:
+            grad = grad.add(weight, alpha=weight_decay)
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        step_size = (lr / (1 - beta1 ** steps)).to(weight.dtype)
+        bias2_sqrt = (1 - beta2 ** steps).sqrt().to(weight.dtype)
+        denom = (exp_avg_sq.sqrt() / bias2_sqrt).add_(eps)
+        weight.sub_(exp_avg / denom * step_size)
+
+
+def build_head_optimizer(head: ClassParallelFC, spec: dict, gradient_clipping: float = 0.0) -> HeadOptimizer:
+    """The head optimizer from a DeepSpeed-shaped entry ``{"type": "sgd" | "adam" | "adamw", "params": {...}}``."""
     from hybridfc.config import parse_head_optimizer
 
     cfg = parse_head_optimizer(spec)
-    return HeadSGD(head, gradient_clipping=gradient_clipping, **cfg.params.model_dump())
+    params = cfg.params.model_dump()
+    if cfg.type == "sgd":
+        return HeadSGD(head, gradient_clipping=gradient_clipping, **params)
+    return HeadAdam(head, decoupled=cfg.type == "adamw", gradient_clipping=gradient_clipping, **params)

@@ -1,0 +1,159 @@
+"""What every class selection shares: the shard it selects from, the budget, the active set.
+
+A selection turns one step's global labels ``(B,)`` (and, for ``hf``, features ``(B, d)``) into
+this rank's active rows ``A_r``: sorted local row ids, always holding every positive of the
+global batch that lives in the shard, ``budget`` rows long so that shapes are static. When the
+positives alone exceed the budget, the step uses the positives only (counted and logged).
+
+Rows are ranked by one priority per row and the top ``budget`` kept::
+
+    positive                       4
+    candidate at position j of n   3 − j/n     (nearest first; a repeat keeps its best place)
+    any other row                  U[0, 1)     (uniform random fill, a fresh draw per step)
+
+so hard negatives come before random ones, and one ``topk`` over the shard picks them. The
+random fill is drawn from a generator seeded by ``(seed, rank, step, micro-batch)``: two runs
+with the same seed select the same rows.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from hybridfc.config import ConfigError
+from hybridfc.log import log_dist
+from hybridfc.parallel.groups import ProcessGroup, shard_range
+
+_POSITIVE, _CANDIDATE = 4.0, 3.0
+
+
+@dataclass(frozen=True)
+class Shard:
+    """The rows a rank owns: ``[class_start, class_start + num_local)`` of ``num_classes``."""
+
+    num_classes: int
+    class_start: int
+    num_local: int
+    rank: int
+    world_size: int
+    group: ProcessGroup = None
+
+    @property
+    def largest(self) -> int:
+        """Rows of the largest shard of the group (rank 0's)."""
+        return shard_range(self.num_classes, self.world_size, 0)[1]
+
+    def local_target(self, labels: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` global labels -> row in this shard, or -1 where the class lives elsewhere."""
+        target = labels - self.class_start
+        target[(target < 0) | (target >= self.num_local)] = -1
+        return target
+
+
+@dataclass
+class Selection:
+    """One step's active set on one rank.
+
+    Attributes:
+        rows: ``(A,)`` int64 sorted local rows that enter the softmax.
+        target: ``(B,)`` int64 position of each sample's class in ``rows``, -1 when elsewhere.
+        positives_only: the positives alone filled (or exceeded) the budget.
+    """
+
+    rows: torch.Tensor
+    target: torch.Tensor
+    positives_only: bool = False
+
+
+def budget_rows(budget: "int | float", shard: Shard) -> int:
+    """Rows per step on this rank: a rate of the shard (rounded up) or a count, at most the shard.
+
+    A count above the largest shard of the group is a :class:`ConfigError` on every rank.
+    """
+    if isinstance(budget, float):
+        return max(1, min(shard.num_local, math.ceil(budget * shard.num_local)))
+    if budget > shard.largest:
+        raise ConfigError(
+            f"selection.budget: {budget} rows is above the shard ({shard.largest} rows: "
+            f"{shard.num_classes} classes over {shard.world_size} ranks); use at most {shard.largest}, "
+            "or a rate in (0, 1]"
+        )
+    return min(budget, shard.num_local)
+
+
+def step_generator(seed: int, rank: int, step: int, micro: int, device: torch.device) -> torch.Generator:
+    """A generator for one rank, step and micro-batch, independent of every other."""
+    state = np.random.SeedSequence([seed, rank, step, micro]).generate_state(2, dtype=np.uint64)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(int(state[0] >> np.uint64(1)))
+    return generator
+
+
+class ClassSelection:
+    """Base of the selections: ranks rows by the priority above and keeps ``budget`` of them.
+
+    Subclasses implement :meth:`candidates`. :meth:`step_end` (called once per optimizer step by
+    the head) and :meth:`state_dict` serve the selections that rebuild a structure from W.
+    """
+
+    dense = False
+    """True for ``full``: the head computes every row and keeps a dense gradient."""
+
+    def __init__(self, shard: Shard, budget: "int | float", seed: int) -> None:
+        self.shard = shard
+        self.budget = budget_rows(budget, shard)
+        self.seed = seed
+        self.positives_only_steps = 0
+
+    def candidates(self, labels: torch.Tensor, features: torch.Tensor, weight: torch.Tensor) -> Optional[torch.Tensor]:
+        """Hard negatives of this shard, local rows nearest first (repeats allowed), or None.
+
+        Called on every rank at every step, before the budget is looked at, so that it may run
+        collectives."""
+        return None
+
+    def select(self, labels: torch.Tensor, features: torch.Tensor, weight: torch.Tensor, step: int,
+               micro: int) -> Selection:
+        """The active set for global ``labels (B,)`` and gathered ``features (B, d)``."""
+        candidates = self.candidates(labels, features, weight)
+        target = self.shard.local_target(labels)
+        positives = torch.unique(target[target >= 0])
+        if positives.numel() >= self.budget:
+            return self._positives_only(positives, target)
+        priority = torch.rand(self.shard.num_local, generator=step_generator(
+            self.seed, self.shard.rank, step, micro, weight.device), device=weight.device)
+        if candidates is not None and candidates.numel():
+            place = torch.arange(candidates.numel(), dtype=priority.dtype, device=priority.device)
+            priority.scatter_reduce_(0, candidates, _CANDIDATE - place / candidates.numel(), reduce="amax")
+        priority[positives] = _POSITIVE
+        rows = torch.topk(priority, self.budget, sorted=False).indices.sort().values
+        return Selection(rows, _remap(target, rows))
+
+    def _positives_only(self, positives: torch.Tensor, target: torch.Tensor) -> Selection:
+        self.positives_only_steps += 1
+        if positives.numel() > self.budget:
+            log_dist(f"selection: {positives.numel()} positives on rank {self.shard.rank} exceed the budget of "
+                     f"{self.budget} rows; this step uses the positives only "
+                     f"({self.positives_only_steps} such steps so far)", ranks=None, level=logging.WARNING)
+        return Selection(positives, _remap(target, positives), positives_only=True)
+
+    def step_end(self, step: int, weight: torch.Tensor) -> None:
+        """Called after optimizer step ``step`` (counted from 1) has updated ``weight``."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"positives_only_steps": self.positives_only_steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.positives_only_steps = state["positives_only_steps"]
+
+
+def _remap(target: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Each local target's position in the sorted ``rows``; -1 stays -1."""
+    remapped = torch.searchsorted(rows, target.clamp_min(0))
+    return torch.where(target >= 0, remapped, target)

@@ -1,0 +1,128 @@
+"""The class-to-class K-nearest-neighbour graph over all classes, sharded by owner.
+
+Rank r of N holds the ``(C_r, d)`` L2-normalised rows of its shard (global ids ``class_start``
+onwards, :func:`~hybridfc.parallel.groups.shard_range`) and gets back the ``(C_r, k)`` global ids
+of each of its classes' ``k`` nearest classes by cosine, over every shard, nearest first and
+never the class itself. No rank ever holds more than two shards' worth of rows:
+
+1. every rank builds a :class:`~hybridfc.selection.index.ShardIndex` over its own rows;
+2. the rows also serve as queries, padded to the largest shard, ``(P, d)`` with
+   ``P = ceil(C / N)``, and travel around the ring with their running top ``k + 1``
+   (``(P, k + 1)`` scores and global ids). At hop h rank r holds the queries of rank
+   ``(r - h) mod N``, searches its own index for their ``k + 1`` nearest rows, turns the rows
+   into global ids and merges them into the running lists. Hop 0 is a rank's own queries on
+   its own index; between hops every rank sends what it holds to rank ``r + 1``;
+3. after N hops rank r holds the finished lists of rank ``r + 1``, and one more shift (of the
+   lists, not the queries) brings every rank its own;
+4. each list drops the class itself (or, where the class is not in it, its last entry).
+
+Per rank this is N index searches of ``P`` queries and ``N`` ring shifts of ``P·(d + 3(k + 1))``
+words, point to point on ``group``. Lists merge by score with ties going to the smaller global
+id, so a graph depends only on the rows, the index kind and the seed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from hybridfc.parallel.groups import ProcessGroup, group_rank, group_size, shard_range
+from hybridfc.selection.index import ShardIndex, choose_index_kind, exact_search
+
+
+def build_knn_graph(centres: torch.Tensor, class_start: int, num_classes: int, k: int,
+                    group: ProcessGroup = None, kind: str = "exact", seed: int = 0) -> torch.Tensor:
+    """This rank's rows of the K-nearest-neighbour graph over the normalised centres of all classes.
+
+    ``centres``: ``(C_r, d)`` this rank's L2-normalised fp32 rows, global ids ``class_start`` to
+    ``class_start + C_r - 1``. Returns ``(C_r, k)`` int64 global ids, nearest first by cosine,
+    never the class itself; neighbours may live in any shard. An approximate ``kind`` may leave
+    -1 where it found fewer than ``k`` neighbours. Collective over ``group`` (``None``: the
+    default group; without ``torch.distributed`` a world of one).
+    """
+    if not 1 <= k <= num_classes - 1:
+        raise ValueError(f"k={k} neighbours must be between 1 and num_classes - 1 = {num_classes - 1} "
+                         f"(num_classes={num_classes})")
+    world_size, rank = group_size(group), group_rank(group)
+    sizes = [shard_range(num_classes, world_size, r)[1] for r in range(world_size)]
+    if centres.dim() != 2 or centres.shape[0] != sizes[rank]:
+        raise ValueError(f"centres must be ({sizes[rank]}, d) on rank {rank} of {world_size} for "
+                         f"{num_classes} classes, got shape {tuple(centres.shape)}")
+    centres = centres.detach().float()
+    index = ShardIndex(centres, choose_index_kind(centres.shape[0], kind), seed)
+
+    queries = centres.new_zeros(max(sizes), centres.shape[1])
+    queries[: sizes[rank]] = centres
+    scores = centres.new_full((max(sizes), k + 1), -torch.inf)
+    ids = torch.full_like(scores, -1, dtype=torch.int64)
+    for hop in range(world_size):
+        if hop:
+            queries, scores, ids = _ring_shift([queries, scores, ids], group, world_size, rank)
+        count = sizes[(rank - hop) % world_size]
+        scores[:count], ids[:count] = _search_and_merge(index, queries[:count], class_start,
+                                                        scores[:count], ids[:count])
+    if world_size > 1:
+        scores, ids = _ring_shift([scores, ids], group, world_size, rank)
+    return _drop_self(ids[: sizes[rank]], class_start, k)
+
+
+def _search_and_merge(index: ShardIndex, queries: torch.Tensor, class_start: int,
+                      scores: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge the index's nearest rows for ``(q, d)`` queries into running ``(q, m)`` lists."""
+    found_scores, rows = index.search(queries, ids.shape[1])
+    found_ids = torch.where(rows >= 0, rows + class_start, rows)
+    return _merge_lists(scores, ids, found_scores, found_ids)
+
+
+def _merge_lists(scores_a: torch.Tensor, ids_a: torch.Tensor, scores_b: torch.Tensor,
+                ids_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best ``m`` of two ``(q, m)`` lists of (score, id), best first, ties to the smaller id."""
+    scores, ids = torch.cat([scores_a, scores_b], dim=1), torch.cat([ids_a, ids_b], dim=1)
+    by_id = ids.argsort(dim=1, stable=True)
+    scores, ids = scores.gather(1, by_id), ids.gather(1, by_id)
+    best = scores.argsort(dim=1, descending=True, stable=True)[:, : ids_a.shape[1]]
+    return scores.gather(1, best), ids.gather(1, best)
+
+
+def _ring_shift(tensors: list[torch.Tensor], group: ProcessGroup, world_size: int,
+                rank: int) -> list[torch.Tensor]:
+    """Send each tensor to group rank ``rank + 1``; receive the same shapes from ``rank - 1``."""
+    received = [t.new_empty(t.shape) for t in tensors]
+    ops = [dist.P2POp(dist.isend, t.contiguous(), group=group, tag=tag, group_peer=(rank + 1) % world_size)
+           for tag, t in enumerate(tensors)]
+    ops += [dist.P2POp(dist.irecv, r, group=group, tag=tag, group_peer=(rank - 1) % world_size)
+            for tag, r in enumerate(received)]
+    for work in dist.batch_isend_irecv(ops):
+        work.wait()
+    return received
+
+
+def _drop_self(ids: torch.Tensor, class_start: int, k: int) -> torch.Tensor:
+    """``(C_r, k + 1)`` lists -> ``(C_r, k)``: without the row's own class, else without the last."""
+    own = torch.arange(class_start, class_start + ids.shape[0], device=ids.device)
+    keep = ids != own.unsqueeze(1)
+    keep[keep.all(dim=1), -1] = False
+    return ids[keep].view(ids.shape[0], k)
+
+
+def exact_neighbours(queries: torch.Tensor, query_ids: torch.Tensor, centres: torch.Tensor,
+                     k: int) -> torch.Tensor:
+    """One process: the ``k`` nearest rows of ``(C, d)`` centres (id = row) of ``(q, d)`` queries.
+
+    ``query_ids`` ``(q,)`` are the queries' own ids, never returned. Returns ``(q, k)`` int64,
+    nearest first (-1 past the ``C - 1`` others). Scores are computed in the centres' dtype,
+    in query blocks of at most about 64 MiB.
+    """
+    return exact_search(queries, centres, k, exclude=query_ids)[1]
+
+
+def graph_recall(approximate: torch.Tensor, exact: torch.Tensor) -> float:
+    """Mean over rows of ``|approximate_row ∩ exact_row| / k`` for two ``(q, k)`` id lists."""
+    if approximate.shape != exact.shape:
+        raise ValueError(f"graphs differ in shape: {tuple(approximate.shape)} vs {tuple(exact.shape)}")
+    if exact.numel() == 0:
+        return 1.0
+    sorted_exact = exact.sort(dim=1).values.contiguous()
+    at = torch.searchsorted(sorted_exact, approximate.contiguous()).clamp_max_(exact.shape[1] - 1)
+    hits = (sorted_exact.gather(1, at) == approximate) & (approximate >= 0)
+    return hits.float().mean().item()

@@ -1,0 +1,155 @@
+"""The shard index and the class-to-class KNN graph: exact results against a float64 brute force,
+approximate (faiss IVF, HNSW) recall and determinism, on one process and over the ring."""
+
+from __future__ import annotations
+
+import sys
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from distributed import run_distributed
+from hybridfc.parallel.groups import shard_range
+from hybridfc.selection import index as index_module
+from hybridfc.selection.graph import build_knn_graph, exact_neighbours, graph_recall
+from hybridfc.selection.index import EXACT_MAX_ROWS, ShardIndex, choose_index_kind
+
+EXACT_CASES = [(103, 5), (103, 102), (257, 5), (257, 256), (3, 2)]  # (num_classes, k)
+CLUSTERS, PER_CLUSTER, CLUSTER_DIM, K = 2000, 10, 64, 32
+
+
+def normalised(rows: int, dim: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(rows, dim, generator=generator), dim=1)
+
+
+def clustered(seed: int) -> torch.Tensor:
+    """``CLUSTERS`` Gaussian clusters of ``PER_CLUSTER`` normalised rows around random directions."""
+    generator = torch.Generator().manual_seed(seed)
+    middles = F.normalize(torch.randn(CLUSTERS, CLUSTER_DIM, generator=generator), dim=1)
+    noise = torch.randn(CLUSTERS * PER_CLUSTER, CLUSTER_DIM, generator=generator) * 0.2 / CLUSTER_DIM ** 0.5
+    return F.normalize(middles.repeat_interleave(PER_CLUSTER, dim=0) + noise, dim=1)
+
+
+def brute_force(centres: torch.Tensor, k: int) -> torch.Tensor:
+    """Float64 ``(C, k)`` nearest other rows of every row."""
+    scores = centres.double() @ centres.double().t()
+    scores.fill_diagonal_(-torch.inf)
+    return scores.topk(k, dim=1).indices
+
+
+def my_rows(centres: torch.Tensor, world_size: int, rank: int) -> tuple[int, torch.Tensor]:
+    start, count = shard_range(centres.shape[0], world_size, rank)
+    return start, centres[start: start + count]
+
+
+def test_choose_index_kind():
+    assert choose_index_kind(EXACT_MAX_ROWS) == "exact"
+    assert choose_index_kind(EXACT_MAX_ROWS + 1) == "ivf"
+    assert choose_index_kind(10, "hnsw") == "hnsw"
+    with pytest.raises(ValueError, match="'flat'"):
+        choose_index_kind(10, "flat")
+
+
+def test_exact_search_matches_float64_brute_force(monkeypatch):
+    monkeypatch.setattr(index_module, "_BLOCK_BYTES", 4096)  # many query blocks
+    centres, queries = normalised(300, 16, seed=1), normalised(50, 16, seed=2)
+    scores, rows = ShardIndex(centres).search(queries, 10)
+    expected = (queries.double() @ centres.double().t()).topk(10, dim=1)
+    assert rows.dtype == torch.int64 and scores.dtype == torch.float32
+    assert torch.equal(rows, expected.indices)
+    torch.testing.assert_close(scores.double(), expected.values, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["exact", "ivf", "hnsw"])
+def test_search_pads_when_k_exceeds_rows(kind):
+    centres = normalised(50, 8, seed=3)
+    scores, rows = ShardIndex(centres, kind).search(centres[:4], 60)
+    assert rows.shape == scores.shape == (4, 60)
+    assert torch.equal(rows[:, 0], torch.arange(4))
+    assert torch.equal(rows[:, :50].sort(dim=1).values, torch.arange(50).expand(4, 50))
+    assert (rows[:, 50:] == -1).all() and (scores[:, 50:] == -torch.inf).all()
+
+
+def test_empty_shard_finds_nothing():
+    scores, rows = ShardIndex(torch.empty(0, 8), "ivf").search(normalised(3, 8, seed=4), 2)
+    assert (rows == -1).all() and (scores == -torch.inf).all()
+
+
+def test_faiss_missing_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "faiss", None)
+    with pytest.raises(ImportError, match="pip install faiss-cpu"):
+        ShardIndex(normalised(100, 8, seed=5), "hnsw")
+    assert len(ShardIndex(normalised(100, 8, seed=5), "exact")) == 100
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_index_built_and_searched_in_a_thread(kind):
+    centres = normalised(2000, 16, seed=6)
+    results = {}
+    thread = threading.Thread(target=lambda: results.update(out=ShardIndex(centres, kind).search(centres, 8)))
+    thread.start()
+    thread.join()
+    assert torch.equal(results["out"][1], ShardIndex(centres, kind).search(centres, 8)[1])
+
+
+def test_graph_rejects_k_beyond_the_other_classes():
+    with pytest.raises(ValueError, match=r"k=10.*9"):
+        build_knn_graph(normalised(10, 4, seed=7), 0, 10, 10)
+    with pytest.raises(ValueError, match="centres"):
+        build_knn_graph(normalised(9, 4, seed=7), 0, 10, 3)
+
+
+def exact_cases(rank: int, world_size: int) -> list[torch.Tensor]:
+    graphs = []
+    for seed, (num_classes, k) in enumerate(EXACT_CASES):
+        start, rows = my_rows(normalised(num_classes, 16, seed=10 + seed), world_size, rank)
+        graphs.append(build_knn_graph(rows, start, num_classes, k))
+    return graphs
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_exact_graph_matches_float64_brute_force(world_size):
+    if world_size == 1:
+        per_rank = [exact_cases(0, 1)]  # torch.distributed not initialised
+    else:
+        per_rank = run_distributed(exact_cases, world_size)
+    for seed, (num_classes, k) in enumerate(EXACT_CASES):
+        graph = torch.cat([graphs[seed] for graphs in per_rank])
+        assert graph.dtype == torch.int64
+        assert torch.equal(graph, brute_force(normalised(num_classes, 16, seed=10 + seed), k))
+
+
+def test_exact_neighbours_and_graph_recall():
+    angles = torch.tensor([0.0, 10.0, 25.0, 45.0, 90.0]).deg2rad()
+    points = torch.stack([angles.cos(), angles.sin()], dim=1)
+    assert exact_neighbours(points, torch.arange(5), points, 2).tolist() == [[1, 2], [0, 2], [1, 3], [2, 1], [3, 2]]
+    assert exact_neighbours(points[:1], torch.tensor([3]), points, 5).tolist() == [[0, 1, 2, 4, -1]]
+    exact = torch.tensor([[1, 2], [3, 4]])
+    assert graph_recall(exact, exact) == 1.0
+    assert graph_recall(torch.tensor([[2, 5], [-1, 0]]), exact) == 0.25
+
+
+def approximate_graphs(rank: int, world_size: int, data_seed: int) -> dict[str, list[torch.Tensor]]:
+    start, rows = my_rows(clustered(data_seed), world_size, rank)
+    num_classes = CLUSTERS * PER_CLUSTER
+    return {kind: [build_knn_graph(rows, start, num_classes, K, kind=kind, seed=3) for _ in range(2)]
+            for kind in ("ivf", "hnsw")}
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_approximate_graph_recall_and_determinism(world_size):
+    data_seed = 20 + world_size
+    if world_size == 1:
+        per_rank = [approximate_graphs(0, 1, data_seed)]
+    else:
+        per_rank = run_distributed(approximate_graphs, world_size, args=(data_seed,))
+    centres = clustered(data_seed)
+    exact = exact_neighbours(centres, torch.arange(centres.shape[0]), centres, K)
+    for kind in ("ivf", "hnsw"):
+        first, second = (torch.cat([graphs[kind][build] for graphs in per_rank]) for build in range(2))
+        assert torch.equal(first, second), kind
+        assert graph_recall(first, exact) >= 0.9, kind
+        assert (first != torch.arange(first.shape[0]).unsqueeze(1)).all()
