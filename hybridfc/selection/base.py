@@ -5,15 +5,15 @@ this rank's active rows ``A_r``: sorted local row ids, always holding every posi
 global batch that lives in the shard, ``budget`` rows long so that shapes are static. When the
 positives alone exceed the budget, the step uses the positives only (counted and logged).
 
-Rows are ranked by one priority per row and the top ``budget`` kept::
+The active set is assembled in order of preference, at a cost proportional to the budget,
+not to the shard (a fixed budget costs the same at 10^5 and 10^8 classes)::
 
-    positive                       4
-    candidate at position j of n   3 − j/n     (nearest first; a repeat keeps its best place)
-    any other row                  U[0, 1)     (uniform random fill, a fresh draw per step)
+    1. the positives in the shard
+    2. the candidates (hard negatives, nearest first), repeats and positives dropped
+    3. uniform random rows, without replacement, until the budget is full
 
-so hard negatives come before random ones, and one ``topk`` over the shard picks them. The
-random fill is drawn from a generator seeded by ``(seed, rank, step, micro-batch)``: two runs
-with the same seed select the same rows.
+and sorted. The random rows are drawn from a generator seeded by ``(seed, rank, step,
+micro-batch)``: two runs with the same seed select the same rows.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from hybridfc.config import ConfigError
 from hybridfc.log import log_dist
 from hybridfc.parallel.groups import ProcessGroup, shard_range
 
-_POSITIVE, _CANDIDATE = 4.0, 3.0
 
 
 @dataclass(frozen=True)
@@ -110,6 +109,7 @@ class ClassSelection:
         self.budget = budget_rows(budget, shard)
         self.seed = seed
         self.positives_only_steps = 0
+        self._row_set: Optional[RowSet] = None
 
     def candidates(self, labels: torch.Tensor, features: torch.Tensor, weight: torch.Tensor) -> Optional[torch.Tensor]:
         """Hard negatives of this shard, local rows nearest first (repeats allowed), or None.
@@ -126,14 +126,19 @@ class ClassSelection:
         positives = torch.unique(target[target >= 0])
         if positives.numel() >= self.budget:
             return self._positives_only(positives, target)
-        priority = torch.rand(self.shard.num_local, generator=step_generator(
-            self.seed, self.shard.rank, step, micro, weight.device), device=weight.device)
+        rows = self._rows(weight.device)
+        rows.take(positives)
         if candidates is not None and candidates.numel():
-            place = torch.arange(candidates.numel(), dtype=priority.dtype, device=priority.device)
-            priority.scatter_reduce_(0, candidates, _CANDIDATE - place / candidates.numel(), reduce="amax")
-        priority[positives] = _POSITIVE
-        rows = torch.topk(priority, self.budget, sorted=False).indices.sort().values
-        return Selection(rows, _remap(target, rows))
+            rows.take_first_new(candidates, self.budget - rows.count)
+        rows.take_random(self.budget - rows.count,
+                         step_generator(self.seed, self.shard.rank, step, micro, weight.device))
+        active = rows.finish()
+        return Selection(active, _remap(target, active))
+
+    def _rows(self, device: torch.device) -> "RowSet":
+        if self._row_set is None or self._row_set.device != device:
+            self._row_set = RowSet(self.shard.num_local, device)
+        return self._row_set
 
     def _positives_only(self, positives: torch.Tensor, target: torch.Tensor) -> Selection:
         self.positives_only_steps += 1
@@ -157,3 +162,69 @@ def _remap(target: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """Each local target's position in the sorted ``rows``; -1 stays -1."""
     remapped = torch.searchsorted(rows, target.clamp_min(0))
     return torch.where(target >= 0, remapped, target)
+
+
+class RowSet:
+    """A set of rows of a shard being filled, at a cost proportional to the rows taken.
+
+    Two persistent ``(C_r,)`` marks (taken, first position in a sequence) are set for the rows
+    involved and reset by :meth:`finish`, so no step pays a pass over the whole shard.
+    """
+
+    _NONE = torch.iinfo(torch.int32).max
+
+    def __init__(self, num_rows: int, device: torch.device) -> None:
+        self.device = device
+        self._taken = torch.zeros(num_rows, dtype=torch.bool, device=device)
+        self._first = torch.full((num_rows,), self._NONE, dtype=torch.int32, device=device)
+        self._parts: list[torch.Tensor] = []
+        self.count = 0
+
+    def take(self, rows: torch.Tensor) -> None:
+        """Add distinct rows that are not in the set yet."""
+        self._taken[rows] = True
+        self._parts.append(rows)
+        self.count += rows.numel()
+
+    def take_first_new(self, sequence: torch.Tensor, limit: int) -> None:
+        """Add the first ``limit`` distinct rows of ``sequence`` not in the set, in order of first
+        appearance."""
+        positions = torch.arange(sequence.numel(), dtype=torch.int32, device=self.device)
+        self._first.scatter_reduce_(0, sequence, positions, reduce="amin")
+        is_first = self._first[sequence] == positions
+        self._first[sequence] = self._NONE
+        self.take(sequence[is_first & ~self._taken[sequence]][:max(limit, 0)])
+
+    def take_random(self, count: int, generator: torch.Generator) -> None:
+        """Add ``count`` rows not in the set, uniformly at random without replacement.
+
+        Draws with replacement and keeps the first new rows: uniform sampling without
+        replacement at a cost proportional to ``count``. When the rows asked for are a large
+        part of those free, a permutation of the free rows is cheaper."""
+        free = self._taken.numel() - self.count
+        if count <= 0:
+            return
+        if 4 * count >= free:
+            pool = torch.nonzero(~self._taken).squeeze(1)
+            if count < free:
+                pool = pool[torch.randperm(free, generator=generator, device=self.device)[:count]]
+            self.take(pool)
+            return
+        while count > 0:
+            draw = torch.randint(self._taken.numel(), (count + count // 4 + 16,), generator=generator,
+                                 device=self.device)
+            before = self.count
+            self.take_first_new(draw, count)
+            count -= self.count - before
+
+    def finish(self) -> torch.Tensor:
+        """The rows taken, sorted ``(A,)``; the set is empty again afterwards."""
+        if self.count == self._taken.numel():
+            rows = torch.arange(self.count, device=self.device)
+        elif self._parts:
+            rows = torch.cat(self._parts).sort().values
+        else:
+            rows = torch.empty(0, dtype=torch.int64, device=self.device)
+        self._taken[rows] = False
+        self._parts, self.count = [], 0
+        return rows

@@ -90,8 +90,12 @@ def ivf_lists(num_rows: int) -> int:
 
 
 def ivf_probes(num_lists: int) -> int:
-    """Lists scanned per query: ``max(8, nlist // 8)``, at most ``nlist``."""
-    return min(num_lists, max(8, num_lists // 8))
+    """Lists scanned per query: ``max(8, nlist // 4)``, at most ``nlist``.
+
+    A quarter of the lists: recall@32 of the class graph on 2000 Gaussian clusters of 10 rows
+    in d=64 (512 lists) is 0.97 there, 0.92 at an eighth and 0.78 at a sixteenth.
+    """
+    return min(num_lists, max(8, num_lists // 4))
 
 
 class ShardIndex:

@@ -5,8 +5,8 @@
 
 A class-to-class graph holds the ``k`` nearest classes of every class by the cosine of their
 rows, over *all* classes (neighbours may live in other shards), stored sharded by owner: rank r
-keeps the lists of its own classes, ``(C_r, k)`` global ids (a replicated graph at 10^8 classes
-would take 12.8 GB per rank). Each step:
+keeps the lists of its own classes, ``(C_r, k)`` global ids, int32 below 2^31 classes (a
+replicated graph at 10^8 classes and k = 32 would take 12.8 GB per rank). Each step:
 
 1. the owners look up the lists of the global batch's labels, ``(B, k)``, and one MAX
    all-reduce gives every rank all of them (rows of labels a rank does not own are -1);
@@ -47,8 +47,10 @@ class KNNSelection(ClassSelection):
         self.graph = BackgroundRebuild(self._build, cfg.rebuild_interval, cfg.delay(), name="knn graph")
 
     def _build(self, rows: torch.Tensor) -> torch.Tensor:
-        return build_knn_graph(rows, self.shard.class_start, self.shard.num_classes, self.k,
-                               group=self._side_group, kind=self.kind, seed=self.seed)
+        """``(C_r, k)`` neighbour ids, kept as int32 when the class ids fit (half the memory)."""
+        graph = build_knn_graph(rows, self.shard.class_start, self.shard.num_classes, self.k,
+                                group=self._side_group, kind=self.kind, seed=self.seed)
+        return graph.to(torch.int32) if self.shard.num_classes <= torch.iinfo(torch.int32).max else graph
 
     def candidates(self, labels: torch.Tensor, features: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         neighbours = self._lookup(labels, self.graph.ensure_built(weight, step=0))
@@ -62,7 +64,7 @@ class KNNSelection(ClassSelection):
         target = self.shard.local_target(labels.cpu())
         owned = target >= 0
         neighbours = torch.full((labels.numel(), self.k), -1, dtype=torch.int64)
-        neighbours[owned] = graph[target[owned]]
+        neighbours[owned] = graph[target[owned]].to(torch.int64)
         neighbours = neighbours.to(labels.device)
         if group_size(self.shard.group) > 1:
             dist.all_reduce(neighbours, op=dist.ReduceOp.MAX, group=self.shard.group)
