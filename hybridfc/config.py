@@ -11,6 +11,7 @@ required)::
       "seed": 0,
       "margin": {"type": "arcface", "scale": 64.0, "margin": 0.5},
       "selection": {"type": "full"},
+      "storage_dtype": "fp32",
       "optimizer": {"type": "sgd",
                     "params": {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}},
       "gradient_clipping": 0.0,
@@ -23,6 +24,27 @@ required)::
     {"type": "cosface",  "scale": 64.0, "margin": 0.35}
     {"type": "arcface",  "scale": 64.0, "margin": 0.5}
     {"type": "combined", "scale": 64.0, "m1": 1.0, "m2": 0.5, "m3": 0.0}
+
+``selection`` (which rows of each shard enter a step's softmax) is one of::
+
+    {"type": "full"}
+    {"type": "partial", "budget": 0.1}
+    {"type": "knn", "budget": 0.1, "k": 32, "rebuild_interval": 1000, "rebuild_delay": null,
+     "index": "auto"}
+    {"type": "hf",  "budget": 0.1, "k": 32, "rebuild_interval": 1000, "rebuild_delay": null,
+     "index": "auto"}
+
+``budget`` is the active rows per rank and step, positives included: an integer is a row
+count (at most the largest shard), a float in (0, 1] a rate of the shard. ``k`` is the
+neighbours per class (``knn``) or per sample (``hf``). The graph or index is rebuilt from the
+rows every ``rebuild_interval`` steps (0: built once) in the background and swapped in
+``rebuild_delay`` steps later (default: a tenth of the interval). ``index``: ``exact``, ``ivf``,
+``hnsw`` (faiss) or ``auto`` (exact for small shards).
+
+``optimizer`` is ``sgd`` (params lr, momentum, weight_decay), ``adam`` or ``adamw`` (params lr,
+betas, eps, weight_decay); with a selection other than ``full`` it updates the touched rows
+only. ``storage_dtype`` (``fp32``, ``bf16``, ``fp16``) is the dtype of the shard and of its
+optimizer state; logits and softmax stay fp32.
 
 ``softmax`` is a plain softmax over ``x·Wᵀ`` without normalisation; the others normalise
 ``x`` and ``W`` and apply their margin to the target logit. ``seed`` seeds the head's

@@ -137,10 +137,6 @@ class PlanInputs:
         """Rows of the largest shard, ⌈C/N⌉."""
         return -(-self.num_classes // self.world_size)
 
-    @property
-    def smallest_shard_rows(self) -> int:
-        return self.num_classes // self.world_size
-
 
 @dataclass(frozen=True)
 class Memory:
@@ -241,9 +237,9 @@ def _check_budget(inputs: PlanInputs) -> None:
                                  "or a row count >= 1")
     if _is_count(budget):
         _require(budget >= 1, f"budget must be a rate in (0, 1] or a row count >= 1, got {budget}")
-        _require(budget <= inputs.smallest_shard_rows,
+        _require(budget <= inputs.shard_rows,
                  f"budget={budget} rows is more than the shard: {inputs.num_classes} classes over "
-                 f"{inputs.world_size} ranks leave {inputs.smallest_shard_rows} rows on the smallest one")
+                 f"{inputs.world_size} ranks leave {inputs.shard_rows} rows on the largest one")
         return
     _require(isinstance(budget, float) and math.isfinite(budget) and 0 < budget <= 1,
              f"budget must be a rate in (0, 1] or a row count >= 1, got {budget!r}")
@@ -253,7 +249,7 @@ def budget_rows(inputs: PlanInputs, shard: int) -> int:
     """Rows computed out of a shard of ``shard`` rows: the count, or ⌊rate·shard⌋ (the rate read
     as the decimal it is written as), at least 1."""
     if _is_count(inputs.budget):
-        return inputs.budget
+        return min(inputs.budget, shard)
     return max(1, math.floor(Fraction(repr(inputs.budget)) * shard))
 
 

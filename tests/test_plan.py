@@ -134,7 +134,7 @@ def test_memory_answer_none_when_nothing_fits():
     (["--budget", "1.5"], "got 1.5"),
     (["--budget", "-3"], "got -3"),
     (["--budget", "200000"], "budget=200000 rows is more than the shard: 10000000 classes over 64 ranks "
-                             "leave 156250 rows on the smallest one"),
+                             "leave 156250 rows on the largest one"),
     (["--budget", "abc"], "not a number: 'abc'"),
     (["--selection", "full", "--budget", "0.1"], "budget applies to the selections partial, knn and hf"),
     (["--selection", "knn"], "selection 'knn' needs a budget"),

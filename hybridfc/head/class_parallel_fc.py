@@ -4,7 +4,8 @@ Usable with plain ``torch.distributed`` (any training loop) or through :func:`hy
 
 >>> import torch.distributed as dist, hybridfc
 >>> dist.init_process_group("gloo")                  # or nccl; one process per device
->>> head = hybridfc.ClassParallelFC(1_000_000, 512, margin={"type": "arcface", "scale": 64.0, "margin": 0.5})
+>>> head = hybridfc.ClassParallelFC(1_000_000, 512, margin={"type": "arcface", "scale": 64.0, "margin": 0.5},
+...                                 selection={"type": "knn", "budget": 0.1, "k": 32, "rebuild_interval": 1000})
 >>> head_opt = hybridfc.build_head_optimizer(head, {"type": "sgd", "params": {"lr": 0.1, "momentum": 0.9}})
 >>> loss = head(backbone(x), y)                      # x: this rank's batch, y: (b,) int64 global labels
 >>> loss.backward(); head_opt.step(); head_opt.zero_grad()
@@ -19,9 +20,20 @@ One forward pass, N ranks, local batch ``b_r``, global batch ``B = Σ b_r``:
    bad input raises :class:`~hybridfc.head.validation.InputError` on every rank;
 2. features ``(b_r, d)``, in at least fp32, and labels are all-gathered into ``(B, d)`` and
    ``(B,)``; so the backward reduce-scatter sums the ranks' feature gradients in fp32 too;
-3. each rank computes the logits of its own classes ``(B, num_local)`` in fp32 and the ranks agree
+3. the selection picks this rank's active rows ``A_r`` (every row for ``full``; see
+   :mod:`hybridfc.selection`), always including the batch's positives in the shard;
+4. each rank computes the logits of its active rows ``(B, |A_r|)`` in fp32 and the ranks agree
    on the softmax (:func:`~hybridfc.head.cross_entropy.margin_cross_entropy`);
-4. the loss returned is the mean over the global batch, the same scalar on every rank.
+5. the loss returned is the mean over the global batch, the same scalar on every rank.
+
+Sparse updates: with any selection but ``full``, no dense gradient over the shard is made. The
+active rows are copied out of the shard; their gradient is kept with the rows touched since the
+last ``zero_grad`` (summed over gradient-accumulation micro-batches), and the head optimizer
+updates those rows only (:meth:`gradient`). With ``full``, ``weight.grad`` is the dense
+gradient as for any module.
+
+Storage: ``storage_dtype`` (fp32, bf16, fp16) is the dtype of the shard and of its optimizer
+state; logits, softmax and the active rows' gradients are fp32 whatever it is.
 
 Gradient convention: ``weight.grad`` is exactly ∂L/∂W (this rank's rows) of the global-mean loss
 L. The gradient that reaches rank r's embeddings is ``N · ∂L/∂e_r``: a data-parallel backbone
@@ -91,10 +103,17 @@ class ClassParallelFC(nn.Module):
         seed: seed of the weight initialisation.
         init_std: standard deviation of the initial rows.
         device: where the shard lives.
+        selection: which rows enter each step's softmax: ``{"type": "full"}`` (default),
+            ``{"type": "partial", "budget": 0.1}``, ``{"type": "knn", "budget": 0.1, "k": 32,
+            "rebuild_interval": 1000}`` or ``{"type": "hf", ...}`` (:mod:`hybridfc.selection`).
+        storage_dtype: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (or the torch dtype) of the shard.
 
     Attributes:
         weight: ``(num_local, d)`` this rank's rows.
         class_start, num_local: the first global class id of the shard and its row count.
+        selection: the :class:`~hybridfc.selection.ClassSelection` in use.
+        last_selection: the latest forward's active set (None for ``full``), for inspection.
+        steps: optimizer steps so far (:meth:`finish_step`).
     """
 
     def __init__(

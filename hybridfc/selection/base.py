@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any, Optional
 
 import numpy as np
@@ -71,12 +72,13 @@ class Selection:
 
 
 def budget_rows(budget: "int | float", shard: Shard) -> int:
-    """Rows per step on this rank: a rate of the shard (rounded up) or a count, at most the shard.
+    """Rows per step on this rank: ⌊rate·C_r⌋ (at least 1; the rate read as the decimal it is
+    written as, so 0.1 of 156250 is 15625) or a count, at most this shard.
 
     A count above the largest shard of the group is a :class:`ConfigError` on every rank.
     """
     if isinstance(budget, float):
-        return max(1, min(shard.num_local, math.ceil(budget * shard.num_local)))
+        return max(1, math.floor(Fraction(repr(budget)) * shard.num_local))
     if budget > shard.largest:
         raise ConfigError(
             f"selection.budget: {budget} rows is above the shard ({shard.largest} rows: "

@@ -9,8 +9,9 @@ first, as ``(q, k)`` scores and ``(q, k)`` 0-based rows. Three kinds of index:
 ``ivf``    ``faiss.IndexIVFFlat`` (inner product): about ``4 sqrt(n)`` inverted lists trained by
            seeded spherical k-means on a seeded sample of the centres, so two builds on the same
            centres are identical; a query scans the ``nprobe`` lists of nearest centroids.
-``hnsw``   ``faiss.IndexHNSWFlat`` (inner product, 32 links per node). Its insertion is
-           parallel, so two builds are identical only when faiss runs on one OpenMP thread.
+``hnsw``   ``faiss.IndexHNSWFlat`` (inner product, 32 links per node, seeded node levels).
+           Insertion runs on faiss's OpenMP threads; faiss does not promise that two parallel
+           builds are identical (they were on one and on two threads with faiss 1.15).
 
 faiss is imported only when an ``ivf`` or ``hnsw`` index is built, so ``exact`` works without
 it. Searches pass their parameters per call (no index state is changed), so an index may be
@@ -112,26 +113,25 @@ class ShardIndex:
             raise ValueError(f"centres must be (n, d), got shape {tuple(centres.shape)}")
         self.kind = choose_index_kind(centres.shape[0], kind)
         self.dim = centres.shape[1]
-        self._num_rows = centres.shape[0]
         self.centres = centres.detach().float().contiguous()
         self._index = None
-        if self.kind != "exact" and self._num_rows:
+        if self.kind != "exact" and len(self):
             self._faiss = _import_faiss(self.kind)
             build = self._build_ivf if self.kind == "ivf" else self._build_hnsw
             build(self.centres.cpu().numpy(), seed)
 
     def __len__(self) -> int:
-        return self._num_rows
+        return self.centres.shape[0]
 
     def _build_ivf(self, centres, seed: int) -> None:
         faiss = self._faiss
-        self.num_lists = ivf_lists(self._num_rows)
+        self.num_lists = ivf_lists(len(self))
         self.num_probes = ivf_probes(self.num_lists)
-        self._quantizer = faiss.IndexFlatIP(self.dim)
-        self._index = faiss.IndexIVFFlat(self._quantizer, self.dim, self.num_lists, faiss.METRIC_INNER_PRODUCT)
+        quantizer = faiss.IndexFlatIP(self.dim)
+        self._index = faiss.IndexIVFFlat(quantizer, self.dim, self.num_lists, faiss.METRIC_INNER_PRODUCT)
         self._index.cp.seed = seed
         generator = torch.Generator().manual_seed(seed)
-        sample = torch.randperm(self._num_rows, generator=generator)[: _MAX_POINTS_PER_LIST * self.num_lists]
+        sample = torch.randperm(len(self), generator=generator)[: _MAX_POINTS_PER_LIST * self.num_lists]
         self._index.train(centres[sample.sort().values.numpy()])
         self._index.add(centres)
 
