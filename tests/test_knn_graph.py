@@ -17,7 +17,7 @@ from hybridfc.selection.graph import build_knn_graph, exact_neighbours, graph_re
 from hybridfc.selection.index import EXACT_MAX_ROWS, ShardIndex, choose_index_kind
 
 EXACT_CASES = [(103, 5), (103, 102), (257, 5), (257, 256), (3, 2)]  # (num_classes, k)
-CLUSTERS, PER_CLUSTER, CLUSTER_DIM, K = 2000, 10, 64, 32
+ROWS, LATENT_DIM, DIM, K = 20_000, 8, 64, 32
 
 
 def normalised(rows: int, dim: int, seed: int) -> torch.Tensor:
@@ -25,12 +25,14 @@ def normalised(rows: int, dim: int, seed: int) -> torch.Tensor:
     return F.normalize(torch.randn(rows, dim, generator=generator), dim=1)
 
 
-def clustered(seed: int) -> torch.Tensor:
-    """``CLUSTERS`` Gaussian clusters of ``PER_CLUSTER`` normalised rows around random directions."""
+def structured(seed: int) -> torch.Tensor:
+    """``ROWS`` normalised centres of low intrinsic dimension, like trained class centres: a
+    linear map of ``LATENT_DIM``-d Gaussian codes into ``DIM`` dimensions, plus a little noise."""
     generator = torch.Generator().manual_seed(seed)
-    middles = F.normalize(torch.randn(CLUSTERS, CLUSTER_DIM, generator=generator), dim=1)
-    noise = torch.randn(CLUSTERS * PER_CLUSTER, CLUSTER_DIM, generator=generator) * 0.2 / CLUSTER_DIM ** 0.5
-    return F.normalize(middles.repeat_interleave(PER_CLUSTER, dim=0) + noise, dim=1)
+    codes = torch.randn(ROWS, LATENT_DIM, generator=generator)
+    mixing = torch.randn(LATENT_DIM, DIM, generator=generator)
+    noise = 0.5 * torch.randn(ROWS, DIM, generator=generator)
+    return F.normalize(codes @ mixing + noise, dim=1)
 
 
 def brute_force(centres: torch.Tensor, k: int) -> torch.Tensor:
@@ -133,8 +135,8 @@ def test_exact_neighbours_and_graph_recall():
 
 
 def approximate_graphs(rank: int, world_size: int, data_seed: int) -> dict[str, list[torch.Tensor]]:
-    start, rows = my_rows(clustered(data_seed), world_size, rank)
-    num_classes = CLUSTERS * PER_CLUSTER
+    start, rows = my_rows(structured(data_seed), world_size, rank)
+    num_classes = ROWS
     return {kind: [build_knn_graph(rows, start, num_classes, K, kind=kind, seed=3) for _ in range(2)]
             for kind in ("ivf", "hnsw")}
 
@@ -146,7 +148,7 @@ def test_approximate_graph_recall_and_determinism(world_size):
         per_rank = [approximate_graphs(0, 1, data_seed)]
     else:
         per_rank = run_distributed(approximate_graphs, world_size, args=(data_seed,))
-    centres = clustered(data_seed)
+    centres = structured(data_seed)
     exact = exact_neighbours(centres, torch.arange(centres.shape[0]), centres, K)
     for kind in ("ivf", "hnsw"):
         first, second = (torch.cat([graphs[kind][build] for graphs in per_rank]) for build in range(2))
