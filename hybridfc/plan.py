@@ -64,7 +64,8 @@ The optimizer step comes later and holds less: hybridfc's update is in place (we
 gradient only); the data-parallel baseline's ``torch.optim.SGD`` makes at most three update
 temporaries of the weight's size, against five fp32 ones in ``normalize_peak``. Left out: vectors of one
 value per row or sample (row norms, labels, indices; ≤ 2/d of a weight copy) and the selection's
-own structures (random scores, the KNN graph, the ANN index). The model assumes an angular
+own structures (row marks, 5 bytes per row; the KNN graph, rows·k·4; the ANN index and its
+snapshot, about 2·rows·d·4). The model assumes an angular
 margin (arcface, cosface, combined), which normalises the rows; the plain ``softmax`` margin
 holds less. With gradient accumulation, add the gradient kept between micro-batches
 (rows·d·s for ``full``, comp·d·s for a selection).
