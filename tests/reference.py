@@ -70,3 +70,11 @@ def rank_rows(sizes, rank: int) -> slice:
     """The rows of ``rank`` in a global batch made of local batches of ``sizes`` in rank order."""
     start = sum(sizes[:rank])
     return slice(start, start + sizes[rank])
+
+
+def reference_grads_over(classes: torch.Tensor, embeddings, labels, weight, margin):
+    """The margin softmax over the classes ``classes`` (sorted global ids) only: ``(loss, dL/dE
+    (B, d), dL/dW (len(classes), d))`` in float64, every label being one of ``classes``."""
+    targets = torch.searchsorted(classes, labels)
+    assert torch.equal(classes[targets.clamp_max(len(classes) - 1)], labels), "a label is not among the classes"
+    return reference_grads(embeddings, targets, weight[classes], margin)

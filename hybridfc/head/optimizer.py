@@ -157,6 +157,14 @@ class HeadAdam(HeadOptimizer):
                          gradient_clipping)
         self.decoupled = decoupled
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch casts loaded state to the parameter's dtype; the per-row step counts stay int64."""
+        super().load_state_dict(state_dict)
+        saved = state_dict["state"].get(0, {})
+        if "row_steps" in saved:
+            self.state[self.head.weight]["row_steps"] = saved["row_steps"].to(
+                device=self.head.weight.device, dtype=torch.int64)
+
     def _row_steps(self, rows: Optional[torch.Tensor]) -> torch.Tensor:
         """Count one more step for ``rows`` (None: all); ``(n, 1)`` fp64 counts after it."""
         state = self.state[self.head.weight]
