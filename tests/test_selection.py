@@ -332,7 +332,7 @@ def test_budget_covering_the_shard_equals_full_bit_for_bit(run):
                     assert got["active"].numel() == expected["weight"].shape[0], where
                     for key in ("loss", "embedding_grad", "grad", "weight"):
                         assert torch.equal(got[key], expected[key]), f"{key}: {where}"
-                    assert expected["state"].keys() == got["state"].keys()
+                    assert expected["state"].keys() <= got["state"].keys(), where  # plus sparse step counters
                     for key, value in expected["state"].items():
                         assert torch.equal(got["state"][key], value), f"state {key}: {where}"
 
@@ -467,6 +467,9 @@ def test_hard_negatives_fill_the_budget_nearest_first(run):
 # ----------------------------------------------------------------------------- 4. sparse updates
 
 
+STEP_COUNTERS = ("row_steps", "row_last_step", "applied_steps")
+
+
 def _state_before(record_state: dict, reference: dict) -> dict:
     """The optimizer state before a step: the previous step's, or zeros before the first."""
     return record_state or {name: torch.zeros_like(value) for name, value in reference.items()}
@@ -476,7 +479,7 @@ def test_sparse_step_leaves_unselected_rows_and_state_bit_for_bit(run):
     """SGD (momentum, weight decay), Adam and AdamW, fp32 and bf16 storage, partial, knn and hf:
     over two steps, the rows outside the step's active set and their optimizer state (momentum,
     moments, row step counts) are exactly as before the step; every active row and its state
-    changed; the active rows number the budget."""
+    changed; SGD counts the applied steps; the active rows number the budget."""
     world_size, results = _optimizer_run(run)
     for rank, result in enumerate(results):
         for (optimizer_name, storage, kind), got in result["sparse"].items():
@@ -493,7 +496,10 @@ def test_sparse_step_leaves_unselected_rows_and_state_bit_for_bit(run):
                 assert (record["weight"][rows] != weight[rows]).any(dim=1).all(), where
                 before = _state_before(state, record["state"])
                 for name, value in record["state"].items():
-                    assert value.dtype == (torch.int64 if name == "row_steps" else weight.dtype), where
+                    assert value.dtype == (torch.int64 if name in STEP_COUNTERS else weight.dtype), where
+                    if name == "applied_steps":
+                        assert value.item() == step + 1, where
+                        continue
                     assert torch.equal(value[untouched], before[name][untouched]), f"{name}: {where}"
                     changed = value[rows] != before[name][rows]
                     assert (changed if changed.dim() == 1 else changed.any(dim=1)).all(), f"{name}: {where}"
@@ -585,6 +591,48 @@ def test_adam_row_step_counts_survive_a_checkpoint(tmp_path):
         step(head, optimizer)
         step(resumed, resumed_optimizer)
     assert torch.equal(resumed.weight, head.weight)
+
+
+def momentum_sgd(initial: torch.Tensor, steps: list[dict], params: dict, aged: bool = True) -> torch.Tensor:
+    """Float64 momentum SGD that updates only each step's rows; ``aged``: a row's buffer is first
+    multiplied by the momentum once per step the row missed."""
+    lr, momentum, weight_decay = params["lr"], params["momentum"], params["weight_decay"]
+    weight = initial.double().clone()
+    buf = torch.zeros_like(weight)
+    last = torch.zeros(weight.shape[0], dtype=torch.int64)
+    for step, record in enumerate(steps, start=1):
+        rows = record["grad_rows"]
+        if aged:
+            buf[rows] *= momentum ** (step - 1 - last[rows]).double().unsqueeze(1)
+        last[rows] = step
+        buf[rows] = momentum * buf[rows] + record["sparse_grad"].double() + weight_decay * weight[rows]
+        weight[rows] -= lr * buf[rows]
+    return weight
+
+
+def test_sparse_sgd_ages_the_momentum_of_rows_that_missed_steps(tmp_path):
+    """A row selected again after missing g steps first has its momentum multiplied by
+    momentum^g (a dense buffer's decay) without being moved by the missed steps; the rule's
+    step counters survive a checkpoint."""
+    params = OPTIMIZERS["sgd"]["params"]
+    weight = random_weight(num_classes(1), WIDTH, seed=11).float()
+
+    def build():
+        head = make_head(weight, selection("partial", 0.25))
+        return head, build_head_optimizer(head, OPTIMIZERS["sgd"])
+
+    head, optimizer = build()
+    first = train(head, optimizer, rank=0, seed=900, steps=4)
+    save_head(head, optimizer, tmp_path)
+    resumed, resumed_optimizer = build()
+    load_head(resumed, resumed_optimizer, tmp_path)
+    steps = first + train(resumed, resumed_optimizer, rank=0, seed=904, steps=4)
+    state = resumed_optimizer.state[resumed.weight]
+    assert state["applied_steps"].dtype == state["row_last_step"].dtype == torch.int64
+    assert state["applied_steps"].item() == 8
+    assert_close(resumed.weight.double(), momentum_sgd(weight, steps, params), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(resumed.weight.double(), momentum_sgd(weight, steps, params, aged=False),
+                              rtol=1e-5, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- 6. reproducibility

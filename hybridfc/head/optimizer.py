@@ -17,8 +17,14 @@ What gets updated follows the head's selection (:meth:`ClassParallelFC.gradient`
 * any other selection: only the rows touched since ``zero_grad``. Their rows and optimizer
   state are gathered, updated in fp32 and written back; every other row, its momentum, its
   Adam moments and its weight decay stay exactly as they were, and the cost scales with the
-  active set, not with the shard. Adam keeps a step count per row, so each row's bias
-  correction counts the steps that row was updated (lazy Adam).
+  active set, not with the shard.
+
+  SGD's momentum of a row runs on the step clock: when a row is next selected its buffer is
+  first multiplied by ``momentum`` once per step it missed (what a dense buffer would have
+  decayed to), but the missed steps never move the row. Without this, a push a row received
+  hundreds of steps ago is re-applied at full strength whenever the row comes back, which
+  hurts hard-negative selections most (``benchmarks/RESULTS.md``). Adam keeps a step count per
+  row, so each row's bias correction counts the steps that row was updated (lazy Adam).
 
 State tensors have the shard's storage dtype. Optional clipping (``gradient_clipping > 0``)
 scales the gradient so that its L2 norm over *all* shards is at most that value, with one
@@ -86,6 +92,14 @@ class HeadOptimizer(torch.optim.Optimizer):
             self._update_rows(rows, grad, state)
         return True
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch casts loaded state to the parameter's dtype; step counts stay int64."""
+        super().load_state_dict(state_dict)
+        state = self.state[self.head.weight]
+        for name, value in state_dict["state"].get(0, {}).items():
+            if isinstance(value, torch.Tensor) and value.dtype == torch.int64:
+                state[name] = value.to(self.head.weight.device)
+
     def _state(self) -> dict[str, torch.Tensor]:
         weight = self.head.weight
         state = self.state[weight]
@@ -135,6 +149,8 @@ class HeadSGD(HeadOptimizer):
         lr, momentum, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
         if momentum:
             buf = state["momentum_buffer"]
+            if rows is not None:
+                self._age_momentum(buf, rows, momentum)
             buf.mul_(momentum).add_(grad)
             if weight_decay:
                 buf.add_(weight, alpha=weight_decay)
@@ -143,6 +159,20 @@ class HeadSGD(HeadOptimizer):
         if weight_decay:
             weight.mul_(1 - lr * weight_decay)
         weight.add_(grad, alpha=-lr)
+
+    def _age_momentum(self, buf: torch.Tensor, rows: torch.Tensor, momentum: float) -> None:
+        """Decay the momentum of ``rows`` by ``momentum`` per applied step since each was last
+        updated, as a dense buffer would have decayed over those steps (without moving the row)."""
+        state = self.state[self.head.weight]
+        if "applied_steps" not in state:
+            state["applied_steps"] = torch.zeros((), dtype=torch.int64, device=rows.device)
+            state["row_last_step"] = torch.zeros(self.head.num_local, dtype=torch.int64, device=rows.device)
+        state["applied_steps"] += 1
+        gap = state["applied_steps"] - state["row_last_step"][rows] - 1
+        state["row_last_step"][rows] = state["applied_steps"]
+        stale = torch.nonzero(gap > 0).squeeze(1)
+        if stale.numel():
+            buf[stale] *= torch.pow(momentum, gap[stale].double()).to(buf.dtype).unsqueeze(1)
 
 
 class HeadAdam(HeadOptimizer):
@@ -156,14 +186,6 @@ class HeadAdam(HeadOptimizer):
         super().__init__(head, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay),
                          gradient_clipping)
         self.decoupled = decoupled
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        """torch casts loaded state to the parameter's dtype; the per-row step counts stay int64."""
-        super().load_state_dict(state_dict)
-        saved = state_dict["state"].get(0, {})
-        if "row_steps" in saved:
-            self.state[self.head.weight]["row_steps"] = saved["row_steps"].to(
-                device=self.head.weight.device, dtype=torch.int64)
 
     def _row_steps(self, rows: Optional[torch.Tensor]) -> torch.Tensor:
         """Count one more step for ``rows`` (None: all); ``(n, 1)`` fp64 counts after it."""
