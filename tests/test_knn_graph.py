@@ -14,7 +14,7 @@ from distributed import run_distributed
 from hybridfc.parallel.groups import shard_range
 from hybridfc.selection import index as index_module
 from hybridfc.selection.graph import build_knn_graph, exact_neighbours, graph_recall
-from hybridfc.selection.index import EXACT_MAX_ROWS, ShardIndex, choose_index_kind
+from hybridfc.selection.index import EXACT_MAX_ROWS, GRAPH_EXACT_MAX_ROWS, ShardIndex, choose_index_kind
 
 EXACT_CASES = [(103, 5), (103, 102), (257, 5), (257, 256), (3, 2)]  # (num_classes, k)
 ROWS, LATENT_DIM, DIM, K = 20_000, 8, 64, 32
@@ -50,6 +50,7 @@ def my_rows(centres: torch.Tensor, world_size: int, rank: int) -> tuple[int, tor
 def test_choose_index_kind():
     assert choose_index_kind(EXACT_MAX_ROWS) == "exact"
     assert choose_index_kind(EXACT_MAX_ROWS + 1) == "ivf"
+    assert choose_index_kind(GRAPH_EXACT_MAX_ROWS, "auto", GRAPH_EXACT_MAX_ROWS) == "exact"
     assert choose_index_kind(10, "hnsw") == "hnsw"
     with pytest.raises(ValueError, match="'flat'"):
         choose_index_kind(10, "flat")

@@ -149,9 +149,7 @@ class HeadSGD(HeadOptimizer):
         lr, momentum, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
         if momentum:
             buf = state["momentum_buffer"]
-            if rows is not None:
-                self._age_momentum(buf, rows, momentum)
-            buf.mul_(momentum).add_(grad)
+            buf.mul_(momentum if rows is None else self._momentum_decay(rows, momentum, buf.dtype)).add_(grad)
             if weight_decay:
                 buf.add_(weight, alpha=weight_decay)
             weight.add_(buf, alpha=-lr)
@@ -160,19 +158,18 @@ class HeadSGD(HeadOptimizer):
             weight.mul_(1 - lr * weight_decay)
         weight.add_(grad, alpha=-lr)
 
-    def _age_momentum(self, buf: torch.Tensor, rows: torch.Tensor, momentum: float) -> None:
-        """Decay the momentum of ``rows`` by ``momentum`` per applied step since each was last
-        updated, as a dense buffer would have decayed over those steps (without moving the row)."""
+    def _momentum_decay(self, rows: torch.Tensor, momentum: float, dtype: torch.dtype) -> torch.Tensor:
+        """``(n, 1)`` factors for the momentum of ``rows``: ``momentum`` to the power of one plus
+        the applied steps each row missed since its last update (a dense buffer's decay over
+        those steps, without their movement of the row)."""
         state = self.state[self.head.weight]
         if "applied_steps" not in state:
             state["applied_steps"] = torch.zeros((), dtype=torch.int64, device=rows.device)
             state["row_last_step"] = torch.zeros(self.head.num_local, dtype=torch.int64, device=rows.device)
         state["applied_steps"] += 1
-        gap = state["applied_steps"] - state["row_last_step"][rows] - 1
+        steps_since = state["applied_steps"] - state["row_last_step"][rows]
         state["row_last_step"][rows] = state["applied_steps"]
-        stale = torch.nonzero(gap > 0).squeeze(1)
-        if stale.numel():
-            buf[stale] *= torch.pow(momentum, gap[stale].double()).to(buf.dtype).unsqueeze(1)
+        return torch.pow(momentum, steps_since.double()).to(dtype).unsqueeze(1)
 
 
 class HeadAdam(HeadOptimizer):

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from hybridfc.parallel.groups import ProcessGroup, group_rank, group_size, shard_range
-from hybridfc.selection.index import ShardIndex, choose_index_kind, exact_search
+from hybridfc.selection.index import GRAPH_EXACT_MAX_ROWS, ShardIndex, choose_index_kind, exact_search
 
 
 def build_knn_graph(centres: torch.Tensor, class_start: int, num_classes: int, k: int,
@@ -49,7 +49,7 @@ def build_knn_graph(centres: torch.Tensor, class_start: int, num_classes: int, k
         raise ValueError(f"centres must be ({sizes[rank]}, d) on rank {rank} of {world_size} for "
                          f"{num_classes} classes, got shape {tuple(centres.shape)}")
     centres = centres.detach().float()
-    index = ShardIndex(centres, choose_index_kind(centres.shape[0], kind), seed)
+    index = ShardIndex(centres, choose_index_kind(centres.shape[0], kind, GRAPH_EXACT_MAX_ROWS), seed)
 
     queries = centres.new_zeros(max(sizes), centres.shape[1])
     queries[: sizes[rank]] = centres

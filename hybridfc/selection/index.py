@@ -29,6 +29,7 @@ import torch
 IndexKind = Literal["exact", "ivf", "hnsw"]
 
 EXACT_MAX_ROWS = 32768
+GRAPH_EXACT_MAX_ROWS = 131072
 KINDS: tuple[str, ...] = ("exact", "ivf", "hnsw")
 
 _BLOCK_BYTES = 64 << 20
@@ -38,10 +39,16 @@ _HNSW_LINKS = 32
 _HNSW_EF_CONSTRUCTION = 80
 
 
-def choose_index_kind(num_rows: int, requested: str = "auto") -> IndexKind:
-    """``"auto"``: ``"exact"`` up to :data:`EXACT_MAX_ROWS` rows, else ``"ivf"``; other kinds as is."""
+def choose_index_kind(num_rows: int, requested: str = "auto", exact_max_rows: int = EXACT_MAX_ROWS) -> IndexKind:
+    """``"auto"``: ``"exact"`` up to ``exact_max_rows`` rows, else ``"ivf"``; other kinds as is.
+
+    A few hundred queries per step (``hf``) pay for an index above :data:`EXACT_MAX_ROWS` rows.
+    A class graph asks every row of every shard, and faiss scans an IVF list at a tenth of a
+    matmul's rate, so there exact search costs no more than IVF up to about
+    :data:`GRAPH_EXACT_MAX_ROWS` rows, with recall 1 (``benchmarks/RESULTS.md``).
+    """
     if requested == "auto":
-        return "exact" if num_rows <= EXACT_MAX_ROWS else "ivf"
+        return "exact" if num_rows <= exact_max_rows else "ivf"
     if requested not in KINDS:
         raise ValueError(f"index kind {requested!r} is not one of 'auto', {', '.join(map(repr, KINDS))}")
     return requested  # type: ignore[return-value]
