@@ -1,5 +1,5 @@
 """The shard index and the class-to-class KNN graph: exact results against a float64 brute force,
-approximate (faiss IVF, HNSW) recall and determinism, on one process and over the ring."""
+approximate (IVF, faiss HNSW) recall and determinism, on one process and over the ring."""
 
 from __future__ import annotations
 
@@ -13,8 +13,10 @@ import torch.nn.functional as F
 from distributed import run_distributed
 from hybridfc.parallel.groups import shard_range
 from hybridfc.selection import index as index_module
+from hybridfc.selection import ivf as ivf_module
 from hybridfc.selection.graph import build_knn_graph, exact_neighbours, graph_recall
 from hybridfc.selection.index import EXACT_MAX_ROWS, GRAPH_EXACT_MAX_ROWS, ShardIndex, choose_index_kind
+from hybridfc.selection.ivf import InvertedFileIndex, nearest_centroid
 
 EXACT_CASES = [(103, 5), (103, 102), (257, 5), (257, 256), (3, 2)]  # (num_classes, k)
 ROWS, LATENT_DIM, DIM, K = 20_000, 8, 64, 32
@@ -64,6 +66,22 @@ def test_exact_search_matches_float64_brute_force(monkeypatch):
     assert rows.dtype == torch.int64 and scores.dtype == torch.float32
     assert torch.equal(rows, expected.indices)
     torch.testing.assert_close(scores.double(), expected.values, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("probes", [1, 3, 25])
+def test_ivf_finds_the_best_rows_of_the_lists_it_probes(monkeypatch, probes):
+    """The IVF search returns exactly the float64 top-k over the rows of each query's ``probes``
+    nearest lists (all 25: the exact top-k), in query blocks, and keeps its rows."""
+    monkeypatch.setattr(ivf_module, "_QUERY_BLOCK", 64)
+    centres, queries = normalised(3000, 16, seed=7), normalised(300, 16, seed=8)
+    index = InvertedFileIndex(centres, num_lists=25, seed=0)
+    scores, rows = index.search(queries, 10, num_probes=probes)
+    probed = (queries @ index.centroids.t()).topk(probes, dim=1).indices
+    in_probed = (nearest_centroid(centres, index.centroids).unsqueeze(0).unsqueeze(2) == probed.unsqueeze(1)).any(2)
+    exact = (queries.double() @ centres.double().t()).masked_fill(~in_probed, -torch.inf).topk(10, dim=1)
+    assert torch.equal(rows, exact.indices)
+    torch.testing.assert_close(scores.double(), exact.values, atol=1e-6, rtol=0)
+    assert torch.equal(index.rows(), centres)
 
 
 @pytest.mark.parametrize("kind", ["exact", "ivf", "hnsw"])

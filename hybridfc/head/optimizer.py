@@ -15,9 +15,9 @@ What gets updated follows the head's selection (:meth:`ClassParallelFC.gradient`
 
 * ``full``: every row, in place, with no temporary of the shard's size for SGD;
 * any other selection: only the rows touched since ``zero_grad``. Their rows and optimizer
-  state are gathered, updated in fp32 and written back; every other row, its momentum, its
-  Adam moments and its weight decay stay exactly as they were, and the cost scales with the
-  active set, not with the shard.
+  state are gathered, updated in fp32 and written back a block of at most 8 MiB at a time;
+  every other row, its momentum, its Adam moments and its weight decay stay exactly as they
+  were, and the cost scales with the active set, not with the shard.
 
   SGD's momentum of a row runs on the step clock: when a row is next selected its buffer is
   first multiplied by ``momentum`` once per step it missed (what a dense buffer would have
@@ -45,12 +45,15 @@ import torch.distributed as dist
 from hybridfc.head.class_parallel_fc import ClassParallelFC
 from hybridfc.parallel.groups import group_size
 
+_BLOCK_BYTES = 8 << 20
+
 
 class HeadOptimizer(torch.optim.Optimizer):
     """Base of the head optimizers: clipping over all shards, skipped steps, dense or sparse rows.
 
-    Subclasses name their state tensors (``STATE``, each shaped like the shard) and implement
-    :meth:`_update` on a block of rows.
+    Subclasses name their state tensors (``STATE``, each shaped like the shard), implement
+    :meth:`_update` on a block of rows and may count per-row numbers once per step in
+    :meth:`_row_factors`.
     """
 
     STATE: tuple[str, ...] = ()
@@ -87,7 +90,7 @@ class HeadOptimizer(torch.optim.Optimizer):
             grad.mul_(scale)
         state = self._state()
         if rows is None:
-            self._update(self.head.weight, grad, state, None)
+            self._update(self.head.weight, grad, state, self._row_factors(None))
         else:
             self._update_rows(rows, grad, state)
         return True
@@ -109,18 +112,31 @@ class HeadOptimizer(torch.optim.Optimizer):
         return state
 
     def _update_rows(self, rows: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor]) -> None:
-        """Gather ``rows`` of the shard and of its state, update them in fp32, write them back."""
+        """Gather ``rows`` of the shard and of its state, update them in fp32 and write them back,
+        in blocks of at most 8 MiB (the update is elementwise: the blocks change nothing but the
+        memory it takes)."""
         weight = self.head.weight
-        block = weight[rows].float()
-        block_state = {name: state[name][rows].float() for name in self.STATE}
-        self._update(block, grad.float(), block_state, rows)
-        weight[rows] = block.to(weight.dtype)
-        for name in self.STATE:
-            state[name][rows] = block_state[name].to(state[name].dtype)
+        factors = self._row_factors(rows)
+        block_rows = max(1, _BLOCK_BYTES // (4 * weight.shape[1]))
+        for begin in range(0, rows.numel(), block_rows):
+            part = slice(begin, begin + block_rows)
+            ids = rows[part]
+            block = weight[ids].float()
+            block_state = {name: state[name][ids].float() for name in self.STATE}
+            self._update(block, grad[part].float(), block_state, None if factors is None else factors[part])
+            weight[ids] = block.to(weight.dtype)
+            for name in self.STATE:
+                state[name][ids] = block_state[name].to(state[name].dtype)
+
+    def _row_factors(self, rows: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """Per-row numbers the update of ``rows`` (None: the whole shard) needs, ``(n, 1)``
+        fp64, counted once per applied step; None when it needs none."""
+        return None
 
     def _update(self, weight: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor],
-                rows: Optional[torch.Tensor]) -> None:
-        """Update ``weight`` and ``state`` (the rows ``rows`` of the shard; None: all) in place."""
+                factors: Optional[torch.Tensor]) -> None:
+        """Update ``weight`` and ``state`` (rows of the shard, or all of it) in place; ``factors``
+        are the rows' part of :meth:`_row_factors`."""
         raise NotImplementedError
 
     def _clip_scale(self, grad: torch.Tensor) -> Optional[float]:
@@ -144,12 +160,12 @@ class HeadSGD(HeadOptimizer):
         super().__init__(head, dict(lr=lr, momentum=momentum, weight_decay=weight_decay), gradient_clipping)
         self.STATE = ("momentum_buffer",) if momentum else ()
 
-    def _update(self, weight, grad, state, rows) -> None:
+    def _update(self, weight, grad, state, factors) -> None:
         group = self.param_groups[0]
         lr, momentum, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
         if momentum:
             buf = state["momentum_buffer"]
-            buf.mul_(momentum if rows is None else self._momentum_decay(rows, momentum, buf.dtype)).add_(grad)
+            buf.mul_(momentum if factors is None else factors.to(buf.dtype)).add_(grad)
             if weight_decay:
                 buf.add_(weight, alpha=weight_decay)
             weight.add_(buf, alpha=-lr)
@@ -158,10 +174,13 @@ class HeadSGD(HeadOptimizer):
             weight.mul_(1 - lr * weight_decay)
         weight.add_(grad, alpha=-lr)
 
-    def _momentum_decay(self, rows: torch.Tensor, momentum: float, dtype: torch.dtype) -> torch.Tensor:
-        """``(n, 1)`` factors for the momentum of ``rows``: ``momentum`` to the power of one plus
-        the applied steps each row missed since its last update (a dense buffer's decay over
-        those steps, without their movement of the row)."""
+    def _row_factors(self, rows: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """Sparse steps: the momentum of each row of ``rows`` is multiplied by ``momentum`` to the
+        power of one plus the applied steps it missed since its last update (a dense buffer's
+        decay over those steps, without their movement of the row)."""
+        momentum = self.param_groups[0]["momentum"]
+        if rows is None or not momentum:
+            return None
         state = self.state[self.head.weight]
         if "applied_steps" not in state:
             state["applied_steps"] = torch.zeros((), dtype=torch.int64, device=rows.device)
@@ -169,7 +188,7 @@ class HeadSGD(HeadOptimizer):
         state["applied_steps"] += 1
         steps_since = state["applied_steps"] - state["row_last_step"][rows]
         state["row_last_step"][rows] = state["applied_steps"]
-        return torch.pow(momentum, steps_since.double()).to(dtype).unsqueeze(1)
+        return torch.pow(momentum, steps_since.double()).unsqueeze(1)
 
 
 class HeadAdam(HeadOptimizer):
@@ -184,7 +203,7 @@ class HeadAdam(HeadOptimizer):
                          gradient_clipping)
         self.decoupled = decoupled
 
-    def _row_steps(self, rows: Optional[torch.Tensor]) -> torch.Tensor:
+    def _row_factors(self, rows: Optional[torch.Tensor]) -> torch.Tensor:
         """Count one more step for ``rows`` (None: all); ``(n, 1)`` fp64 counts after it."""
         state = self.state[self.head.weight]
         if "row_steps" not in state:
@@ -196,10 +215,9 @@ class HeadAdam(HeadOptimizer):
         steps[rows] += 1
         return steps[rows].double().unsqueeze(1)
 
-    def _update(self, weight, grad, state, rows) -> None:
+    def _update(self, weight, grad, state, steps) -> None:
         group = self.param_groups[0]
         lr, (beta1, beta2), eps, weight_decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-        steps = self._row_steps(rows)
         if weight_decay and self.decoupled:
             weight.mul_(1 - lr * weight_decay)
         elif weight_decay:

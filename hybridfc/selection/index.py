@@ -6,15 +6,14 @@ first, as ``(q, k)`` scores and ``(q, k)`` 0-based rows. Three kinds of index:
 
 ``exact``  blockwise ``queries @ centres.T`` and ``topk``; the queries go in blocks so that one
            block of scores is at most about 64 MiB, whatever ``n``. Needs nothing but torch.
-``ivf``    ``faiss.IndexIVFFlat`` (inner product): about ``sqrt(n)`` inverted lists trained by
-           seeded k-means on a seeded sample of 64 centres per list, so two builds on the same
-           centres are identical; a query scans the lists of its :func:`ivf_probes` nearest
-           centroids.
+``ivf``    :class:`~hybridfc.selection.ivf.InvertedFileIndex`: about ``sqrt(n)`` inverted lists
+           from a seeded spherical k-means in torch, searched list by list with matmuls;
+           a query scans the lists of its :func:`ivf_probes` nearest centroids.
 ``hnsw``   ``faiss.IndexHNSWFlat`` (inner product, 32 links per node, seeded node levels).
            Insertion runs on faiss's OpenMP threads; faiss does not promise that two parallel
            builds are identical (they were on one and on two threads with faiss 1.15).
 
-faiss is imported only when an ``ivf`` or ``hnsw`` index is built, so ``exact`` works without
+faiss is imported only when an ``hnsw`` index is built, so ``exact`` and ``ivf`` work without
 it. Searches pass their parameters per call (no index state is changed), so an index may be
 built in one thread and searched from several.
 """
@@ -26,6 +25,8 @@ from typing import Literal, Optional
 
 import torch
 
+from hybridfc.selection.ivf import InvertedFileIndex, ivf_lists, ivf_probes
+
 IndexKind = Literal["exact", "ivf", "hnsw"]
 
 EXACT_MAX_ROWS = 32768
@@ -33,8 +34,6 @@ GRAPH_EXACT_MAX_ROWS = 131072
 KINDS: tuple[str, ...] = ("exact", "ivf", "hnsw")
 
 _BLOCK_BYTES = 64 << 20
-_MIN_POINTS_PER_LIST = 39
-_TRAINING_POINTS_PER_LIST = 64
 _HNSW_LINKS = 32
 _HNSW_EF_CONSTRUCTION = 80
 
@@ -93,56 +92,38 @@ def _import_faiss(kind: str):
     return faiss
 
 
-def ivf_lists(num_rows: int) -> int:
-    """Inverted lists for ``num_rows`` rows: ``sqrt(n)``, at most ``n // 39``, at least 1."""
-    return max(1, min(round(math.sqrt(num_rows)), num_rows // _MIN_POINTS_PER_LIST))
-
-
-def ivf_probes(num_lists: int) -> int:
-    """Lists scanned per query: ``max(32, nlist // 16)``, at most ``nlist``.
-
-    Measured recall@32 of the class graph (2000 queries): 0.93 at 500k rows of d = 128 centres
-    of intrinsic dimension 16 (707 lists, 32 probes), 0.97 on 2000 Gaussian clusters of 10 rows
-    in d = 64. On isotropic Gaussian centres no IVF setting is much cheaper than exact search.
-    """
-    return min(num_lists, max(32, num_lists // 16))
-
-
 class ShardIndex:
     """Nearest rows of ``(n, d)`` L2-normalised fp32 centres by inner product (= cosine).
 
     ``kind`` is one of :data:`KINDS` or ``"auto"`` (see :func:`choose_index_kind`); ``seed``
     fixes the training sample and k-means of ``ivf`` and the node levels of ``hnsw``. The
-    centres may live on any device: the ``exact`` kind computes there, the faiss kinds on a
-    CPU copy. ``centres`` keeps the fp32 rows the index was built from.
+    centres may live on any device: the ``exact`` kind computes there, ``ivf`` and ``hnsw`` on
+    a CPU copy. ``centres`` gives back the fp32 rows the index was built from.
     """
 
     def __init__(self, centres: torch.Tensor, kind: str = "exact", seed: int = 0) -> None:
         if centres.dim() != 2:
             raise ValueError(f"centres must be (n, d), got shape {tuple(centres.shape)}")
         self.kind = choose_index_kind(centres.shape[0], kind)
-        self.dim = centres.shape[1]
-        self.centres = centres.detach().float().contiguous()
+        self.dim, self._num_rows = centres.shape[1], centres.shape[0]
+        self._rows = centres.detach().float().contiguous()
         self._index = None
-        if self.kind != "exact" and len(self):
+        if self.kind == "ivf" and len(self):
+            self.num_lists = ivf_lists(len(self))
+            self.num_probes = ivf_probes(self.num_lists)
+            self._index = InvertedFileIndex(self._rows.cpu(), self.num_lists, seed)
+            self._rows = None
+        elif self.kind == "hnsw" and len(self):
             self._faiss = _import_faiss(self.kind)
-            build = self._build_ivf if self.kind == "ivf" else self._build_hnsw
-            build(self.centres.cpu().numpy(), seed)
+            self._build_hnsw(self._rows.cpu().numpy(), seed)
 
     def __len__(self) -> int:
-        return self.centres.shape[0]
+        return self._num_rows
 
-    def _build_ivf(self, centres, seed: int) -> None:
-        faiss = self._faiss
-        self.num_lists = ivf_lists(len(self))
-        self.num_probes = ivf_probes(self.num_lists)
-        quantizer = faiss.IndexFlatIP(self.dim)
-        self._index = faiss.IndexIVFFlat(quantizer, self.dim, self.num_lists, faiss.METRIC_INNER_PRODUCT)
-        self._index.cp.seed = seed
-        generator = torch.Generator().manual_seed(seed)
-        sample = torch.randperm(len(self), generator=generator)[: _TRAINING_POINTS_PER_LIST * self.num_lists]
-        self._index.train(centres[sample.sort().values.numpy()])
-        self._index.add(centres)
+    @property
+    def centres(self) -> torch.Tensor:
+        """The ``(n, d)`` fp32 rows the index was built from."""
+        return self._index.rows() if self._rows is None else self._rows
 
     def _build_hnsw(self, centres, seed: int) -> None:
         self._index = self._faiss.IndexHNSWFlat(self.dim, _HNSW_LINKS, self._faiss.METRIC_INNER_PRODUCT)
@@ -158,17 +139,17 @@ class ShardIndex:
         """
         if queries.dim() != 2 or queries.shape[1] != self.dim:
             raise ValueError(f"queries must be (q, {self.dim}), got shape {tuple(queries.shape)}")
-        if self._index is None:
-            scores, rows = exact_search(queries.detach(), self.centres, k)
+        queries = queries.detach()
+        if self.kind == "exact" or not len(self):
+            scores, rows = exact_search(queries, self.centres, k)
+        elif self.kind == "ivf":
+            scores, rows = self._index.search(queries.to("cpu", torch.float32), k, self.num_probes)
         else:
-            scores, rows = self._faiss_search(queries.detach().to("cpu", torch.float32).contiguous(), k)
+            scores, rows = self._hnsw_search(queries.to("cpu", torch.float32).contiguous(), k)
         return scores.to(queries.device), rows.to(queries.device)
 
-    def _faiss_search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.kind == "ivf":
-            params = self._faiss.SearchParametersIVF(nprobe=self.num_probes)
-        else:
-            params = self._faiss.SearchParametersHNSW(efSearch=max(64, 2 * k))
+    def _hnsw_search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        params = self._faiss.SearchParametersHNSW(efSearch=max(64, 2 * k))
         distances, labels = self._index.search(queries.numpy(), k, params=params)
         scores, rows = torch.from_numpy(distances), torch.from_numpy(labels)
         scores[rows < 0] = -torch.inf
