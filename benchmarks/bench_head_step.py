@@ -98,6 +98,27 @@ def batch_for_step(step: int, batch: int, dim: int, num_classes: int):
     return torch.randn(batch, dim, generator=g), torch.randint(num_classes, (batch,), generator=g)
 
 
+def timed_step(model, opt, rank: int, step: int, batch: int, dim: int, num_classes: int):
+    """Forward, backward, ``opt.step()`` and ``opt.zero_grad()`` on this rank's part of step
+    ``step``'s batch, between two barriers: ``(loss, wall s, CPU s, (forward, backward, optimizer) s)``."""
+    b = batch // dist.get_world_size()
+    xg, yg = batch_for_step(step, batch, dim, num_classes)
+    x = xg[rank * b:(rank + 1) * b].clone().requires_grad_(True)
+    y = yg[rank * b:(rank + 1) * b].clone()
+    dist.barrier()
+    t0, c0 = time.perf_counter(), time.process_time()
+    loss = model(x, y)
+    t1 = time.perf_counter()
+    loss.backward()
+    t2 = time.perf_counter()
+    opt.step()
+    opt.zero_grad()
+    t3 = time.perf_counter()
+    dist.barrier()
+    t4, c4 = time.perf_counter(), time.process_time()
+    return loss.detach(), t4 - t0, c4 - c0, (t1 - t0, t2 - t1, t3 - t2)
+
+
 def time_mm(a, b, out, reps: int) -> dict:
     """Median wall and CPU seconds of torch.mm(a, b, out=out) and of torch.mm(a, b) (allocating);
     both ranks in lock-step, like in the step."""
@@ -179,33 +200,20 @@ def worker(rank: int, cfg: dict) -> dict:
     sampler.start()
     walls, cpus, phases, losses = [], [], [], []
     for step in range(cfg["warmup"] + cfg["steps"]):
-        xg, yg = batch_for_step(step, B, d, C)
-        x = xg[rank * b:(rank + 1) * b].clone().requires_grad_(True)
-        y = yg[rank * b:(rank + 1) * b].clone()
-        dist.barrier()
-        t0, c0 = time.perf_counter(), time.process_time()
-        loss = model(x, y)
-        t1 = time.perf_counter()
-        loss.backward()
-        t2 = time.perf_counter()
-        opt.step()
-        opt.zero_grad()
-        t3 = time.perf_counter()
-        dist.barrier()
-        t4, c4 = time.perf_counter(), time.process_time()
-        value = loss.detach().clone()
+        loss, wall, cpu, phase = timed_step(model, opt, rank, step, B, d, C)
+        value = loss.clone()
         if cfg["method"] == "naive":  # local mean -> global mean, for the sanity check only
             dist.all_reduce(value)
             value /= world
         losses.append(float(value))
         if step >= cfg["warmup"]:
-            walls.append(t4 - t0)
-            cpus.append(c4 - c0)
-            phases.append((t1 - t0, t2 - t1, t3 - t2))
+            walls.append(wall)
+            cpus.append(cpu)
+            phases.append(phase)
     peak_sampled = sampler.stop()
     peak_hwm = hwm_bytes()
 
-    del model, opt, loss, x
+    del model, opt, loss
     if cfg["method"] == "naive":
         del head
     floor = gemm_floor(gemm_m, gemm_n, d, cfg["mm_reps"])

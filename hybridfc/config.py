@@ -39,7 +39,7 @@ count (at most the largest shard), a float in (0, 1] a rate of the shard. ``k`` 
 neighbours per class (``knn``) or per sample (``hf``). The graph or index is rebuilt from the
 rows every ``rebuild_interval`` steps (0: built once) in the background and swapped in
 ``rebuild_delay`` steps later (default: a tenth of the interval). ``index``: ``exact``, ``ivf``,
-``hnsw`` (faiss) or ``auto`` (exact for small shards).
+``hnsw`` (faiss) or ``auto`` (exact for small shards, IVF for large ones).
 
 ``optimizer`` is ``sgd`` (params lr, momentum, weight_decay), ``adam`` or ``adamw`` (params lr,
 betas, eps, weight_decay); with a selection other than ``full`` it updates the touched rows
@@ -179,7 +179,7 @@ Budget = Annotated[Union[int, float], PlainValidator(_check_budget)]
 """Active rows per rank: an integer is a row count, a float in (0, 1] a rate of the shard."""
 
 IndexKind = Literal["auto", "exact", "ivf", "hnsw"]
-"""How nearest classes are found: exact matmul + top-k, or a faiss IVF / HNSW index; ``auto``
+"""How nearest classes are found: exact matmul + top-k, an IVF index, or a faiss HNSW index; ``auto``
 picks exact for small shards and IVF for large ones."""
 
 

@@ -4,8 +4,8 @@
 ...                                                  "rebuild_interval": 1000})
 
 Each rank keeps an approximate-nearest-neighbour index over its shard's normalised rows
-(:class:`~hybridfc.selection.index.ShardIndex`: exact for small shards, a faiss IVF or HNSW
-index for large ones). Each step the gathered features ``(B, d)`` query it for their ``k``
+(:class:`~hybridfc.selection.index.ShardIndex`: exact for small shards, an IVF index for
+large ones, HNSW on request). Each step the gathered features ``(B, d)`` query it for their ``k``
 nearest rows; rank r's candidates are every sample's nearest row, then every sample's second,
 and so on. Positives, then candidates, then uniform random rows fill the budget. The index is
 rebuilt in the background from a snapshot every ``rebuild_interval`` steps

@@ -42,9 +42,9 @@ def choose_index_kind(num_rows: int, requested: str = "auto", exact_max_rows: in
     """``"auto"``: ``"exact"`` up to ``exact_max_rows`` rows, else ``"ivf"``; other kinds as is.
 
     A few hundred queries per step (``hf``) pay for an index above :data:`EXACT_MAX_ROWS` rows.
-    A class graph asks every row of every shard, and faiss scans an IVF list at a tenth of a
-    matmul's rate, so there exact search costs no more than IVF up to about
-    :data:`GRAPH_EXACT_MAX_ROWS` rows, with recall 1 (``benchmarks/RESULTS.md``).
+    A class graph asks every row of every shard; there exact search costs at most about 1.5x
+    an IVF's up to about :data:`GRAPH_EXACT_MAX_ROWS` rows, with recall 1 instead of ~0.45 on
+    unstructured centres (50k rows: 39 s vs 29 s, ``benchmarks/RESULTS.md``).
     """
     if requested == "auto":
         return "exact" if num_rows <= exact_max_rows else "ivf"
