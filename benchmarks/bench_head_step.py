@@ -52,19 +52,16 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import queue
 import statistics
-import tempfile
 import time
-import traceback
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
 from memory_probe import RssSampler, hwm_bytes, release_free_heap, reset_hwm, rss_bytes
+from ranks import run_on_ranks
 
 MIB = 1024 * 1024
 SGD_PARAMS = {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}
@@ -220,47 +217,6 @@ def worker(rank: int, cfg: dict) -> dict:
     return {"walls": walls, "cpus": cpus, "phases": phases, "losses": losses, "baseline": baseline,
             "after_build": after_build, "peak_hwm": peak_hwm, "peak_sampled": peak_sampled,
             "floor": floor, "gemm_shape": (gemm_m, gemm_n)}
-
-
-def _entry(rank: int, cfg: dict, init_file: str, results) -> None:
-    torch.set_num_threads(1)
-    try:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                                world_size=cfg["world_size"])
-        out = worker(rank, cfg)
-        results.put((rank, "ok", out))
-    except BaseException as exc:  # report, so the parent does not wait for a dead rank
-        results.put((rank, "error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def run_config(cfg: dict, timeout: float) -> list[dict]:
-    """Spawn a fresh process group for one configuration; the per-rank results."""
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    with tempfile.TemporaryDirectory() as tmp:
-        init_file = os.path.join(tmp, "store")
-        procs = [ctx.Process(target=_entry, args=(r, cfg, init_file, results))
-                 for r in range(cfg["world_size"])]
-        for p in procs:
-            p.start()
-        collected = {}
-        try:
-            for _ in procs:
-                rank, status, out = results.get(timeout=timeout)
-                if status != "ok":
-                    raise RuntimeError(f"{cfg['method']} C={cfg['classes']} rank {rank} failed:\n{out}")
-                collected[rank] = out
-        except queue.Empty:
-            raise RuntimeError(f"{cfg['method']} C={cfg['classes']}: no result within {timeout}s") from None
-        finally:
-            for p in procs:
-                p.join(timeout=30)
-                if p.is_alive():
-                    p.kill()
-    return [collected[r] for r in range(cfg["world_size"])]
 
 
 # ----------------------------------------------------------------------------- reporting
@@ -423,7 +379,8 @@ def main(argv=None) -> None:
     args.load_start = os.getloadavg()[0]
     rows, start = [], time.perf_counter()
     for i, cfg in enumerate(configs, 1):
-        r = summarize(cfg, run_config(cfg, args.timeout))
+        r = summarize(cfg, run_on_ranks(worker, cfg, cfg["world_size"], args.timeout,
+                                        f"{cfg['method']} C={cfg['classes']}"))
         rows.append(r)
         print(f"[{i}/{len(configs)}] {cfg['method']:>5} C={cfg['classes']:,}: {r['ms']:.1f} ms/step, "
               f"peak {r['peak_mib']:.0f} MiB/rank  ({time.perf_counter() - start:.0f} s elapsed)", flush=True)

@@ -88,19 +88,17 @@ os.environ["OMP_NUM_THREADS"] = "1"  # before torch / faiss start OpenMP; the sp
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import queue  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-import traceback  # noqa: E402
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from bench_head_step import MARGINS, cpu_model, library_version, timed_step  # noqa: E402
 from memory_probe import RssSampler, hwm_bytes, release_free_heap, reset_hwm, rss_bytes  # noqa: E402
+from ranks import run_on_ranks  # noqa: E402
 
 MIB = 1024 * 1024
 SGD_PARAMS = {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}
@@ -404,6 +402,16 @@ def _by_value(obj):
     return obj
 
 
+def rank_worker(rank: int, cfg: dict):
+    """A head-step or graph configuration on one rank, its tensors sent by value."""
+    return _by_value((step_worker if cfg["phase"] == "step" else graph_worker)(rank, cfg))
+
+
+def run_group(cfg: dict, timeout: float, name: str) -> list[dict]:
+    """One configuration on a fresh process group; the per-rank results."""
+    return [_as_tensors(out) for out in run_on_ranks(rank_worker, cfg, cfg["world_size"], timeout, name)]
+
+
 def _as_tensors(obj):
     if isinstance(obj, _Array):
         return torch.from_numpy(obj.array)
@@ -412,46 +420,6 @@ def _as_tensors(obj):
     if isinstance(obj, (list, tuple)):
         return type(obj)(_as_tensors(v) for v in obj)
     return obj
-
-
-def _entry(rank: int, cfg: dict, init_file: str, results) -> None:
-    torch.set_num_threads(1)
-    try:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                                world_size=cfg["world_size"])
-        worker = step_worker if cfg["phase"] == "step" else graph_worker
-        results.put((rank, "ok", _by_value(worker(rank, cfg))))
-    except BaseException as exc:  # report, so the parent does not wait for a dead rank
-        results.put((rank, "error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def run_group(cfg: dict, timeout: float, name: str) -> list[dict]:
-    """Spawn a fresh process group for one configuration; the per-rank results."""
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    with tempfile.TemporaryDirectory() as tmp:
-        init_file = os.path.join(tmp, "store")
-        procs = [ctx.Process(target=_entry, args=(r, cfg, init_file, results)) for r in range(cfg["world_size"])]
-        for p in procs:
-            p.start()
-        collected = {}
-        try:
-            for _ in procs:
-                rank, status, out = results.get(timeout=timeout)
-                if status != "ok":
-                    raise RuntimeError(f"{name}: rank {rank} failed:\n{out}")
-                collected[rank] = _as_tensors(out)
-        except queue.Empty:
-            raise RuntimeError(f"{name}: no result within {timeout}s") from None
-        finally:
-            for p in procs:
-                p.join(timeout=30)
-                if p.is_alive():
-                    p.kill()
-    return [collected[r] for r in range(cfg["world_size"])]
 
 
 # ----------------------------------------------------------------------------- summaries

@@ -25,19 +25,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import queue
 import sys
-import tempfile
 from typing import Optional
 
 import psutil
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from hybridfc.plan import PlanInputs, make_plan
 from memory_probe import RssSampler, hwm_bytes, release_free_heap, reset_hwm
+from ranks import run_on_ranks
 
 MARGIN = {"type": "arcface", "scale": 64.0, "margin": 0.5}
 OPTIMIZER = {"type": "sgd", "params": {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}}
@@ -61,11 +58,11 @@ def _warm_up(world_size: int, dim: int, batch: int) -> None:
     _steps(head, hybridfc.build_head_optimizer(head, OPTIMIZER), 2, batch, dim, seed=1)
 
 
-def measure_rank(rank: int, world_size: int, cfg: dict) -> dict:
+def measure_rank(rank: int, cfg: dict) -> dict:
     """One rank's baseline and peaks, in bytes."""
     import hybridfc
 
-    _warm_up(world_size, cfg["dim"], cfg["local_batch"])
+    _warm_up(dist.get_world_size(), cfg["dim"], cfg["local_batch"])
     release_free_heap()
     baseline = psutil.Process().memory_info().rss
     head = hybridfc.ClassParallelFC(cfg["classes"], cfg["dim"], margin=MARGIN)
@@ -80,42 +77,6 @@ def measure_rank(rank: int, world_size: int, cfg: dict) -> dict:
     return {"rank": rank, "baseline": baseline, "sampled": sampled - baseline, "kernel": kernel}
 
 
-def _entry(rank: int, world_size: int, cfg: dict, store: str, results) -> None:
-    torch.set_num_threads(1)
-    try:
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
-        results.put(measure_rank(rank, world_size, cfg))
-    except BaseException as exc:
-        results.put({"rank": rank, "error": f"{type(exc).__name__}: {exc}"})
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def run_ranks(cfg: dict, world_size: int, timeout: float) -> list[dict]:
-    """``measure_rank`` on ``world_size`` fresh processes; raise if one fails or hangs."""
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    with tempfile.TemporaryDirectory() as tmp:
-        store = os.path.join(tmp, "store")
-        procs = [ctx.Process(target=_entry, args=(r, world_size, cfg, store, results)) for r in range(world_size)]
-        for p in procs:
-            p.start()
-        try:
-            out = [results.get(timeout=timeout) for _ in procs]
-        except queue.Empty:
-            raise RuntimeError(f"the ranks did not finish within {timeout:.0f} s") from None
-        finally:
-            for p in procs:
-                p.join(timeout=10)
-                if p.is_alive():
-                    p.kill()
-    errors = [r for r in out if "error" in r]
-    if errors:
-        raise RuntimeError("; ".join(f"rank {r['rank']}: {r['error']}" for r in errors))
-    return sorted(out, key=lambda r: r["rank"])
-
-
 def predicted_peak(classes: int, dim: int, world_size: int, local_batch: int) -> int:
     """``hybridfc plan``'s total memory per rank, model-parallel (selection full), fp32, sgd."""
     inputs = PlanInputs(num_classes=classes, embedding_size=dim, world_size=world_size, local_batch=local_batch)
@@ -127,7 +88,7 @@ def check(classes: int, dim: int, world_size: int, global_batch: int, steps: int
     cfg = {"classes": classes, "dim": dim, "local_batch": global_batch // world_size, "steps": steps}
     predicted = predicted_peak(classes, dim, world_size, cfg["local_batch"])
     return [{**r, "classes": classes, "predicted": predicted, "ratio": predicted / r["sampled"]}
-            for r in run_ranks(cfg, world_size, timeout)]
+            for r in run_on_ranks(measure_rank, cfg, world_size, timeout, f"C={cfg['classes']:,}")]
 
 
 def _gib(nbytes: Optional[int]) -> str:
