@@ -7,6 +7,7 @@ back on purpose while training goes on; a checkpoint taken while a rebuild is in
 
 from __future__ import annotations
 
+import logging
 import threading
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from hybridfc import build_head_optimizer
 from hybridfc.checkpoint import load_head, save_head
 from hybridfc.selection.graph import build_knn_graph
 from hybridfc.selection.index import ShardIndex
-from hybridfc.selection.rebuild import snapshot
+from hybridfc.selection.rebuild import BackgroundRebuild, snapshot
 from reference import random_weight
 from test_selection import forward_backward, make_head, num_classes, step_batch
 
@@ -220,6 +221,28 @@ def test_training_continues_while_a_slow_rebuild_runs(results):
         assert got["alive"] == {step: step >= INTERVAL for step in range(2, swap)}, rank
         assert got["built_from"] == {step: INTERVAL if step == swap else 0 for step in range(2, swap + 1)}, rank
         assert got["swaps"] == 1, rank
+
+
+def test_a_swap_that_waits_names_the_delay_that_would_hide_the_build(caplog):
+    """A build that outlasts its delay makes the swap step wait; the warning names a longer
+    rebuild_delay (in steps, from the measured step time) and the current one."""
+    release = threading.Event()
+
+    def slow_build(rows: torch.Tensor) -> torch.Tensor:
+        if threading.current_thread() is not threading.main_thread():  # the background rebuild
+            release.wait(RELEASE_TIMEOUT)
+        return rows.clone()
+
+    rebuild = BackgroundRebuild(slow_build, interval=2, delay=2, name="test graph")
+    weight = torch.ones(3, 2)
+    rebuild.ensure_built(weight, step=0)
+    threading.Timer(0.3, release.set).start()
+    with caplog.at_level(logging.INFO, logger="hybridfc"):
+        for step in range(1, 5):
+            rebuild.step_end(step, weight)
+    assert len(rebuild.waits) == 1 and rebuild.waits[0] > 0.05
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "rebuild_delay of about" in warnings[0] and "(now 2)" in warnings[0], warnings
 
 
 # ----------------------------------------------------------------------------- 10. checkpoint mid-rebuild

@@ -11,12 +11,14 @@ The snapshot and the swap happen at step numbers, never at "whenever the thread 
 run is reproducible: steps k·T+1 … k·T+D use the old structure on every rank, whatever the
 machine's speed. The thread's collectives run on a process group of their own, so they never
 interleave with the training step's. If a build is still running at its swap step, that step
-waits for it; the wait is logged and kept in ``waits`` so it can be tuned away (a longer delay).
+waits for it; the wait is kept in ``waits`` and logged with the delay, in steps of the measured
+step time, that would have hidden the build.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from typing import Any, Callable, Optional
@@ -44,6 +46,7 @@ class _Build(threading.Thread):
         self.result: Any = None
         self.error: Optional[BaseException] = None
         self.seconds = 0.0
+        self.launched = time.perf_counter()
 
     def run(self) -> None:
         start = time.perf_counter()
@@ -112,9 +115,13 @@ class BackgroundRebuild:
         self.current, self.built_from_step = build.result, self._pending_step
         self.waits.append(wait)
         self.build_seconds.append(build.seconds)
-        level = logging.WARNING if wait > 0.05 else logging.INFO
-        log_dist(f"{self.name}: swapped in the rebuild from step {self._pending_step} at step {step} "
-                 f"(built in {build.seconds:.2f} s, waited {wait:.2f} s)", level=level)
+        message = (f"{self.name}: swapped in the rebuild from step {self._pending_step} at step {step} "
+                   f"(built in {build.seconds:.2f} s, waited {wait:.2f} s)")
+        if wait > 0.05:
+            seconds_per_step = (started - build.launched) / max(1, step - self._pending_step)
+            needed = math.ceil(1.2 * build.seconds / max(seconds_per_step, 1e-9))
+            message += f"; a rebuild_delay of about {needed} steps (now {self.delay}) would hide the build"
+        log_dist(message, level=logging.WARNING if wait > 0.05 else logging.INFO)
 
     def pending_snapshot(self) -> Optional[tuple[torch.Tensor, int]]:
         """The snapshot and step of the build in flight, if any (for checkpoints)."""
