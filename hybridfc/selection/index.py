@@ -20,7 +20,6 @@ built in one thread and searched from several.
 
 from __future__ import annotations
 
-import math
 from typing import Literal, Optional
 
 import torch

@@ -31,6 +31,8 @@ from hybridfc.log import log_dist
 Builder = Callable[[torch.Tensor], Any]
 """Builds the structure from a snapshot: ``(C_r, d)`` L2-normalised fp32 rows on the CPU."""
 
+_NOTICEABLE_WAIT_S = 0.05
+
 
 def snapshot(weight: torch.Tensor) -> torch.Tensor:
     """``(C_r, d)`` rows -> a normalised fp32 copy on the CPU, independent of later updates."""
@@ -117,11 +119,12 @@ class BackgroundRebuild:
         self.build_seconds.append(build.seconds)
         message = (f"{self.name}: swapped in the rebuild from step {self._pending_step} at step {step} "
                    f"(built in {build.seconds:.2f} s, waited {wait:.2f} s)")
-        if wait > 0.05:
+        noticeable = wait > _NOTICEABLE_WAIT_S
+        if noticeable:
             seconds_per_step = (started - build.launched) / max(1, step - self._pending_step)
             needed = math.ceil(1.2 * build.seconds / max(seconds_per_step, 1e-9))
             message += f"; a rebuild_delay of about {needed} steps (now {self.delay}) would hide the build"
-        log_dist(message, level=logging.WARNING if wait > 0.05 else logging.INFO)
+        log_dist(message, level=logging.WARNING if noticeable else logging.INFO)
 
     def pending_snapshot(self) -> Optional[tuple[torch.Tensor, int]]:
         """The snapshot and step of the build in flight, if any (for checkpoints)."""
