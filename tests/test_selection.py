@@ -468,6 +468,7 @@ def test_hard_negatives_fill_the_budget_nearest_first(run):
 
 
 STEP_COUNTERS = ("row_steps", "row_last_step", "applied_steps")
+CLOCK_HISTORY = ("recent_lr", "settled_coast")
 
 
 def _state_before(record_state: dict, reference: dict) -> dict:
@@ -496,6 +497,9 @@ def test_sparse_step_leaves_unselected_rows_and_state_bit_for_bit(run):
                 assert (record["weight"][rows] != weight[rows]).any(dim=1).all(), where
                 before = _state_before(state, record["state"])
                 for name, value in record["state"].items():
+                    if name in CLOCK_HISTORY:
+                        assert value.dtype == torch.float64, where
+                        continue
                     assert value.dtype == (torch.int64 if name in STEP_COUNTERS else weight.dtype), where
                     if name == "applied_steps":
                         assert value.item() == step + 1, where
@@ -593,27 +597,32 @@ def test_adam_row_step_counts_survive_a_checkpoint(tmp_path):
     assert torch.equal(resumed.weight, head.weight)
 
 
-def momentum_sgd(initial: torch.Tensor, steps: list[dict], params: dict, aged: bool = True) -> torch.Tensor:
-    """Float64 momentum SGD that updates only each step's rows; ``aged``: a row's buffer is first
-    multiplied by the momentum once per step the row missed."""
+def momentum_sgd(initial: torch.Tensor, steps: list[dict], params: dict, missed_steps: bool = True) -> torch.Tensor:
+    """Float64 momentum SGD on each step's rows, each row read right after the last step that
+    selected it. ``missed_steps``: on the other steps a row runs dense momentum SGD on a zero
+    gradient without weight decay (its buffer decays and moves it); otherwise those steps leave
+    it and its buffer alone."""
     lr, momentum, weight_decay = params["lr"], params["momentum"], params["weight_decay"]
     weight = initial.double().clone()
     buf = torch.zeros_like(weight)
-    last = torch.zeros(weight.shape[0], dtype=torch.int64)
-    for step, record in enumerate(steps, start=1):
+    at_last_update = weight.clone()
+    for record in steps:
         rows = record["grad_rows"]
-        if aged:
-            buf[rows] *= momentum ** (step - 1 - last[rows]).double().unsqueeze(1)
-        last[rows] = step
+        if missed_steps:
+            missed = torch.ones(weight.shape[0], dtype=torch.bool)
+            missed[rows] = False
+            buf[missed] *= momentum
+            weight[missed] -= lr * buf[missed]
         buf[rows] = momentum * buf[rows] + record["sparse_grad"].double() + weight_decay * weight[rows]
         weight[rows] -= lr * buf[rows]
-    return weight
+        at_last_update[rows] = weight[rows]
+    return at_last_update
 
 
-def test_sparse_sgd_ages_the_momentum_of_rows_that_missed_steps(tmp_path):
-    """A row selected again after missing g steps first has its momentum multiplied by
-    momentum^g (a dense buffer's decay) without being moved by the missed steps; the rule's
-    step counters survive a checkpoint."""
+def test_sparse_sgd_lands_where_dense_momentum_would(tmp_path):
+    """A row selected again after missing steps first gets what those steps would have done with
+    a zero gradient (its momentum's decay and movement), so after its update it sits where dense
+    momentum SGD puts it; the clock's state survives a checkpoint."""
     params = OPTIMIZERS["sgd"]["params"]
     weight = random_weight(num_classes(1), WIDTH, seed=11).float()
 
@@ -629,9 +638,10 @@ def test_sparse_sgd_ages_the_momentum_of_rows_that_missed_steps(tmp_path):
     steps = first + train(resumed, resumed_optimizer, rank=0, seed=904, steps=4)
     state = resumed_optimizer.state[resumed.weight]
     assert state["applied_steps"].dtype == state["row_last_step"].dtype == torch.int64
+    assert state["recent_lr"].dtype == state["settled_coast"].dtype == torch.float64
     assert state["applied_steps"].item() == 8
     assert_close(resumed.weight.double(), momentum_sgd(weight, steps, params), rtol=1e-5, atol=1e-6)
-    assert not torch.allclose(resumed.weight.double(), momentum_sgd(weight, steps, params, aged=False),
+    assert not torch.allclose(resumed.weight.double(), momentum_sgd(weight, steps, params, missed_steps=False),
                               rtol=1e-5, atol=1e-6)
 
 

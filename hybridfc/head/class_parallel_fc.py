@@ -174,7 +174,7 @@ class ClassParallelFC(nn.Module):
 
     def _active_rows(self, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """A leaf copy of ``weight[rows]`` whose gradient is added to the touched rows."""
-        active = self.weight.detach()[rows].to(dtype)
+        active = self.weight.detach().index_select(0, rows).to(dtype)
         if torch.is_grad_enabled():
             active.requires_grad_(True)
             active.register_hook(lambda grad: self._add_row_gradient(rows, grad))

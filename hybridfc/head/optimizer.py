@@ -15,16 +15,17 @@ What gets updated follows the head's selection (:meth:`ClassParallelFC.gradient`
 
 * ``full``: every row, in place, with no temporary of the shard's size for SGD;
 * any other selection: only the rows touched since ``zero_grad``. Their rows and optimizer
-  state are gathered, updated in fp32 and written back a block of at most 8 MiB at a time;
+  state are gathered, updated in fp32 and written back a block of at most 1 MiB at a time;
   every other row, its momentum, its Adam moments and its weight decay stay exactly as they
   were, and the cost scales with the active set, not with the shard.
 
-  SGD's momentum of a row runs on the step clock: when a row is next selected its buffer is
-  first multiplied by ``momentum`` once per step it missed (what a dense buffer would have
-  decayed to), but the missed steps never move the row. Without this, a push a row received
-  hundreds of steps ago is re-applied at full strength whenever the row comes back, which
-  hurts hard-negative selections most (``benchmarks/RESULTS.md``). Adam keeps a step count per
-  row, so each row's bias correction counts the steps that row was updated (lazy Adam).
+  SGD's momentum of a row runs on the step clock (:mod:`hybridfc.head.momentum_clock`): when a
+  row is next selected, it first gets what the steps it missed would have done with a zero
+  gradient, the movement its momentum carried it on those steps and the buffer's decay over
+  them; weight decay applies only on the steps that select the row. A row therefore ends where
+  dense momentum SGD on the selected rows' gradients would put it, minus the decay of the
+  missed steps, while the steps that miss it leave it and its state untouched. Adam keeps a step
+  count per row, so each row's bias correction counts the steps that row was updated (lazy Adam).
 
 State tensors have the shard's storage dtype. Optional clipping (``gradient_clipping > 0``)
 scales the gradient so that its L2 norm over *all* shards is at most that value, with one
@@ -43,9 +44,10 @@ import torch
 import torch.distributed as dist
 
 from hybridfc.head.class_parallel_fc import ClassParallelFC
+from hybridfc.head.momentum_clock import MomentumClock
 from hybridfc.parallel.groups import group_size
 
-_BLOCK_BYTES = 8 << 20
+_BLOCK_BYTES = 1 << 20
 
 
 class HeadOptimizer(torch.optim.Optimizer):
@@ -96,11 +98,12 @@ class HeadOptimizer(torch.optim.Optimizer):
         return True
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """torch casts loaded state to the parameter's dtype; step counts stay int64."""
+        """torch casts loaded state to the parameter's dtype; every state tensor keeps the dtype
+        it was saved with (int64 step counts, fp64 learning-rate history)."""
         super().load_state_dict(state_dict)
         state = self.state[self.head.weight]
         for name, value in state_dict["state"].get(0, {}).items():
-            if isinstance(value, torch.Tensor) and value.dtype == torch.int64:
+            if isinstance(value, torch.Tensor):
                 state[name] = value.to(self.head.weight.device)
 
     def _state(self) -> dict[str, torch.Tensor]:
@@ -113,7 +116,7 @@ class HeadOptimizer(torch.optim.Optimizer):
 
     def _update_rows(self, rows: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor]) -> None:
         """Gather ``rows`` of the shard and of its state, update them in fp32 and write them back,
-        in blocks of at most 8 MiB (the update is elementwise: the blocks change nothing but the
+        in blocks of at most 1 MiB (the update is elementwise: the blocks change nothing but the
         memory it takes)."""
         weight = self.head.weight
         factors = self._row_factors(rows)
@@ -121,12 +124,12 @@ class HeadOptimizer(torch.optim.Optimizer):
         for begin in range(0, rows.numel(), block_rows):
             part = slice(begin, begin + block_rows)
             ids = rows[part]
-            block = weight[ids].float()
-            block_state = {name: state[name][ids].float() for name in self.STATE}
+            block = weight.index_select(0, ids).float()
+            block_state = {name: state[name].index_select(0, ids).float() for name in self.STATE}
             self._update(block, grad[part].float(), block_state, None if factors is None else factors[part])
-            weight[ids] = block.to(weight.dtype)
+            weight.index_copy_(0, ids, block.to(weight.dtype))
             for name in self.STATE:
-                state[name][ids] = block_state[name].to(state[name].dtype)
+                state[name].index_copy_(0, ids, block_state[name].to(state[name].dtype))
 
     def _row_factors(self, rows: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """Per-row numbers the update of ``rows`` (None: the whole shard) needs, ``(n, 1)``
@@ -165,7 +168,13 @@ class HeadSGD(HeadOptimizer):
         lr, momentum, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
         if momentum:
             buf = state["momentum_buffer"]
-            buf.mul_(momentum if factors is None else factors.to(buf.dtype)).add_(grad)
+            if factors is None:
+                buf.mul_(momentum)
+            else:
+                decay, coast = factors[:, :1].to(buf.dtype), factors[:, 1:].to(buf.dtype)
+                weight.addcmul_(buf, coast, value=-1)
+                buf.mul_(decay)
+            buf.add_(grad)
             if weight_decay:
                 buf.add_(weight, alpha=weight_decay)
             weight.add_(buf, alpha=-lr)
@@ -175,20 +184,19 @@ class HeadSGD(HeadOptimizer):
         weight.add_(grad, alpha=-lr)
 
     def _row_factors(self, rows: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        """Sparse steps: the momentum of each row of ``rows`` is multiplied by ``momentum`` to the
-        power of one plus the applied steps it missed since its last update (a dense buffer's
-        decay over those steps, without their movement of the row)."""
-        momentum = self.param_groups[0]["momentum"]
-        if rows is None or not momentum:
+        """Sparse steps: each row's momentum decay and coast over the steps it missed since its
+        last update (:class:`MomentumClock`), ``(n, 2)`` fp64."""
+        group = self.param_groups[0]
+        if rows is None or not group["momentum"]:
             return None
         state = self.state[self.head.weight]
-        if "applied_steps" not in state:
-            state["applied_steps"] = torch.zeros((), dtype=torch.int64, device=rows.device)
-            state["row_last_step"] = torch.zeros(self.head.num_local, dtype=torch.int64, device=rows.device)
-        state["applied_steps"] += 1
-        steps_since = state["applied_steps"] - state["row_last_step"][rows]
-        state["row_last_step"][rows] = state["applied_steps"]
-        return torch.pow(momentum, steps_since.double()).unsqueeze(1)
+        if "row_last_step" not in state:
+            clock = MomentumClock.create(group["momentum"], self.head.num_local, rows.device)
+        else:
+            clock = MomentumClock.from_state(group["momentum"], state)
+        decay, coast = clock.tick(rows, group["lr"])
+        state.update(clock.to_state())
+        return torch.cat([decay, coast], dim=1)
 
 
 class HeadAdam(HeadOptimizer):
