@@ -128,6 +128,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rebuild-interval", type=int, default=250, help="knn/hf rebuild interval T (steps)")
     p.add_argument("--samples-per-class", type=int, default=2, help="training samples per class")
     p.add_argument("--test-samples-per-class", type=int, default=4, help="held-out samples per class")
+    p.add_argument("--sampling-correction", action="store_true",
+                   help="selection key sampling_correction: log(free/drawn) on the random negatives' logits")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="tiny smoke test (< 2 min)")
@@ -149,7 +151,7 @@ def parse_args() -> argparse.Namespace:
 def selection_spec(method: str, budget: float | None, args: argparse.Namespace) -> dict:
     if method == "full":
         return {"type": "full"}
-    spec = {"type": method, "budget": budget}
+    spec = {"type": method, "budget": budget, "sampling_correction": args.sampling_correction}
     if method in ("knn", "hf"):
         spec.update(k=args.k, rebuild_interval=args.rebuild_interval)
     return spec

@@ -28,11 +28,11 @@ required)::
 ``selection`` (which rows of each shard enter a step's softmax) is one of::
 
     {"type": "full"}
-    {"type": "partial", "budget": 0.1}
+    {"type": "partial", "budget": 0.1, "sampling_correction": false}
     {"type": "knn", "budget": 0.1, "k": 32, "rebuild_interval": 1000, "rebuild_delay": null,
-     "index": "auto"}
+     "index": "auto", "sampling_correction": false}
     {"type": "hf",  "budget": 0.1, "k": 32, "rebuild_interval": 1000, "rebuild_delay": null,
-     "index": "auto"}
+     "index": "auto", "sampling_correction": false}
 
 ``budget`` is the active rows per rank and step, positives included: an integer is a row
 count (at most the largest shard), a float in (0, 1] a rate of the shard. ``k`` is the
@@ -40,6 +40,8 @@ neighbours per class (``knn``) or per sample (``hf``). The graph or index is reb
 rows every ``rebuild_interval`` steps (0: built once) in the background and swapped in
 ``rebuild_delay`` steps later (default: a tenth of the interval). ``index``: ``exact``, ``ivf``,
 ``hnsw`` (faiss) or ``auto`` (exact for small shards, IVF for large ones).
+``sampling_correction``: the logits of the uniformly drawn negatives get ``log(rows they were
+drawn from / rows drawn)``, so that they stand for all the rows they were drawn from.
 
 ``optimizer`` is ``sgd`` (params lr, momentum, weight_decay), ``adam`` or ``adamw`` (params lr,
 betas, eps, weight_decay); with a selection other than ``full`` it updates the touched rows
@@ -75,6 +77,7 @@ from pydantic import (
     ConfigDict,
     Field,
     Strict,
+    StrictBool,
     StrictInt,
     ValidationError,
     PlainValidator,
@@ -189,17 +192,22 @@ class FullSelection(_Section):
     type: Literal["full"] = "full"
 
 
-class PartialSelection(_Section):
+class _Sampled(_Section):
+    """Keys shared by the selections that compute ``budget`` rows per rank."""
+
+    budget: Budget = 0.1
+    sampling_correction: StrictBool = False
+
+
+class PartialSelection(_Sampled):
     """PartialFC: the positives plus uniformly random negatives, ``budget`` rows per rank."""
 
     type: Literal["partial"] = "partial"
-    budget: Budget = 0.1
 
 
-class _Rebuilt(_Section):
+class _Rebuilt(_Sampled):
     """Keys shared by the selections that look classes up in a structure rebuilt from W."""
 
-    budget: Budget = 0.1
     k: StrictInt = Field(32, ge=1)
     rebuild_interval: StrictInt = Field(1000, ge=0)
     rebuild_delay: Optional[StrictInt] = Field(None, ge=1)

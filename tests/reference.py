@@ -25,21 +25,26 @@ def reference_psi(cos: torch.Tensor, margin: dict) -> torch.Tensor:
     return torch.where(angle <= math.pi, torch.cos(angle) - m3, cos - m3 - m2 * math.sin(m2))
 
 
-def reference_loss(embeddings: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, margin: dict) -> torch.Tensor:
-    """Mean margin-softmax cross-entropy: ``embeddings (B, d)``, ``labels (B,)``, ``weight (C, d)``."""
+def reference_loss(embeddings: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, margin: dict,
+                   logit_offset: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean margin-softmax cross-entropy: ``embeddings (B, d)``, ``labels (B,)``, ``weight (C, d)``;
+    ``logit_offset (C,)`` is added to every logit but the targets'."""
     if margin["type"] == "softmax":
-        return F.cross_entropy(embeddings @ weight.t(), labels)
-    cos = F.normalize(embeddings, dim=1) @ F.normalize(weight, dim=1).t()
-    target = cos.gather(1, labels[:, None]).squeeze(1)
-    logits = cos.scatter(1, labels[:, None], reference_psi(target, margin)[:, None])
-    return F.cross_entropy(margin["scale"] * logits, labels)
+        logits = embeddings @ weight.t()
+    else:
+        cos = F.normalize(embeddings, dim=1) @ F.normalize(weight, dim=1).t()
+        target = cos.gather(1, labels[:, None]).squeeze(1)
+        logits = margin["scale"] * cos.scatter(1, labels[:, None], reference_psi(target, margin)[:, None])
+    if logit_offset is not None:
+        logits = logits + logit_offset.to(logits.dtype).expand_as(logits).scatter(1, labels[:, None], 0.0)
+    return F.cross_entropy(logits, labels)
 
 
-def reference_grads(embeddings, labels, weight, margin):
+def reference_grads(embeddings, labels, weight, margin, logit_offset=None):
     """``(loss, dL/dE (B, d), dL/dW (C, d))`` in float64."""
     e = embeddings.detach().double().requires_grad_()
     w = weight.detach().double().requires_grad_()
-    loss = reference_loss(e, labels, w, margin)
+    loss = reference_loss(e, labels, w, margin, logit_offset)
     loss.backward()
     return loss.detach(), e.grad, w.grad
 
@@ -72,9 +77,10 @@ def rank_rows(sizes, rank: int) -> slice:
     return slice(start, start + sizes[rank])
 
 
-def reference_grads_over(classes: torch.Tensor, embeddings, labels, weight, margin):
+def reference_grads_over(classes: torch.Tensor, embeddings, labels, weight, margin, logit_offset=None):
     """The margin softmax over the classes ``classes`` (sorted global ids) only: ``(loss, dL/dE
-    (B, d), dL/dW (len(classes), d))`` in float64, every label being one of ``classes``."""
+    (B, d), dL/dW (len(classes), d))`` in float64, every label being one of ``classes``;
+    ``logit_offset`` ``(len(classes),)`` as in :func:`reference_loss`."""
     targets = torch.searchsorted(classes, labels)
     assert torch.equal(classes[targets.clamp_max(len(classes) - 1)], labels), "a label is not among the classes"
-    return reference_grads(embeddings, targets, weight[classes], margin)
+    return reference_grads(embeddings, targets, weight[classes], margin, logit_offset)

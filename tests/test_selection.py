@@ -59,8 +59,8 @@ def largest_shard(world_size: int) -> int:
 
 def selection(kind: str, budget: "int | float", **options) -> dict:
     """A selection spec; knn and hf rebuild every 3 steps (swapped in a step later) from an exact index."""
-    spec = {"type": kind, "budget": budget}
-    return {**spec, **REBUILT, **options} if kind in ("knn", "hf") else spec
+    spec = {"type": kind, "budget": budget, **options}
+    return {**REBUILT, **spec} if kind in ("knn", "hf") else spec
 
 
 def expected_rows(budget: "int | float", shard_rows: int) -> int:
@@ -171,14 +171,17 @@ class Scenario:
 
 
 def reference_scenarios(world_size: int) -> dict[str, Scenario]:
-    """Each selection with each margin, with two accumulated micro-batches, and a budget of 2
-    rows that the positives exceed."""
+    """Each selection with each margin, with two accumulated micro-batches, with the sampling
+    correction, and a budget of 2 rows that the positives exceed."""
     budgets = {"partial": 0.5, "knn": 16, "hf": 0.4}
     specs = {}
     for kind, budget in budgets.items():
         for name, margin in MARGINS.items():
             specs[f"{kind}/{name}"] = (selection(kind, budget), margin, 1, False)
         specs[f"{kind}/accumulate"] = (selection(kind, budget), MARGINS["cosface"], 2, False)
+        corrected = selection(kind, 0.5, sampling_correction=True) if kind == "partial" else \
+            selection(kind, 0.75, k=1, sampling_correction=True)  # room left for random rows
+        specs[f"{kind}/corrected"] = (corrected, ARCFACE, 2, False)
     specs["positives_only"] = (selection("partial", 2), ARCFACE, 2, True)
     return {name: Scenario(spec, margin, 1000 * world_size + 10 * i, micro, spread)
             for i, (name, (spec, margin, micro, spread)) in enumerate(specs.items())}
@@ -192,7 +195,7 @@ def _run_scenario(scenario: Scenario, rank: int, world_size: int) -> dict:
         loss, embedding_grad = forward_backward(head, embeddings, labels, rank, factor=1 / scenario.micro)
         active = head.last_selection
         micro.append({"loss": loss, "embedding_grad": embedding_grad, "classes": active.rows + head.class_start,
-                      "positives_only": active.positives_only})
+                      "positives_only": active.positives_only, "logit_offset": active.logit_offset})
     rows, grad = head.gradient()
     return {"micro": micro, "grad_classes": rows + head.class_start, "grad": grad,
             "positives_only_steps": head.selection.positives_only_steps,
@@ -238,7 +241,7 @@ def _reproducibility(rank: int, world_size: int) -> dict:
     out = {}
     for kind in KINDS:
         for label, seed in (("first", 0), ("again", 0), ("other_seed", 1)):
-            head = make_head(weight, selection(kind, 0.5, k=1), seed=seed)
+            head = make_head(weight, selection(kind, 0.5, **({} if kind == "partial" else {"k": 1})), seed=seed)
             steps = train(head, build_head_optimizer(head, OPTIMIZERS["sgd"]), rank, seed=900, steps=5)
             rebuilt = {"knn": "graph", "hf": "index"}
             out[kind, label] = {"losses": [s["loss"] for s in steps], "active": [s["active"] for s in steps],
@@ -344,16 +347,24 @@ def test_sparse_step_equals_reference_over_the_union_of_active_sets(run):
     """Loss, embedding gradients and the touched rows' gradient equal the float64 margin
     softmax over the classes the ranks selected (their union U), for partial, knn and hf with
     arcface, cosface and softmax; with two micro-batches the touched rows are the union of
-    both steps' active rows and their gradient the sum."""
+    both steps' active rows and their gradient the sum; with ``sampling_correction`` the
+    softmax adds each rank's logit offsets to the non-target logits."""
     world_size, results = run
     for name, scenario in reference_scenarios(world_size).items():
         weight = scenario.weight(world_size)
         expected_grad = torch.zeros_like(weight)
         for m, (embeddings, labels) in enumerate(scenario.batches(world_size)):
-            classes = torch.cat([result["reference"][name]["micro"][m]["classes"] for result in results])
+            got_micro = [result["reference"][name]["micro"][m] for result in results]
+            classes = torch.cat([got["classes"] for got in got_micro])
             assert classes.numel() < weight.shape[0], f"{name}: the active sets cover every class"
+            offset = None
+            if scenario.spec.get("sampling_correction"):
+                offset = torch.cat([torch.zeros(got["classes"].numel(), dtype=torch.float64)
+                                    if got["logit_offset"] is None else got["logit_offset"] for got in got_micro])
+            else:
+                assert all(got["logit_offset"] is None for got in got_micro), name
             loss, embedding_grad, weight_grad = reference_grads_over(classes, embeddings, labels, weight,
-                                                                     scenario.margin)
+                                                                     scenario.margin, offset)
             expected_grad[classes] += weight_grad / scenario.micro
             for rank, result in enumerate(results):
                 got = result["reference"][name]["micro"][m]
@@ -401,6 +412,30 @@ def test_every_positive_is_active(run):
                 got = result["reference"][name]
                 positives = _positives(labels, got["shard"])
                 assert torch.isin(positives, got["micro"][m]["classes"]).all(), f"{name}, rank {rank}"
+
+
+def test_sampling_correction_weighs_the_random_rows_only(run):
+    """With ``sampling_correction``, the rows a rank took for certain (positives, candidates)
+    get no offset and every other active row ``log(free / drawn)``: drawn rows out of the free
+    rows they were drawn from."""
+    world_size, results = run
+    drew = 0
+    for name, scenario in reference_scenarios(world_size).items():
+        if not scenario.spec.get("sampling_correction"):
+            continue
+        for m, (_, labels) in enumerate(scenario.batches(world_size)):
+            for rank, result in enumerate(results):
+                got = result["reference"][name]
+                offset, classes = got["micro"][m]["logit_offset"], got["micro"][m]["classes"]
+                if offset is None:
+                    continue
+                drawn = offset != 0
+                free = got["shard"][1] - int((~drawn).sum())
+                expected = torch.full((int(drawn.sum()),), math.log(free / int(drawn.sum())))
+                assert_close(offset[drawn].double(), expected.double(), msg=f"{name}, rank {rank}")
+                assert not torch.isin(_positives(labels, got["shard"]), classes[drawn]).any(), f"{name}, rank {rank}"
+                drew += 1
+    assert drew > 0, "no rank drew random rows"
 
 
 def test_positives_beyond_the_budget_are_the_active_set(run):

@@ -167,7 +167,7 @@ class ClassParallelFC(nn.Module):
         else:
             self.last_selection, weight = selection, self._active_rows(selection.rows, features.dtype)
         loss = margin_cross_entropy(features, weight, selection.target, self.margin, self.group,
-                                    self._workspace).mean()
+                                    self._workspace, selection.logit_offset).mean()
         if not bool(torch.isfinite(loss)):
             self._mark_non_finite("a non-finite loss (the same on every rank)")
         return loss

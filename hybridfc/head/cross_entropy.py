@@ -55,7 +55,7 @@ class LogitsWorkspace:
 class _MarginCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, features, weight, local_target, margin: Margin, group: ProcessGroup,
-                workspace: Optional[LogitsWorkspace]):
+                workspace: Optional[LogitsWorkspace], logit_offset: Optional[torch.Tensor]):
         rows = torch.nonzero(local_target >= 0).squeeze(1)
         cols = local_target[rows]
         inv_norm = _inverse_row_norms(weight) if margin.normalize else None
@@ -65,6 +65,8 @@ class _MarginCrossEntropy(torch.autograd.Function):
             logits = torch.mm(features, weight.t(), out=workspace.take(features.shape[0], weight.shape[0], features))
         if inv_norm is not None:
             logits.mul_(inv_norm * margin.scale)
+        if logit_offset is not None:
+            logits.add_(logit_offset)
         psi, dpsi = margin.target_logit(logits[rows, cols] / margin.scale)
         logits[rows, cols] = margin.scale * psi
 
@@ -97,7 +99,7 @@ class _MarginCrossEntropy(torch.autograd.Function):
         grad_features = grad_logits @ weight
         if ctx.workspace is not None:
             ctx.workspace.give_back(grad_logits)
-        return grad_features, grad_weight, None, None, None, None
+        return grad_features, grad_weight, None, None, None, None, None
 
 
 def _inverse_row_norms(weight: torch.Tensor) -> torch.Tensor:
@@ -119,6 +121,7 @@ def margin_cross_entropy(
     margin: Margin,
     group: ProcessGroup = None,
     workspace: Optional[LogitsWorkspace] = None,
+    logit_offset: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Per-sample loss ``(B,)`` of a softmax whose classes are split over ``group``.
 
@@ -131,6 +134,8 @@ def margin_cross_entropy(
         group: the ranks that hold the other classes.
         workspace: where to borrow the logits buffer from (used only when a backward pass
             will follow, which hands the buffer back).
+        logit_offset: ``(C_r,)`` added to the (scaled) logits of each class before the softmax,
+            never to a target logit; a constant, so the gradient keeps its form.
 
     Returns the same ``(B,)`` losses on every rank. The backward pass may run once: it reuses
     the softmax buffer for the gradient.
@@ -138,4 +143,5 @@ def margin_cross_entropy(
     dtype = torch.promote_types(features.dtype, torch.float32)
     if not (torch.is_grad_enabled() and (features.requires_grad or weight.requires_grad)):
         workspace = None
-    return _MarginCrossEntropy.apply(features.to(dtype), weight.to(dtype), local_target, margin, group, workspace)
+    return _MarginCrossEntropy.apply(features.to(dtype), weight.to(dtype), local_target, margin, group, workspace,
+                                     logit_offset)

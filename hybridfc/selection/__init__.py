@@ -35,7 +35,7 @@ def build_selection(spec: "dict[str, Any] | Any", shard: Shard, seed: int = 0) -
     if isinstance(cfg, FullConfig):
         return FullSelection(shard, seed)
     if isinstance(cfg, PartialConfig):
-        return PartialSelection(shard, cfg.budget, seed)
+        return PartialSelection(shard, cfg.budget, seed, cfg.sampling_correction)
     if isinstance(cfg, KNNConfig):
         return KNNSelection(shard, cfg, seed)
     if isinstance(cfg, HFConfig):

@@ -12,7 +12,10 @@ not to the shard (a fixed budget costs the same at 10^5 and 10^8 classes)::
     2. the candidates (hard negatives, nearest first), repeats and positives dropped
     3. uniform random rows, without replacement, until the budget is full
 
-and sorted. The random rows are drawn from a generator seeded by ``(seed, rank, step,
+and sorted. With ``sampling_correction`` the logits of the rows drawn in 3 get
+``log(free / drawn)`` (``free``: the rows they were drawn from), the sampled-softmax estimate
+of the partition function over those rows; positives and candidates are taken for certain and
+get nothing. The random rows are drawn from a generator seeded by ``(seed, rank, step,
 micro-batch)``: two runs with the same seed select the same rows.
 """
 
@@ -64,11 +67,14 @@ class Selection:
         rows: ``(A,)`` int64 sorted local rows that enter the softmax.
         target: ``(B,)`` int64 position of each sample's class in ``rows``, -1 when elsewhere.
         positives_only: the positives alone filled (or exceeded) the budget.
+        logit_offset: ``(A,)`` fp32 added to the logits of ``rows`` (the sampling correction),
+            or None.
     """
 
     rows: torch.Tensor
     target: torch.Tensor
     positives_only: bool = False
+    logit_offset: Optional[torch.Tensor] = None
 
 
 def budget_rows(budget: "int | float", shard: Shard) -> int:
@@ -106,10 +112,11 @@ class ClassSelection:
     dense = False
     """True for ``full``: the head computes every row and keeps a dense gradient."""
 
-    def __init__(self, shard: Shard, budget: "int | float", seed: int) -> None:
+    def __init__(self, shard: Shard, budget: "int | float", seed: int, sampling_correction: bool = False) -> None:
         self.shard = shard
         self.budget = budget_rows(budget, shard)
         self.seed = seed
+        self.sampling_correction = sampling_correction
         self.positives_only_steps = 0
         self._row_set: Optional[RowSet] = None
 
@@ -132,10 +139,14 @@ class ClassSelection:
         rows.take(positives)
         if candidates is not None and candidates.numel():
             rows.take_first_new(candidates, self.budget - rows.count)
-        rows.take_random(self.budget - rows.count,
-                         step_generator(self.seed, self.shard.rank, step, micro, weight.device))
+        free, count = self.shard.num_local - rows.count, self.budget - rows.count
+        drawn = rows.take_random(count, step_generator(self.seed, self.shard.rank, step, micro, weight.device))
         active = rows.finish()
-        return Selection(active, _remap(target, active))
+        offset = None
+        if self.sampling_correction and 0 < count < free:
+            offset = torch.zeros(active.numel(), dtype=torch.float32, device=active.device)
+            offset[torch.searchsorted(active, drawn)] = math.log(free / count)
+        return Selection(active, _remap(target, active), logit_offset=offset)
 
     def _rows(self, device: torch.device) -> "RowSet":
         if self._row_set is None or self._row_set.device != device:
@@ -197,27 +208,28 @@ class RowSet:
         self._first[sequence] = self._NONE
         self.take(sequence[is_first & ~self._taken[sequence]][:max(limit, 0)])
 
-    def take_random(self, count: int, generator: torch.Generator) -> None:
-        """Add ``count`` rows not in the set, uniformly at random without replacement.
+    def take_random(self, count: int, generator: torch.Generator) -> torch.Tensor:
+        """Add ``count`` rows not in the set, uniformly at random without replacement; returns them.
 
         Draws with replacement and keeps the first new rows: uniform sampling without
         replacement at a cost proportional to ``count``. When the rows asked for are a large
         part of those free, a permutation of the free rows is cheaper."""
-        free = self._taken.numel() - self.count
+        free, parts_before = self._taken.numel() - self.count, len(self._parts)
         if count <= 0:
-            return
+            return torch.empty(0, dtype=torch.int64, device=self.device)
         if 4 * count >= free:
             pool = torch.nonzero(~self._taken).squeeze(1)
             if count < free:
                 pool = pool[torch.randperm(free, generator=generator, device=self.device)[:count]]
             self.take(pool)
-            return
+            return pool
         while count > 0:
             draw = torch.randint(self._taken.numel(), (count + count // 4 + 16,), generator=generator,
                                  device=self.device)
             before = self.count
             self.take_first_new(draw, count)
             count -= self.count - before
+        return torch.cat(self._parts[parts_before:])
 
     def finish(self) -> torch.Tensor:
         """The rows taken, sorted ``(A,)``; the set is empty again afterwards."""

@@ -29,7 +29,7 @@ class HFSelection(ClassSelection):
     """Positives, each sample's nearest rows of this shard, then random rows."""
 
     def __init__(self, shard: Shard, cfg: HFConfig, seed: int) -> None:
-        super().__init__(shard, cfg.budget, seed)
+        super().__init__(shard, cfg.budget, seed, cfg.sampling_correction)
         if cfg.k > shard.num_classes:
             raise ConfigError(f"selection.k: {cfg.k} nearest classes per sample is more than the "
                               f"{shard.num_classes} classes")

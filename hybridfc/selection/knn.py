@@ -38,7 +38,7 @@ class KNNSelection(ClassSelection):
     """Positives, the graph neighbours of the batch's labels in this shard, then random rows."""
 
     def __init__(self, shard: Shard, cfg: KNNConfig, seed: int) -> None:
-        super().__init__(shard, cfg.budget, seed)
+        super().__init__(shard, cfg.budget, seed, cfg.sampling_correction)
         if cfg.k > shard.num_classes - 1:
             raise ConfigError(f"selection.k: {cfg.k} neighbours is more than the {shard.num_classes - 1} "
                               f"other classes of {shard.num_classes}")
