@@ -19,12 +19,14 @@ What gets updated follows the head's selection (:meth:`ClassParallelFC.gradient`
   every other row, its momentum, its Adam moments and its weight decay stay exactly as they
   were, and the cost scales with the active set, not with the shard.
 
-  SGD's momentum of a row runs on the step clock (:mod:`hybridfc.head.momentum_clock`): when a
-  row is next selected, it first gets what the steps it missed would have done with a zero
-  gradient, the movement its momentum carried it on those steps and the buffer's decay over
-  them; weight decay applies only on the steps that select the row. A row therefore ends where
-  dense momentum SGD on the selected rows' gradients would put it, minus the decay of the
-  missed steps, while the steps that miss it leave it and its state untouched. Adam keeps a step
+  SGD runs a step clock over the rows (:mod:`hybridfc.head.row_clock`): when a row is next
+  selected, it first gets what the steps it missed would have done with a zero gradient (its
+  momentum's movement and decay, and the weight decay at the rate dense momentum SGD settles
+  to), so it lands where dense SGD on the selected rows' gradients would put it, while the
+  steps that miss it leave it and its state untouched. Without this a rarely selected row
+  keeps a large norm (weight decay only on the steps that select it) and so a small angular
+  step, and loses its momentum's push; both cost the sparse selections accuracy
+  (``benchmarks/RESULTS.md``). Adam keeps a step
   count per row, so each row's bias correction counts the steps that row was updated (lazy Adam).
 
 State tensors have the shard's storage dtype. Optional clipping (``gradient_clipping > 0``)
@@ -44,7 +46,7 @@ import torch
 import torch.distributed as dist
 
 from hybridfc.head.class_parallel_fc import ClassParallelFC
-from hybridfc.head.momentum_clock import MomentumClock
+from hybridfc.head.row_clock import RowClock
 from hybridfc.parallel.groups import group_size
 
 _BLOCK_BYTES = 1 << 20
@@ -166,15 +168,14 @@ class HeadSGD(HeadOptimizer):
     def _update(self, weight, grad, state, factors) -> None:
         group = self.param_groups[0]
         lr, momentum, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
+        if factors is not None:
+            shrink, coast = factors[:, :1].to(weight.dtype), factors[:, 1:2].to(weight.dtype)
+            weight.mul_(shrink)
+            if momentum:
+                weight.addcmul_(state["momentum_buffer"], coast, value=-1)
         if momentum:
             buf = state["momentum_buffer"]
-            if factors is None:
-                buf.mul_(momentum)
-            else:
-                decay, coast = factors[:, :1].to(buf.dtype), factors[:, 1:].to(buf.dtype)
-                weight.addcmul_(buf, coast, value=-1)
-                buf.mul_(decay)
-            buf.add_(grad)
+            buf.mul_(momentum if factors is None else factors[:, 2:].to(buf.dtype)).add_(grad)
             if weight_decay:
                 buf.add_(weight, alpha=weight_decay)
             weight.add_(buf, alpha=-lr)
@@ -184,19 +185,19 @@ class HeadSGD(HeadOptimizer):
         weight.add_(grad, alpha=-lr)
 
     def _row_factors(self, rows: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        """Sparse steps: each row's momentum decay and coast over the steps it missed since its
-        last update (:class:`MomentumClock`), ``(n, 2)`` fp64."""
+        """Sparse steps: each row's shrink, coast and momentum decay over the steps it missed
+        since its last update (:class:`~hybridfc.head.row_clock.RowClock`), ``(n, 3)`` fp64."""
         group = self.param_groups[0]
-        if rows is None or not group["momentum"]:
+        if rows is None or not (group["momentum"] or group["weight_decay"]):
             return None
         state = self.state[self.head.weight]
         if "row_last_step" not in state:
-            clock = MomentumClock.create(group["momentum"], self.head.num_local, rows.device)
+            clock = RowClock.create(group["momentum"], self.head.num_local, rows.device)
         else:
-            clock = MomentumClock.from_state(group["momentum"], state)
-        decay, coast = clock.tick(rows, group["lr"])
+            clock = RowClock.from_state(group["momentum"], state)
+        factors = clock.tick(rows, group["lr"], group["weight_decay"])
         state.update(clock.to_state())
-        return torch.cat([decay, coast], dim=1)
+        return torch.cat(factors, dim=1)
 
 
 class HeadAdam(HeadOptimizer):
