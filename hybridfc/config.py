@@ -30,15 +30,17 @@ required)::
     {"type": "full"}
     {"type": "partial", "budget": 0.1, "sampling_correction": false}
     {"type": "knn", "budget": 0.1, "k": 32, "rebuild_interval": 1000, "rebuild_delay": null,
-     "index": "auto", "sampling_correction": false}
+     "late_rebuild": "postpone", "index": "auto", "sampling_correction": false}
     {"type": "hf",  "budget": 0.1, "k": 32, "rebuild_interval": 1000, "rebuild_delay": null,
-     "index": "auto", "sampling_correction": false}
+     "late_rebuild": "postpone", "index": "auto", "sampling_correction": false}
 
 ``budget`` is the active rows per rank and step, positives included: an integer is a row
 count (at most the largest shard), a float in (0, 1] a rate of the shard. ``k`` is the
 neighbours per class (``knn``) or per sample (``hf``). The graph or index is rebuilt from the
 rows every ``rebuild_interval`` steps (0: built once) in the background and swapped in
-``rebuild_delay`` steps later (default: a tenth of the interval). ``index``: ``exact``, ``ivf``,
+``rebuild_delay`` steps later (default: a tenth of the interval); a build not done by then
+is swapped in at the first step it is done on every rank (``late_rebuild``: ``postpone``, no
+step waits) or waited for (``wait``, the run stays reproducible). ``index``: ``exact``, ``ivf``,
 ``hnsw`` (faiss) or ``auto`` (exact for small shards, IVF for large ones).
 ``sampling_correction``: the logits of the uniformly drawn negatives get ``log(rows they were
 drawn from / rows drawn)``, so that they stand for all the rows they were drawn from.
@@ -211,6 +213,7 @@ class _Rebuilt(_Sampled):
     k: StrictInt = Field(32, ge=1)
     rebuild_interval: StrictInt = Field(1000, ge=0)
     rebuild_delay: Optional[StrictInt] = Field(None, ge=1)
+    late_rebuild: Literal["postpone", "wait"] = "postpone"
     index: IndexKind = "auto"
 
     @model_validator(mode="after")

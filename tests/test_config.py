@@ -36,7 +36,7 @@ FULL = {
     "seed": 7,
     "margin": {"type": "combined", "scale": 32.0, "m1": 1.0, "m2": 0.3, "m3": 0.2},
     "selection": {"type": "knn", "budget": 0.2, "k": 8, "rebuild_interval": 50, "rebuild_delay": 5,
-                  "index": "exact", "sampling_correction": True},
+                  "late_rebuild": "wait", "index": "exact", "sampling_correction": True},
     "storage_dtype": "bf16",
     "optimizer": {"type": "adamw", "params": {"lr": 0.2, "betas": [0.8, 0.99], "eps": 1e-6, "weight_decay": 1e-4}},
     "gradient_clipping": 5.0,
@@ -154,8 +154,8 @@ def test_config_is_frozen() -> None:
         (section(selection={"type": "partial", "budget": 1.5}),
          "hybridfc.selection.budget: must be a row count (an integer >= 1) or a rate of the shard"),
         (section(selection={"type": "knn", "kk": 3}),
-         "hybridfc.selection.kk: unknown key; allowed keys: budget, index, k, rebuild_delay, rebuild_interval, "
-         "sampling_correction, type"),
+         "hybridfc.selection.kk: unknown key; allowed keys: budget, index, k, late_rebuild, rebuild_delay, "
+         "rebuild_interval, sampling_correction, type"),
         (section(selection={"type": "partial", "k": 3}),
          "hybridfc.selection.k: unknown key; allowed keys: budget, sampling_correction, type"),
         (section(selection={"type": "hf", "index": "annoy"}),

@@ -35,7 +35,8 @@ class HFSelection(ClassSelection):
                               f"{shard.num_classes} classes")
         self.k = min(cfg.k, shard.num_local)
         self.kind = choose_index_kind(shard.num_local, cfg.index)
-        self.index = BackgroundRebuild(self._build, cfg.rebuild_interval, cfg.delay(), name="hf index")
+        self.index = BackgroundRebuild(self._build, cfg.rebuild_interval, cfg.delay(), name="hf index",
+                                       late=cfg.late_rebuild, group=shard.group)
 
     def _build(self, rows: torch.Tensor) -> ShardIndex:
         return ShardIndex(rows, kind=self.kind, seed=self.seed)

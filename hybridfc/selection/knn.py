@@ -44,7 +44,8 @@ class KNNSelection(ClassSelection):
                               f"other classes of {shard.num_classes}")
         self.k, self.kind = cfg.k, cfg.index
         self._side_group = new_side_group(shard.group)
-        self.graph = BackgroundRebuild(self._build, cfg.rebuild_interval, cfg.delay(), name="knn graph")
+        self.graph = BackgroundRebuild(self._build, cfg.rebuild_interval, cfg.delay(), name="knn graph",
+                                       late=cfg.late_rebuild, group=shard.group)
 
     def _build(self, rows: torch.Tensor) -> torch.Tensor:
         """``(C_r, k)`` neighbour ids, kept as int32 when the class ids fit (half the memory)."""
