@@ -35,7 +35,9 @@ at the last step S); the head's lr is its base lr times the same factor. One ste
 Runs: full softmax, then every method of ``--methods`` at every budget of ``--budgets``; all
 runs use the same seed, i.e. the same backbone and head initialisation and the same sequence of
 batches, and share every hyper-parameter (knn and hf also share ``--k`` and
-``--rebuild-interval``; the rebuild delay is the library default, a tenth of the interval).
+``--rebuild-interval``; the rebuild delay is the library default, a tenth of the interval, and
+``late_rebuild`` is ``wait``, so that a build longer than the delay makes its swap step wait
+rather than swap later: every run is reproducible, whatever the machine's load).
 Nothing is tuned per selection. The budget is a rate of the shard; the positives of the batch
 count towards it; a step whose positives fill the budget uses the positives only (counted).
 
@@ -128,8 +130,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rebuild-interval", type=int, default=250, help="knn/hf rebuild interval T (steps)")
     p.add_argument("--samples-per-class", type=int, default=2, help="training samples per class")
     p.add_argument("--test-samples-per-class", type=int, default=4, help="held-out samples per class")
-    p.add_argument("--sampling-correction", action="store_true",
-                   help="selection key sampling_correction: log(free/drawn) on the random negatives' logits")
+    p.add_argument("--no-sampling-correction", dest="sampling_correction", action="store_false",
+                   help="selection key sampling_correction false (PartialFC's loss; default: the library's, true)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="tiny smoke test (< 2 min)")
@@ -153,7 +155,7 @@ def selection_spec(method: str, budget: float | None, args: argparse.Namespace) 
         return {"type": "full"}
     spec = {"type": method, "budget": budget, "sampling_correction": args.sampling_correction}
     if method in ("knn", "hf"):
-        spec.update(k=args.k, rebuild_interval=args.rebuild_interval)
+        spec.update(k=args.k, rebuild_interval=args.rebuild_interval, late_rebuild="wait")
     return spec
 
 

@@ -28,11 +28,11 @@ required)::
 ``selection`` (which rows of each shard enter a step's softmax) is one of::
 
     {"type": "full"}
-    {"type": "partial", "budget": 0.1, "sampling_correction": false}
+    {"type": "partial", "budget": 0.1, "sampling_correction": true}
     {"type": "knn", "budget": 0.1, "k": 32, "rebuild_interval": 1000, "rebuild_delay": null,
-     "late_rebuild": "postpone", "index": "auto", "sampling_correction": false}
+     "late_rebuild": "postpone", "index": "auto", "sampling_correction": true}
     {"type": "hf",  "budget": 0.1, "k": 32, "rebuild_interval": 1000, "rebuild_delay": null,
-     "late_rebuild": "postpone", "index": "auto", "sampling_correction": false}
+     "late_rebuild": "postpone", "index": "auto", "sampling_correction": true}
 
 ``budget`` is the active rows per rank and step, positives included: an integer is a row
 count (at most the largest shard), a float in (0, 1] a rate of the shard. ``k`` is the
@@ -42,8 +42,9 @@ rows every ``rebuild_interval`` steps (0: built once) in the background and swap
 is swapped in at the first step it is done on every rank (``late_rebuild``: ``postpone``, no
 step waits) or waited for (``wait``, the run stays reproducible). ``index``: ``exact``, ``ivf``,
 ``hnsw`` (faiss) or ``auto`` (exact for small shards, IVF for large ones).
-``sampling_correction``: the logits of the uniformly drawn negatives get ``log(rows they were
-drawn from / rows drawn)``, so that they stand for all the rows they were drawn from.
+``sampling_correction`` (default true): the logits of the uniformly drawn negatives get
+``log(rows they were drawn from / rows drawn)``, so that they stand for all the rows they were
+drawn from; false gives PartialFC's loss.
 
 ``optimizer`` is ``sgd`` (params lr, momentum, weight_decay), ``adam`` or ``adamw`` (params lr,
 betas, eps, weight_decay); with a selection other than ``full`` it updates the touched rows
@@ -198,7 +199,7 @@ class _Sampled(_Section):
     """Keys shared by the selections that compute ``budget`` rows per rank."""
 
     budget: Budget = 0.1
-    sampling_correction: StrictBool = False
+    sampling_correction: StrictBool = True
 
 
 class PartialSelection(_Sampled):

@@ -36,7 +36,7 @@ FULL = {
     "seed": 7,
     "margin": {"type": "combined", "scale": 32.0, "m1": 1.0, "m2": 0.3, "m3": 0.2},
     "selection": {"type": "knn", "budget": 0.2, "k": 8, "rebuild_interval": 50, "rebuild_delay": 5,
-                  "late_rebuild": "wait", "index": "exact", "sampling_correction": True},
+                  "late_rebuild": "wait", "index": "exact", "sampling_correction": False},
     "storage_dtype": "bf16",
     "optimizer": {"type": "adamw", "params": {"lr": 0.2, "betas": [0.8, 0.99], "eps": 1e-6, "weight_decay": 1e-4}},
     "gradient_clipping": 5.0,

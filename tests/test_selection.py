@@ -171,17 +171,18 @@ class Scenario:
 
 
 def reference_scenarios(world_size: int) -> dict[str, Scenario]:
-    """Each selection with each margin, with two accumulated micro-batches, with the sampling
-    correction, and a budget of 2 rows that the positives exceed."""
+    """Each selection with each margin, with two accumulated micro-batches, with room for random
+    rows with and without the sampling correction, and a budget of 2 rows that the positives
+    exceed."""
     budgets = {"partial": 0.5, "knn": 16, "hf": 0.4}
     specs = {}
     for kind, budget in budgets.items():
         for name, margin in MARGINS.items():
             specs[f"{kind}/{name}"] = (selection(kind, budget), margin, 1, False)
         specs[f"{kind}/accumulate"] = (selection(kind, budget), MARGINS["cosface"], 2, False)
-        corrected = selection(kind, 0.5, sampling_correction=True) if kind == "partial" else \
-            selection(kind, 0.75, k=1, sampling_correction=True)  # room left for random rows
+        corrected = selection(kind, 0.5) if kind == "partial" else selection(kind, 0.75, k=1)  # room for random rows
         specs[f"{kind}/corrected"] = (corrected, ARCFACE, 2, False)
+        specs[f"{kind}/uncorrected"] = ({**corrected, "sampling_correction": False}, ARCFACE, 1, False)
     specs["positives_only"] = (selection("partial", 2), ARCFACE, 2, True)
     return {name: Scenario(spec, margin, 1000 * world_size + 10 * i, micro, spread)
             for i, (name, (spec, margin, micro, spread)) in enumerate(specs.items())}
@@ -347,8 +348,8 @@ def test_sparse_step_equals_reference_over_the_union_of_active_sets(run):
     """Loss, embedding gradients and the touched rows' gradient equal the float64 margin
     softmax over the classes the ranks selected (their union U), for partial, knn and hf with
     arcface, cosface and softmax; with two micro-batches the touched rows are the union of
-    both steps' active rows and their gradient the sum; with ``sampling_correction`` the
-    softmax adds each rank's logit offsets to the non-target logits."""
+    both steps' active rows and their gradient the sum; with ``sampling_correction`` (the
+    default) the softmax adds each rank's logit offsets to the non-target logits."""
     world_size, results = run
     for name, scenario in reference_scenarios(world_size).items():
         weight = scenario.weight(world_size)
@@ -358,7 +359,7 @@ def test_sparse_step_equals_reference_over_the_union_of_active_sets(run):
             classes = torch.cat([got["classes"] for got in got_micro])
             assert classes.numel() < weight.shape[0], f"{name}: the active sets cover every class"
             offset = None
-            if scenario.spec.get("sampling_correction"):
+            if scenario.spec.get("sampling_correction", True):
                 offset = torch.cat([torch.zeros(got["classes"].numel(), dtype=torch.float64)
                                     if got["logit_offset"] is None else got["logit_offset"] for got in got_micro])
             else:
@@ -421,7 +422,7 @@ def test_sampling_correction_weighs_the_random_rows_only(run):
     world_size, results = run
     drew = 0
     for name, scenario in reference_scenarios(world_size).items():
-        if not scenario.spec.get("sampling_correction"):
+        if not scenario.spec.get("sampling_correction", True):
             continue
         for m, (_, labels) in enumerate(scenario.batches(world_size)):
             for rank, result in enumerate(results):

@@ -12,7 +12,7 @@ not to the shard (a fixed budget costs the same at 10^5 and 10^8 classes)::
     2. the candidates (hard negatives, nearest first), repeats and positives dropped
     3. uniform random rows, without replacement, until the budget is full
 
-and sorted. With ``sampling_correction`` the logits of the rows drawn in 3 get
+and sorted. With ``sampling_correction`` (the default) the logits of the rows drawn in 3 get
 ``log(free / drawn)`` (``free``: the rows they were drawn from), the sampled-softmax estimate
 of the partition function over those rows; positives and candidates are taken for certain and
 get nothing. The random rows are drawn from a generator seeded by ``(seed, rank, step,
@@ -112,7 +112,7 @@ class ClassSelection:
     dense = False
     """True for ``full``: the head computes every row and keeps a dense gradient."""
 
-    def __init__(self, shard: Shard, budget: "int | float", seed: int, sampling_correction: bool = False) -> None:
+    def __init__(self, shard: Shard, budget: "int | float", seed: int, sampling_correction: bool = True) -> None:
         self.shard = shard
         self.budget = budget_rows(budget, shard)
         self.seed = seed
