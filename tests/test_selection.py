@@ -31,7 +31,7 @@ TIMEOUT = 240.0
 FLOAT64 = dict(rtol=1e-10, atol=1e-12)
 KINDS = ("partial", "knn", "hf")
 FULL = {"type": "full"}
-REBUILT = {"k": 3, "rebuild_interval": 3, "rebuild_delay": 1, "index": "exact"}
+REBUILT = {"k": 3, "rebuild_interval": 3, "rebuild_delay": 1, "late_rebuild": "wait", "index": "exact"}
 SIZES = {1: (12,), 2: (7, 5), 3: (6, 0, 8), 4: (4, 6, 0, 5)}  # local batches per world size, B <= 24
 MARGINS = {
     "arcface": {"type": "arcface", "scale": 16.0, "margin": 0.5},

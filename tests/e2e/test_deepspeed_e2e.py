@@ -55,8 +55,10 @@ MATRIX = [(stage, dtype) for stage in (0, 1, 2, 3) for dtype in ("fp32", "bf16")
 CHECKPOINTED = [(0, "fp32"), (1, "bf16"), (2, "fp32"), (3, "bf16")]
 SELECTIONS = {
     # a knn rebuild is in flight when the checkpoint is saved (snapshot after step 2, swap after 4)
-    "knn": {"selection": {"type": "knn", "budget": 12, "k": 4, "rebuild_interval": 2, "rebuild_delay": 2}},
-    "hf": {"selection": {"type": "hf", "budget": 0.4, "k": 3, "rebuild_interval": 2, "rebuild_delay": 1},
+    "knn": {"selection": {"type": "knn", "budget": 12, "k": 4, "rebuild_interval": 2, "rebuild_delay": 2,
+                          "late_rebuild": "wait"}},
+    "hf": {"selection": {"type": "hf", "budget": 0.4, "k": 3, "rebuild_interval": 2, "rebuild_delay": 1,
+                         "late_rebuild": "wait"},
            "storage_dtype": "bf16"},
     "partial": {"selection": {"type": "partial", "budget": 10}},
 }
