@@ -369,13 +369,14 @@ def test_resume_continues_like_uninterrupted_run(resumed, stage, dtype):
 
 @pytest.mark.parametrize("name", SELECTIONS)
 def test_selection_trains_and_resumes_bit_for_bit(resumed, name):
-    """Under DeepSpeed (ZeRO-2) a head with a class selection trains (its loss falls) and a fresh
-    launch that loads the checkpoint, with a knn rebuild in flight at the save, reproduces the
-    uninterrupted run's later steps bit for bit."""
+    """Under DeepSpeed (ZeRO-2) a head with a class selection trains (its last two losses average
+    below the first) and a fresh launch that loads the checkpoint, with a knn rebuild in flight
+    at the save, reproduces the uninterrupted run's later steps bit for bit."""
     saved = records(resumed, f"save_{name}")
     loaded = records(resumed, f"resume_{name}")
     losses = torch.stack(saved[0]["losses"])
-    assert losses[-1] < losses[0], f"{name}: the loss did not fall ({losses.tolist()})"
+    # the loss of a step depends on the random rows it draws: compare the last two steps' mean
+    assert losses[-2:].mean() < losses[0], f"{name}: the loss did not fall ({losses.tolist()})"
     for rank, (before, after) in enumerate(zip(saved, loaded)):
         assert torch.equal(after["initial_head"], before["heads"][SAVE_AFTER - 1]), f"rank {rank}'s shard not restored"
         assert torch.equal(torch.stack(after["losses"]), torch.stack(before["losses"][SAVE_AFTER:])), \
