@@ -504,7 +504,7 @@ def test_hard_negatives_fill_the_budget_nearest_first(run):
 
 
 STEP_COUNTERS = ("row_steps", "row_last_step", "applied_steps")
-CLOCK_HISTORY = ("recent_lr", "step_history")
+CLOCK_HISTORY = ("log_shrink",)
 
 
 def _state_before(record_state: dict, reference: dict) -> dict:
@@ -635,9 +635,9 @@ def test_adam_row_step_counts_survive_a_checkpoint(tmp_path):
 
 def momentum_sgd(initial: torch.Tensor, steps: list[dict], params: dict, missed_steps: bool = True) -> torch.Tensor:
     """Float64 momentum SGD on each step's rows, each row read right after the last step that
-    selected it. ``missed_steps``: on the other steps a row's buffer decays and moves it, and
-    weight decay shrinks it at its settled rate, ``w ← (1 - lr·wd/(1 - m))·w - lr·m·b``;
-    otherwise those steps leave it and its buffer alone."""
+    selected it. ``missed_steps``: on the other steps a row's buffer decays and weight decay
+    shrinks the row at its settled rate, ``b ← m·b; w ← (1 - lr·wd/(1 - m))·w``; otherwise
+    those steps leave it and its buffer alone."""
     lr, momentum, weight_decay = params["lr"], params["momentum"], params["weight_decay"]
     weight = initial.double().clone()
     buf = torch.zeros_like(weight)
@@ -648,18 +648,17 @@ def momentum_sgd(initial: torch.Tensor, steps: list[dict], params: dict, missed_
             missed = torch.ones(weight.shape[0], dtype=torch.bool)
             missed[rows] = False
             buf[missed] *= momentum
-            weight[missed] = (1 - lr * weight_decay / (1 - momentum)) * weight[missed] - lr * buf[missed]
+            weight[missed] *= 1 - lr * weight_decay / (1 - momentum)
         buf[rows] = momentum * buf[rows] + record["sparse_grad"].double() + weight_decay * weight[rows]
         weight[rows] -= lr * buf[rows]
         at_last_update[rows] = weight[rows]
     return at_last_update
 
 
-def test_sparse_sgd_lands_where_dense_momentum_would(tmp_path):
-    """A row selected again after missing steps first gets what those steps would have done with
-    a zero gradient (its momentum's decay and movement, weight decay at its settled rate), so
-    after its update it sits where that dense momentum SGD puts it; the clock's state survives
-    a checkpoint."""
+def test_sparse_sgd_decays_the_momentum_and_weight_of_rows_that_missed_steps(tmp_path):
+    """A row selected again after missing steps first gets its momentum's decay and the weight
+    decay of those steps (at its settled rate), as the float64 replay applies them step by step;
+    the clock's state survives a checkpoint."""
     params = OPTIMIZERS["sgd"]["params"]
     weight = random_weight(num_classes(1), WIDTH, seed=11).float()
 
@@ -675,7 +674,7 @@ def test_sparse_sgd_lands_where_dense_momentum_would(tmp_path):
     steps = first + train(resumed, resumed_optimizer, rank=0, seed=904, steps=4)
     state = resumed_optimizer.state[resumed.weight]
     assert state["applied_steps"].dtype == state["row_last_step"].dtype == torch.int64
-    assert state["recent_lr"].dtype == state["step_history"].dtype == torch.float64
+    assert state["log_shrink"].dtype == torch.float64
     assert state["applied_steps"].item() == 8
     assert_close(resumed.weight.double(), momentum_sgd(weight, steps, params), rtol=1e-5, atol=1e-6)
     assert not torch.allclose(resumed.weight.double(), momentum_sgd(weight, steps, params, missed_steps=False),

@@ -20,13 +20,12 @@ What gets updated follows the head's selection (:meth:`ClassParallelFC.gradient`
   were, and the cost scales with the active set, not with the shard.
 
   SGD runs a step clock over the rows (:mod:`hybridfc.head.row_clock`): when a row is next
-  selected, it first gets what the steps it missed would have done with a zero gradient (its
-  momentum's movement and decay, and the weight decay at the rate dense momentum SGD settles
-  to), so it lands where dense SGD on the selected rows' gradients would put it, while the
-  steps that miss it leave it and its state untouched. Without this a rarely selected row
-  keeps a large norm (weight decay only on the steps that select it) and so a small angular
-  step, and loses its momentum's push; both cost the sparse selections accuracy
-  (``benchmarks/RESULTS.md``). Adam keeps a step
+  selected, its momentum first decays by ``momentum`` per step it missed and the row shrinks
+  by the weight decay of those steps (at the rate dense momentum SGD settles to), while the
+  steps that miss it leave it and its state untouched. Without the decay a push received
+  hundreds of steps ago is re-applied at full strength; without the shrink a rarely selected
+  row keeps a large norm and so a small angular step; both cost the sparse selections
+  accuracy (``benchmarks/RESULTS.md``). Adam keeps a step
   count per row, so each row's bias correction counts the steps that row was updated (lazy Adam).
 
 State tensors have the shard's storage dtype. Optional clipping (``gradient_clipping > 0``)
@@ -169,13 +168,10 @@ class HeadSGD(HeadOptimizer):
         group = self.param_groups[0]
         lr, momentum, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
         if factors is not None:
-            shrink, coast = factors[:, :1].to(weight.dtype), factors[:, 1:2].to(weight.dtype)
-            weight.mul_(shrink)
-            if momentum:
-                weight.addcmul_(state["momentum_buffer"], coast, value=-1)
+            weight.mul_(factors[:, :1].to(weight.dtype))
         if momentum:
             buf = state["momentum_buffer"]
-            buf.mul_(momentum if factors is None else factors[:, 2:].to(buf.dtype)).add_(grad)
+            buf.mul_(momentum if factors is None else factors[:, 1:].to(buf.dtype)).add_(grad)
             if weight_decay:
                 buf.add_(weight, alpha=weight_decay)
             weight.add_(buf, alpha=-lr)
@@ -185,17 +181,15 @@ class HeadSGD(HeadOptimizer):
         weight.add_(grad, alpha=-lr)
 
     def _row_factors(self, rows: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        """Sparse steps: each row's shrink, coast and momentum decay over the steps it missed
-        since its last update (:class:`~hybridfc.head.row_clock.RowClock`), ``(n, 3)`` fp64."""
+        """Sparse steps: each row's shrink and momentum decay over the steps it missed since its
+        last update (:class:`~hybridfc.head.row_clock.RowClock`), ``(n, 2)`` fp64."""
         group = self.param_groups[0]
         if rows is None or not (group["momentum"] or group["weight_decay"]):
             return None
         state = self.state[self.head.weight]
-        if "row_last_step" not in state:
-            clock = RowClock.create(group["momentum"], self.head.num_local, rows.device)
-        else:
-            clock = RowClock.from_state(group["momentum"], state)
-        factors = clock.tick(rows, group["lr"], group["weight_decay"])
+        clock = RowClock.from_state(state) if "row_last_step" in state else \
+            RowClock.create(self.head.num_local, rows.device)
+        factors = clock.tick(rows, group["lr"], group["momentum"], group["weight_decay"])
         state.update(clock.to_state())
         return torch.cat(factors, dim=1)
 
