@@ -111,6 +111,9 @@ def main() -> None:
     try:
         for run in json.loads(Path(args.runs).read_text()):
             train(args, run, Path(args.out))
+        # leave together: no rank exits while another still talks to it
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     except Exception as exc:
         message = " | ".join(str(exc).splitlines())
         sys.stdout.write(f"worker rank {os.environ.get('RANK')}: {type(exc).__name__}: {message}\n")
