@@ -25,8 +25,8 @@ What gets updated follows the head's selection (:meth:`ClassParallelFC.gradient`
   steps that miss it leave it and its state untouched. Without the decay a push received
   hundreds of steps ago is re-applied at full strength; without the shrink a rarely selected
   row keeps a large norm and so a small angular step; both cost the sparse selections
-  accuracy (``benchmarks/RESULTS.md``). Adam keeps a step
-  count per row, so each row's bias correction counts the steps that row was updated (lazy Adam).
+  accuracy (``benchmarks/RESULTS.md``). Adam keeps a step count per row, so each row's bias
+  correction counts the steps that row was updated (lazy Adam).
 
 State tensors have the shard's storage dtype. Optional clipping (``gradient_clipping > 0``)
 scales the gradient so that its L2 norm over *all* shards is at most that value, with one
@@ -100,7 +100,7 @@ class HeadOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """torch casts loaded state to the parameter's dtype; every state tensor keeps the dtype
-        it was saved with (int64 step counts, fp64 learning-rate history)."""
+        it was saved with (int64 step counts, the fp64 log-shrink history)."""
         super().load_state_dict(state_dict)
         state = self.state[self.head.weight]
         for name, value in state_dict["state"].get(0, {}).items():
