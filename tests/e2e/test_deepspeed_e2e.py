@@ -99,9 +99,17 @@ def tail(output: str, lines: int = 60) -> str:
     return "\n".join(output.splitlines()[-lines:])
 
 
+def remove_shared_memory(port: int) -> None:
+    """Unlink the two 66 MB ``/dev/shm`` buffers DeepSpeed's CPU all-reduce op leaves behind per
+    launch (named after the master port): a test session launches ~40 jobs."""
+    for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"):
+        path.unlink(missing_ok=True)
+
+
 def launch(script: Path, *args: object, timeout: float) -> subprocess.CompletedProcess:
     """``deepspeed --num_gpus 2 script args…`` on CPU; the whole process tree is killed on timeout."""
-    command = [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(free_port()), str(script), *map(str, args)]
+    port = free_port()
+    command = [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(port), str(script), *map(str, args)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           start_new_session=True) as process:
@@ -111,6 +119,8 @@ def launch(script: Path, *args: object, timeout: float) -> subprocess.CompletedP
             os.killpg(process.pid, signal.SIGKILL)
             output, _ = process.communicate()
             pytest.fail(f"{script.name} did not finish within {timeout} s (hang?):\n{tail(output)}")
+        finally:
+            remove_shared_memory(port)
     return subprocess.CompletedProcess(command, process.returncode, output)
 
 
