@@ -19,7 +19,9 @@ below the 24,000-step one (0.2768), so training longer does not help. (With 4 sa
 it was still gaining 1.5 points over the last 20 % of a 30,000-step schedule.)
 knn and hf: k = 32 (the library's example value; a class has 7 confusable siblings, so the
 lists cover the family with room to spare) and a rebuild every T = 250 steps (0.4 epoch; 96
-rebuilds per run; a graph build at C = 5000 takes well under a second).
+rebuilds per run; a graph build at C = 5000 takes well under a second); the library's
+``hard_fraction`` (0.5: at 10 % the 16 labels' 512 neighbours would otherwise fill the budget
+and leave no random row to stand for the other classes in the softmax).
 
 Model and hyper-parameters: those of ``examples/train.py`` with ``ds_configs/cpu.json``, without
 DeepSpeed. Backbone: ``build_backbone`` (MLP 64 -> 512 -> 512 -> 128 with BatchNorm), AdamW
@@ -132,6 +134,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--test-samples-per-class", type=int, default=4, help="held-out samples per class")
     p.add_argument("--no-sampling-correction", dest="sampling_correction", action="store_false",
                    help="selection key sampling_correction false (PartialFC's loss; default: the library's, true)")
+    p.add_argument("--hard-fraction", type=float, default=None,
+                   help="knn/hf selection key hard_fraction (default: the library's, 0.5)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="tiny smoke test (< 2 min)")
@@ -156,6 +160,8 @@ def selection_spec(method: str, budget: float | None, args: argparse.Namespace) 
     spec = {"type": method, "budget": budget, "sampling_correction": args.sampling_correction}
     if method in ("knn", "hf"):
         spec.update(k=args.k, rebuild_interval=args.rebuild_interval, late_rebuild="wait")
+        if args.hard_fraction is not None:
+            spec.update(hard_fraction=args.hard_fraction)
     return spec
 
 

@@ -30,9 +30,9 @@ required)::
     {"type": "full"}
     {"type": "partial", "budget": 0.1, "sampling_correction": true}
     {"type": "knn", "budget": 0.1, "k": 32, "rebuild_interval": 1000, "rebuild_delay": null,
-     "late_rebuild": "postpone", "index": "auto", "sampling_correction": true}
+     "late_rebuild": "postpone", "index": "auto", "hard_fraction": 0.5, "sampling_correction": true}
     {"type": "hf",  "budget": 0.1, "k": 32, "rebuild_interval": 1000, "rebuild_delay": null,
-     "late_rebuild": "postpone", "index": "auto", "sampling_correction": true}
+     "late_rebuild": "postpone", "index": "auto", "hard_fraction": 0.5, "sampling_correction": true}
 
 ``budget`` is the active rows per rank and step, positives included: an integer is a row
 count (at most the largest shard), a float in (0, 1] a rate of the shard. ``k`` is the
@@ -42,9 +42,11 @@ rows every ``rebuild_interval`` steps (0: built once) in the background and swap
 is swapped in at the first step it is done on every rank (``late_rebuild``: ``postpone``, no
 step waits) or waited for (``wait``, the run stays reproducible). ``index``: ``exact``, ``ivf``,
 ``hnsw`` (faiss) or ``auto`` (exact for small shards, IVF for large ones).
-``sampling_correction`` (default true): the logits of the uniformly drawn negatives get
-``log(rows they were drawn from / rows drawn)``, so that they stand for all the rows they were
-drawn from; false gives PartialFC's loss.
+``hard_fraction`` (default 0.5): the share of the rows left after the positives that the hard
+negatives may take, nearest first; uniform random rows fill the rest (1: hard negatives fill
+the budget when there are enough of them). ``sampling_correction`` (default true): the logits
+of the uniformly drawn negatives get ``log(rows they were drawn from / rows drawn)``, so that
+they stand for all the rows they were drawn from; false gives PartialFC's loss.
 
 ``optimizer`` is ``sgd`` (params lr, momentum, weight_decay), ``adam`` or ``adamw`` (params lr,
 betas, eps, weight_decay); with a selection other than ``full`` it updates the touched rows
@@ -216,6 +218,7 @@ class _Rebuilt(_Sampled):
     rebuild_delay: Optional[StrictInt] = Field(None, ge=1)
     late_rebuild: Literal["postpone", "wait"] = "postpone"
     index: IndexKind = "auto"
+    hard_fraction: Number = Field(0.5, gt=0, le=1)
 
     @model_validator(mode="after")
     def _delay_within_interval(self) -> "_Rebuilt":

@@ -21,6 +21,7 @@ from torch.testing import assert_close
 from distributed import run_distributed
 from hybridfc import ClassParallelFC, ConfigError, build_head_optimizer
 from hybridfc.checkpoint import load_head, save_head
+from hybridfc.config import parse_selection
 from hybridfc.parallel.groups import shard_range
 from reference import random_batch, random_weight, rank_rows, reference_grads_over
 
@@ -172,8 +173,8 @@ class Scenario:
 
 def reference_scenarios(world_size: int) -> dict[str, Scenario]:
     """Each selection with each margin, with two accumulated micro-batches, with room for random
-    rows with and without the sampling correction, and a budget of 2 rows that the positives
-    exceed."""
+    rows with and without the sampling correction, hard negatives allowed the whole budget,
+    and a budget of 2 rows that the positives exceed."""
     budgets = {"partial": 0.5, "knn": 16, "hf": 0.4}
     specs = {}
     for kind, budget in budgets.items():
@@ -183,6 +184,8 @@ def reference_scenarios(world_size: int) -> dict[str, Scenario]:
         corrected = selection(kind, 0.5) if kind == "partial" else selection(kind, 0.75, k=1)  # room for random rows
         specs[f"{kind}/corrected"] = (corrected, ARCFACE, 2, False)
         specs[f"{kind}/uncorrected"] = ({**corrected, "sampling_correction": False}, ARCFACE, 1, False)
+        if kind != "partial":
+            specs[f"{kind}/hard_only"] = (selection(kind, budget, hard_fraction=1.0), ARCFACE, 1, False)
     specs["positives_only"] = (selection("partial", 2), ARCFACE, 2, True)
     return {name: Scenario(spec, margin, 1000 * world_size + 10 * i, micro, spread)
             for i, (name, (spec, margin, micro, spread)) in enumerate(specs.items())}
@@ -483,21 +486,30 @@ def _candidates(name: str, scenario: Scenario, results: list, rank: int, embeddi
     return ranked[(ranked >= start) & (ranked < start + rows)]
 
 
-def test_hard_negatives_fill_the_budget_nearest_first(run):
-    """knn and hf: after the positives, the budget goes to the hard negatives nearest first
-    (all of them when they fit); uniform random rows fill only what is left."""
+def test_hard_negatives_take_their_fraction_of_the_room_nearest_first(run):
+    """knn and hf: after the positives, the hard negatives take ⌊hard_fraction · room⌋ rows
+    (room: the budget less the positives), nearest first; uniform random rows fill the rest,
+    and only they carry the sampling correction."""
     world_size, results = run
     for name, scenario in reference_scenarios(world_size).items():
         if scenario.spec["type"] not in ("knn", "hf"):
             continue
+        fraction = Fraction(str(parse_selection(scenario.spec).hard_fraction))
         for m, (embeddings, labels) in enumerate(scenario.batches(world_size)):
             for rank, result in enumerate(results):
                 got = result["reference"][name]
+                active = got["micro"][m]
                 positives = _positives(labels, got["shard"])
                 room = expected_rows(scenario.spec["budget"], got["shard"][1]) - positives.numel()
-                nearest = _first_new(_candidates(name, scenario, results, rank, embeddings, labels), positives, room)
-                assert nearest.numel() > 0, f"{name}, rank {rank}"
-                assert torch.isin(nearest, got["micro"][m]["classes"]).all(), f"{name}, micro-batch {m}, rank {rank}"
+                hard = _first_new(_candidates(name, scenario, results, rank, embeddings, labels), positives,
+                                  math.floor(fraction * room))
+                where = f"{name}, micro-batch {m}, rank {rank}"
+                assert hard.numel() > 0, where
+                assert torch.isin(hard, active["classes"]).all(), where
+                if active["logit_offset"] is not None:
+                    drawn = active["classes"][active["logit_offset"] != 0]
+                    assert drawn.numel() == room - hard.numel(), where
+                    assert not torch.isin(hard, drawn).any(), where
 
 
 # ----------------------------------------------------------------------------- 4. sparse updates
@@ -541,6 +553,8 @@ def test_sparse_step_leaves_unselected_rows_and_state_bit_for_bit(run):
                         assert value.item() == step + 1, where
                         continue
                     assert torch.equal(value[untouched], before[name][untouched]), f"{name}: {where}"
+                    if storage == "bf16" and name == "exp_avg_sq" and step > 0:
+                        continue  # beta2 = 0.999 moves it by less than bf16's resolution unless g is large
                     changed = value[rows] != before[name][rows]
                     assert (changed if changed.dim() == 1 else changed.any(dim=1)).all(), f"{name}: {where}"
                 weight, state = record["weight"], record["state"]

@@ -9,13 +9,16 @@ The active set is assembled in order of preference, at a cost proportional to th
 not to the shard (a fixed budget costs the same at 10^5 and 10^8 classes)::
 
     1. the positives in the shard
-    2. the candidates (hard negatives, nearest first), repeats and positives dropped
+    2. the candidates (hard negatives, nearest first), repeats and positives dropped, at most
+       ``hard_fraction`` of the room the positives leave
     3. uniform random rows, without replacement, until the budget is full
 
 and sorted. With ``sampling_correction`` (the default) the logits of the rows drawn in 3 get
 ``log(free / drawn)`` (``free``: the rows they were drawn from), the sampled-softmax estimate
 of the partition function over those rows; positives and candidates are taken for certain and
-get nothing. The random rows are drawn from a generator seeded by ``(seed, rank, step,
+get nothing. Keeping room for 3 when candidates abound (``hard_fraction`` < 1) is what lets
+the softmax's denominator count the rows left out: without random rows it holds the hard
+negatives only, and the loss is that of a far smaller class set. The random rows are drawn from a generator seeded by ``(seed, rank, step,
 micro-batch)``: two runs with the same seed select the same rows.
 """
 
@@ -77,14 +80,19 @@ class Selection:
     logit_offset: Optional[torch.Tensor] = None
 
 
+def portion(rate: float, count: int) -> int:
+    """⌊rate·count⌋ with the rate read as the decimal it is written as (0.1 of 156250 is 15625)."""
+    return math.floor(Fraction(repr(rate)) * count)
+
+
 def budget_rows(budget: "int | float", shard: Shard) -> int:
-    """Rows per step on this rank: ⌊rate·C_r⌋ (at least 1; the rate read as the decimal it is
-    written as, so 0.1 of 156250 is 15625) or a count, at most this shard.
+    """Rows per step on this rank: ⌊rate·C_r⌋ (at least 1, :func:`portion`) or a count, at most
+    this shard.
 
     A count above the largest shard of the group is a :class:`ConfigError` on every rank.
     """
     if isinstance(budget, float):
-        return max(1, math.floor(Fraction(repr(budget)) * shard.num_local))
+        return max(1, portion(budget, shard.num_local))
     if budget > shard.largest:
         raise ConfigError(
             f"selection.budget: {budget} rows is above the shard ({shard.largest} rows: "
@@ -112,11 +120,13 @@ class ClassSelection:
     dense = False
     """True for ``full``: the head computes every row and keeps a dense gradient."""
 
-    def __init__(self, shard: Shard, budget: "int | float", seed: int, sampling_correction: bool = True) -> None:
+    def __init__(self, shard: Shard, budget: "int | float", seed: int, sampling_correction: bool = True,
+                 hard_fraction: float = 1.0) -> None:
         self.shard = shard
         self.budget = budget_rows(budget, shard)
         self.seed = seed
         self.sampling_correction = sampling_correction
+        self.hard_fraction = hard_fraction
         self.positives_only_steps = 0
         self._row_set: Optional[RowSet] = None
 
@@ -138,7 +148,7 @@ class ClassSelection:
         rows = self._rows(weight.device)
         rows.take(positives)
         if candidates is not None and candidates.numel():
-            rows.take_first_new(candidates, self.budget - rows.count)
+            rows.take_first_new(candidates, portion(self.hard_fraction, self.budget - rows.count))
         free, count = self.shard.num_local - rows.count, self.budget - rows.count
         drawn = rows.take_random(count, step_generator(self.seed, self.shard.rank, step, micro, weight.device))
         active = rows.finish()

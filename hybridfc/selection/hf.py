@@ -7,7 +7,8 @@ Each rank keeps an approximate-nearest-neighbour index over its shard's normalis
 (:class:`~hybridfc.selection.index.ShardIndex`: exact for small shards, an IVF index for
 large ones, HNSW on request). Each step the gathered features ``(B, d)`` query it for their ``k``
 nearest rows; rank r's candidates are every sample's nearest row, then every sample's second,
-and so on. Positives, then candidates, then uniform random rows fill the budget. The index is
+and so on. Positives, then candidates (at most ``hard_fraction`` of the room the positives
+leave), then uniform random rows fill the budget. The index is
 rebuilt in the background from a snapshot every ``rebuild_interval`` steps
 (:mod:`hybridfc.selection.rebuild`); building it needs no collective.
 """
@@ -29,7 +30,7 @@ class HFSelection(ClassSelection):
     """Positives, each sample's nearest rows of this shard, then random rows."""
 
     def __init__(self, shard: Shard, cfg: HFConfig, seed: int) -> None:
-        super().__init__(shard, cfg.budget, seed, cfg.sampling_correction)
+        super().__init__(shard, cfg.budget, seed, cfg.sampling_correction, cfg.hard_fraction)
         if cfg.k > shard.num_classes:
             raise ConfigError(f"selection.k: {cfg.k} nearest classes per sample is more than the "
                               f"{shard.num_classes} classes")

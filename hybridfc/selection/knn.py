@@ -12,8 +12,8 @@ replicated graph at 10^8 classes and k = 32 would take 12.8 GB per rank). Each s
    all-reduce gives every rank all of them (rows of labels a rank does not own are -1);
 2. rank r's candidates are the entries that fall in its shard, nearest first: every label's
    first neighbour, then every label's second, and so on;
-3. positives, then candidates, then uniform random rows fill the budget
-   (:class:`~hybridfc.selection.base.ClassSelection`).
+3. positives, then candidates (at most ``hard_fraction`` of the room the positives leave),
+   then uniform random rows fill the budget (:class:`~hybridfc.selection.base.ClassSelection`).
 
 The graph is built before the first step and rebuilt in the background every
 ``rebuild_interval`` steps (:mod:`hybridfc.selection.rebuild`), its ring exchange on a process
@@ -38,7 +38,7 @@ class KNNSelection(ClassSelection):
     """Positives, the graph neighbours of the batch's labels in this shard, then random rows."""
 
     def __init__(self, shard: Shard, cfg: KNNConfig, seed: int) -> None:
-        super().__init__(shard, cfg.budget, seed, cfg.sampling_correction)
+        super().__init__(shard, cfg.budget, seed, cfg.sampling_correction, cfg.hard_fraction)
         if cfg.k > shard.num_classes - 1:
             raise ConfigError(f"selection.k: {cfg.k} neighbours is more than the {shard.num_classes - 1} "
                               f"other classes of {shard.num_classes}")
