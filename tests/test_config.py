@@ -18,7 +18,10 @@ from hybridfc.config import (
     ConfigError,
     CosFaceMargin,
     FullSelection,
+    HFSelection,
     HybridFCConfig,
+    KNNSelection,
+    PartialSelection,
     SGDOptimizer,
     SGDParams,
     SoftmaxMargin,
@@ -388,3 +391,16 @@ def test_fingerprint_is_the_same_in_another_process() -> None:
 def test_fingerprint_changes_when_any_value_changes(changed: dict[str, Any]) -> None:
     base = config_fingerprint(parse_hybridfc_section(FULL))
     assert config_fingerprint(parse_hybridfc_section({**FULL, **changed})) != base
+
+
+def _readme_rows() -> set[str]:
+    """The keys of the README's ``"hybridfc"`` table: ``| `key` |`` at the start of a row."""
+    return {line.split("`")[1] for line in (REPO / "README.md").read_text().splitlines() if line.startswith("| `")}
+
+
+def test_readme_documents_every_key_of_the_section():
+    """Every key of the section and every key of each selection type has a row in the README."""
+    rows = _readme_rows()
+    assert set(HybridFCConfig.model_fields) <= rows
+    for model in (PartialSelection, KNNSelection, HFSelection):
+        assert {f"selection.{key}" for key in model.model_fields if key != "type"} <= rows, model.__name__
