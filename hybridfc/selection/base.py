@@ -18,8 +18,9 @@ and sorted. With ``sampling_correction`` (the default) the logits of the rows dr
 of the partition function over those rows; positives and candidates are taken for certain and
 get nothing. Keeping room for 3 when candidates abound (``hard_fraction`` < 1) is what lets
 the softmax's denominator count the rows left out: without random rows it holds the hard
-negatives only, and the loss is that of a far smaller class set. The random rows are drawn from a generator seeded by ``(seed, rank, step,
-micro-batch)``: two runs with the same seed select the same rows.
+negatives only, and the loss is that of a far smaller class set. The random rows are drawn
+from a generator seeded by ``(seed, rank, step, micro-batch)``: two runs with the same seed
+select the same rows.
 """
 
 from __future__ import annotations

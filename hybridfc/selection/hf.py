@@ -8,9 +8,9 @@ Each rank keeps an approximate-nearest-neighbour index over its shard's normalis
 large ones, HNSW on request). Each step the gathered features ``(B, d)`` query it for their ``k``
 nearest rows; rank r's candidates are every sample's nearest row, then every sample's second,
 and so on. Positives, then candidates (at most ``hard_fraction`` of the room the positives
-leave), then uniform random rows fill the budget. The index is
-rebuilt in the background from a snapshot every ``rebuild_interval`` steps
-(:mod:`hybridfc.selection.rebuild`); building it needs no collective.
+leave), then uniform random rows fill the budget. The index is rebuilt in the background from
+a snapshot every ``rebuild_interval`` steps (:mod:`hybridfc.selection.rebuild`); building it
+needs no collective.
 """
 
 from __future__ import annotations
