@@ -45,8 +45,9 @@ at 10 % again on each of ``--replicate-seeds`` (default 1 and 2): a new task ins
 initialisation and batch order each. One seed is not enough to decide a 1 % criterion: the
 ratio to full at S of one selection moves by several points from seed to seed (partial at
 10 %: 0.957, 0.998 and 1.017 on seeds 0, 1 and 2). ``--jobs`` trains runs at once in worker
-processes (each on ``--threads`` threads; the results do not depend on it). The budget is a rate of the shard; the positives of the batch
-count towards it; a step whose positives fill the budget uses the positives only (counted).
+processes (each on ``--threads`` threads; the results do not depend on it). The budget is a
+rate of the shard; the positives of the batch count towards it; a step whose positives fill
+the budget uses the positives only (counted).
 
 One process, world size 1 (no torch.distributed): the whole class matrix is rank 0's shard. The
 selection logic runs per shard, so what is measured here is what each rank of a multi-rank job
@@ -148,8 +149,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--seed", type=int, default=0, help="seed of the task, the initialisation and the batches")
     p.add_argument("--replicate-seeds", type=int, nargs="*", default=[1, 2],
-                   help="further seeds (each a new task instance) on which full and every method run at the "
-                        "largest budget, for the convergence check's mean over seeds")
+                   help="further seeds (each a new task instance) on which full and every method run at a "
+                        "10%% budget (when 10%% is among --budgets), for the convergence check's mean over seeds")
     p.add_argument("--jobs", type=int, default=1, help="runs trained at once, in worker processes")
     p.add_argument("--quick", action="store_true", help="tiny smoke test (< 2 min)")
     p.add_argument("--json", default="benchmarks/selection_accuracy.json")
