@@ -385,41 +385,14 @@ def graph_worker(rank: int, cfg: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------- process groups
-class _Array:
-    """A tensor sent by value: torch's queue would share its storage with a process about to exit."""
-
-    def __init__(self, tensor: torch.Tensor) -> None:
-        self.array = tensor.detach().cpu().numpy().copy()
-
-
-def _by_value(obj):
-    if isinstance(obj, torch.Tensor):
-        return _Array(obj)
-    if isinstance(obj, dict):
-        return {k: _by_value(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_by_value(v) for v in obj)
-    return obj
-
-
 def rank_worker(rank: int, cfg: dict):
-    """A head-step or graph configuration on one rank, its tensors sent by value."""
-    return _by_value((step_worker if cfg["phase"] == "step" else graph_worker)(rank, cfg))
+    """A head-step or graph configuration on one rank."""
+    return (step_worker if cfg["phase"] == "step" else graph_worker)(rank, cfg)
 
 
 def run_group(cfg: dict, timeout: float, name: str) -> list[dict]:
     """One configuration on a fresh process group; the per-rank results."""
-    return [_as_tensors(out) for out in run_on_ranks(rank_worker, cfg, cfg["world_size"], timeout, name)]
-
-
-def _as_tensors(obj):
-    if isinstance(obj, _Array):
-        return torch.from_numpy(obj.array)
-    if isinstance(obj, dict):
-        return {k: _as_tensors(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_as_tensors(v) for v in obj)
-    return obj
+    return run_on_ranks(rank_worker, cfg, cfg["world_size"], timeout, name)
 
 
 # ----------------------------------------------------------------------------- summaries
@@ -865,9 +838,9 @@ def run_graph_phase(args, samples: dict, knn_graphs: dict, builds: list, recalls
 
 
 def graph_recall(approx: torch.Tensor, exact: torch.Tensor) -> float:
-    from hybridfc.selection.graph import graph_recall as recall
+    from hybridfc.selection.index import recall_at_k
 
-    return float(recall(approx, exact))
+    return recall_at_k(approx, exact)
 
 
 def reprint(path: str) -> None:

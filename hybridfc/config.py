@@ -30,9 +30,11 @@ required)::
     {"type": "full"}
     {"type": "partial", "budget": 0.1, "sampling_correction": true}
     {"type": "knn", "budget": 0.1, "k": 32, "rebuild_interval": 1000, "rebuild_delay": null,
-     "late_rebuild": "postpone", "index": "auto", "hard_fraction": 0.5, "sampling_correction": true}
+     "late_rebuild": "postpone", "index": "auto", "hard_fraction": 0.5, "min_recall": null,
+     "sampling_correction": true}
     {"type": "hf",  "budget": 0.1, "k": 32, "rebuild_interval": 1000, "rebuild_delay": null,
-     "late_rebuild": "postpone", "index": "auto", "hard_fraction": 0.5, "sampling_correction": true}
+     "late_rebuild": "postpone", "index": "auto", "hard_fraction": 0.5, "min_recall": null,
+     "sampling_correction": true}
 
 ``budget`` is the active rows per rank and step, positives included: an integer is a row
 count (at most the largest shard), a float in (0, 1] a rate of the shard. ``k`` is the
@@ -41,7 +43,10 @@ rows every ``rebuild_interval`` steps (0: built once) in the background and swap
 ``rebuild_delay`` steps later (default: a tenth of the interval); a build not done by then
 is swapped in at the first step it is done on every rank (``late_rebuild``: ``postpone``, no
 step waits) or waited for (``wait``, the run stays reproducible). ``index``: ``exact``, ``ivf``,
-``hnsw`` (faiss) or ``auto`` (exact for small shards, IVF for large ones).
+``hnsw`` (faiss) or ``auto`` (exact for small shards, IVF for large ones). An approximate
+index measures its recall@k against an exhaustive search on sampled classes at each build and
+logs it; ``min_recall`` (default null: the index's own breadth) widens its search until that
+recall reaches the given value, an exhaustive scan at most.
 ``hard_fraction`` (default 0.5): the share of the rows left after the positives that the hard
 negatives may take, nearest first; uniform random rows fill the rest (1: hard negatives fill
 the budget when there are enough of them). ``sampling_correction`` (default true): the logits
@@ -219,6 +224,7 @@ class _Rebuilt(_Sampled):
     late_rebuild: Literal["postpone", "wait"] = "postpone"
     index: IndexKind = "auto"
     hard_fraction: Number = Field(0.5, gt=0, le=1)
+    min_recall: Optional[Number] = Field(None, gt=0, le=1)
 
     @model_validator(mode="after")
     def _delay_within_interval(self) -> "_Rebuilt":

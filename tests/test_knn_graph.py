@@ -12,10 +12,11 @@ import torch.nn.functional as F
 
 from distributed import run_distributed
 from hybridfc.parallel.groups import shard_range
-from hybridfc.selection import index as index_module
+from hybridfc.selection import exact as exact_module
 from hybridfc.selection import ivf as ivf_module
-from hybridfc.selection.graph import build_knn_graph, exact_neighbours, graph_recall
-from hybridfc.selection.index import EXACT_MAX_ROWS, GRAPH_EXACT_MAX_ROWS, ShardIndex, choose_index_kind
+from hybridfc.selection.graph import build_knn_graph, exact_neighbours
+from hybridfc.selection.index import (EXACT_MAX_ROWS, GRAPH_EXACT_MAX_ROWS, ShardIndex, choose_index_kind,
+                                      recall_at_k)
 from hybridfc.selection.ivf import InvertedFileIndex, nearest_centroid
 
 EXACT_CASES = [(103, 5), (103, 102), (257, 5), (257, 256), (3, 2)]  # (num_classes, k)
@@ -59,7 +60,7 @@ def test_choose_index_kind():
 
 
 def test_exact_search_matches_float64_brute_force(monkeypatch):
-    monkeypatch.setattr(index_module, "_BLOCK_BYTES", 4096)  # many query blocks
+    monkeypatch.setattr(exact_module, "_BLOCK_BYTES", 4096)  # many query blocks
     centres, queries = normalised(300, 16, seed=1), normalised(50, 16, seed=2)
     scores, rows = ShardIndex(centres).search(queries, 10)
     expected = (queries.double() @ centres.double().t()).topk(10, dim=1)
@@ -143,14 +144,14 @@ def test_exact_graph_matches_float64_brute_force(world_size):
         assert torch.equal(graph, brute_force(normalised(num_classes, 16, seed=10 + seed), k))
 
 
-def test_exact_neighbours_and_graph_recall():
+def test_exact_neighbours_and_recall_at_k():
     angles = torch.tensor([0.0, 10.0, 25.0, 45.0, 90.0]).deg2rad()
     points = torch.stack([angles.cos(), angles.sin()], dim=1)
     assert exact_neighbours(points, torch.arange(5), points, 2).tolist() == [[1, 2], [0, 2], [1, 3], [2, 1], [3, 2]]
     assert exact_neighbours(points[:1], torch.tensor([3]), points, 5).tolist() == [[0, 1, 2, 4, -1]]
     exact = torch.tensor([[1, 2], [3, 4]])
-    assert graph_recall(exact, exact) == 1.0
-    assert graph_recall(torch.tensor([[2, 5], [-1, 0]]), exact) == 0.25
+    assert recall_at_k(exact, exact) == 1.0
+    assert recall_at_k(torch.tensor([[2, 5], [-1, 0]]), exact) == 0.25
 
 
 def approximate_graphs(rank: int, world_size: int, data_seed: int) -> dict[str, list[torch.Tensor]]:
@@ -172,5 +173,63 @@ def test_approximate_graph_recall_and_determinism(world_size):
     for kind in ("ivf", "hnsw"):
         first, second = (torch.cat([graphs[kind][build] for graphs in per_rank]) for build in range(2))
         assert torch.equal(first, second), kind
-        assert graph_recall(first, exact) >= 0.9, kind
+        assert recall_at_k(first, exact) >= 0.9, kind
         assert (first != torch.arange(first.shape[0]).unsqueeze(1)).all()
+
+
+def float64_recall(index: ShardIndex, centres: torch.Tensor, sample: torch.Tensor, k: int) -> float:
+    """Recall@k of the index's search for the sampled rows (each left out of its own list)
+    against a float64 brute force."""
+    scores = centres[sample].double() @ centres.double().t()
+    scores[torch.arange(sample.numel()), sample] = -torch.inf
+    found = index.search(centres[sample], k + 1)[1]
+    keep = found != sample.unsqueeze(1)
+    keep[keep.all(dim=1), -1] = False
+    return recall_at_k(found[keep].view(-1, k), scores.topk(k, dim=1).indices)
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_widening_reaches_min_recall_on_isotropic_rows(kind):
+    """Isotropic rows defeat an approximate index at its default breadth; widening brings the
+    measured recall (equal to a float64 brute force's) to the target."""
+    centres, sample, target = normalised(12_000, 128, seed=11), torch.arange(0, 12_000, 47), 0.97
+    index = ShardIndex(centres, kind, seed=0)
+    before = index.widen_to_recall(centres[sample], sample, K)
+    assert before == pytest.approx(float64_recall(index, centres, sample, K), abs=1e-6)
+    assert before < target
+    breadth = index.describe(K)
+    after = index.widen_to_recall(centres[sample], sample, K, min_recall=target)
+    assert index.describe(K) != breadth
+    assert after >= target
+    assert after == pytest.approx(float64_recall(index, centres, sample, K), abs=1e-6)
+
+
+def test_widening_stops_at_an_exhaustive_search():
+    centres, sample = normalised(3000, 16, seed=12), torch.arange(0, 3000, 10)
+    index = ShardIndex(centres, "ivf", seed=0)
+    assert index.widen_to_recall(centres[sample], sample, 8, min_recall=1.0) == 1.0
+    assert index.num_probes == index.num_lists
+    assert ShardIndex(centres, "exact").widen_to_recall(centres[sample], sample, 8, min_recall=1.0) == 1.0
+
+
+def widened_graphs(rank: int, world_size: int, num_classes: int) -> list[torch.Tensor]:
+    start, rows = my_rows(normalised(num_classes, 128, seed=13), world_size, rank)
+    return [build_knn_graph(rows, start, num_classes, K, kind="ivf", seed=1, min_recall=min_recall)
+            for min_recall in (None, 0.95, 0.95)]
+
+
+@pytest.mark.parametrize("world_size", [1, 3])
+def test_graph_with_min_recall_reaches_it_on_isotropic_centres(world_size):
+    """Every shard widens its search on the same sample of classes from all shards: the whole
+    graph's recall goes from far below to at least the target, and builds repeat exactly."""
+    num_classes = 10_001
+    if world_size == 1:
+        per_rank = [widened_graphs(0, 1, num_classes)]
+    else:
+        per_rank = run_distributed(widened_graphs, world_size, args=(num_classes,))
+    default, first, second = (torch.cat([graphs[i] for graphs in per_rank]) for i in range(3))
+    centres = normalised(num_classes, 128, seed=13)
+    exact = exact_neighbours(centres, torch.arange(num_classes), centres, K)
+    assert recall_at_k(default, exact) < 0.9
+    assert recall_at_k(first, exact) >= 0.93
+    assert torch.equal(first, second)

@@ -16,6 +16,11 @@ never the class itself. No rank ever holds more than two shards' worth of rows:
    lists, not the queries) brings every rank its own;
 4. each list drops the class itself (or, where the class is not in it, its last entry).
 
+An approximate index first measures itself (:meth:`ShardIndex.widen_to_recall`) on the same
+:data:`~hybridfc.selection.index.RECALL_QUERIES` rows on every rank, drawn evenly from all shards
+(one all-gather): recall@k of each shard's search against an exhaustive one. With
+``min_recall`` each rank widens its search until its shard reaches it.
+
 Per rank this is N index searches of ``P`` queries and ``N`` ring shifts of ``P·(d + 3(k + 1))``
 words, point to point on ``group``. Lists merge by score with ties going to the smaller global
 id, so a graph depends only on the rows, the index kind and the seed.
@@ -23,22 +28,27 @@ id, so a graph depends only on the rows, the index kind and the seed.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.distributed as dist
 
 from hybridfc.parallel.groups import ProcessGroup, group_rank, group_size, shard_range
-from hybridfc.selection.index import GRAPH_EXACT_MAX_ROWS, ShardIndex, choose_index_kind, exact_search
+from hybridfc.selection.index import (GRAPH_EXACT_MAX_ROWS, RECALL_QUERIES, ShardIndex, choose_index_kind,
+                                      drop_own_rows, exact_search, log_recall)
 
 
 def build_knn_graph(centres: torch.Tensor, class_start: int, num_classes: int, k: int,
-                    group: ProcessGroup = None, kind: str = "exact", seed: int = 0) -> torch.Tensor:
+                    group: ProcessGroup = None, kind: str = "exact", seed: int = 0,
+                    min_recall: Optional[float] = None) -> torch.Tensor:
     """This rank's rows of the K-nearest-neighbour graph over the normalised centres of all classes.
 
     ``centres``: ``(C_r, d)`` this rank's L2-normalised fp32 rows, global ids ``class_start`` to
     ``class_start + C_r - 1``. Returns ``(C_r, k)`` int64 global ids, nearest first by cosine,
     never the class itself; neighbours may live in any shard. An approximate ``kind`` may leave
-    -1 where it found fewer than ``k`` neighbours. Collective over ``group`` (``None``: the
-    default group; without ``torch.distributed`` a world of one).
+    -1 where it found fewer than ``k`` neighbours, and widens its search until its measured
+    recall reaches ``min_recall`` (see the module docstring). Collective over ``group``
+    (``None``: the default group; without ``torch.distributed`` a world of one).
     """
     if not 1 <= k <= num_classes - 1:
         raise ValueError(f"k={k} neighbours must be between 1 and num_classes - 1 = {num_classes - 1} "
@@ -49,7 +59,11 @@ def build_knn_graph(centres: torch.Tensor, class_start: int, num_classes: int, k
         raise ValueError(f"centres must be ({sizes[rank]}, d) on rank {rank} of {world_size} for "
                          f"{num_classes} classes, got shape {tuple(centres.shape)}")
     centres = centres.detach().float()
-    index = ShardIndex(centres, choose_index_kind(centres.shape[0], kind, GRAPH_EXACT_MAX_ROWS), seed)
+    kind = choose_index_kind(max(sizes), kind, GRAPH_EXACT_MAX_ROWS)   # one kind on every rank
+    index = ShardIndex(centres, kind, seed)
+    if kind != "exact":
+        recall, sampled = fit_shard_search(index, centres, num_classes, k, group, seed, min_recall)
+        log_recall("knn graph", index, k, recall, sampled, min_recall)
 
     queries = centres.new_zeros(max(sizes), centres.shape[1])
     queries[: sizes[rank]] = centres
@@ -63,7 +77,32 @@ def build_knn_graph(centres: torch.Tensor, class_start: int, num_classes: int, k
                                                         scores[:count], ids[:count])
     if world_size > 1:
         scores, ids = _ring_shift([scores, ids], group, world_size, rank)
-    return _drop_self(ids[: sizes[rank]], class_start, k)
+    own = torch.arange(class_start, class_start + sizes[rank], device=ids.device)
+    return drop_own_rows(ids[: sizes[rank]], own, k)
+
+
+def fit_shard_search(index: ShardIndex, centres: torch.Tensor, num_classes: int, k: int,
+                     group: ProcessGroup = None, seed: int = 0,
+                     min_recall: Optional[float] = None) -> tuple[float, int]:
+    """Measure this rank's shard index, and with ``min_recall`` widen its search, on the same
+    sampled classes on every rank (an equal seeded share of
+    :data:`~hybridfc.selection.index.RECALL_QUERIES` from each shard, all-gathered over
+    ``group``): :meth:`ShardIndex.widen_to_recall`. Returns the shard's recall@k and the number
+    of sampled classes. ``centres``: ``(C_r, d)``, the rows the index was built from."""
+    world_size, rank = group_size(group), group_rank(group)
+    sizes = [shard_range(num_classes, world_size, r)[1] for r in range(world_size)]
+    share = min(-(-RECALL_QUERIES // world_size), min(sizes))
+    generator = torch.Generator().manual_seed(seed * world_size + rank)
+    local = torch.randperm(sizes[rank], generator=generator)[:share].sort().values
+    queries, own = centres[local.to(centres.device)].float(), local
+    if world_size > 1:
+        all_queries = [queries.new_empty(queries.shape) for _ in range(world_size)]
+        all_rows = [local.new_empty(local.shape) for _ in range(world_size)]
+        dist.all_gather(all_queries, queries.contiguous(), group=group)
+        dist.all_gather(all_rows, local, group=group)
+        queries = torch.cat(all_queries)
+        own = torch.cat([rows if r == rank else torch.full_like(rows, -1) for r, rows in enumerate(all_rows)])
+    return index.widen_to_recall(queries, own, k, min_recall), queries.shape[0]
 
 
 def _search_and_merge(index: ShardIndex, queries: torch.Tensor, class_start: int,
@@ -97,14 +136,6 @@ def _ring_shift(tensors: list[torch.Tensor], group: ProcessGroup, world_size: in
     return received
 
 
-def _drop_self(ids: torch.Tensor, class_start: int, k: int) -> torch.Tensor:
-    """``(C_r, k + 1)`` lists -> ``(C_r, k)``: without the row's own class, else without the last."""
-    own = torch.arange(class_start, class_start + ids.shape[0], device=ids.device)
-    keep = ids != own.unsqueeze(1)
-    keep[keep.all(dim=1), -1] = False
-    return ids[keep].view(ids.shape[0], k)
-
-
 def exact_neighbours(queries: torch.Tensor, query_ids: torch.Tensor, centres: torch.Tensor,
                      k: int) -> torch.Tensor:
     """One process: the ``k`` nearest rows of ``(C, d)`` centres (id = row) of ``(q, d)`` queries.
@@ -114,15 +145,3 @@ def exact_neighbours(queries: torch.Tensor, query_ids: torch.Tensor, centres: to
     in query blocks of at most about 64 MiB.
     """
     return exact_search(queries, centres, k, exclude=query_ids)[1]
-
-
-def graph_recall(approximate: torch.Tensor, exact: torch.Tensor) -> float:
-    """Mean over rows of ``|approximate_row ∩ exact_row| / k`` for two ``(q, k)`` id lists."""
-    if approximate.shape != exact.shape:
-        raise ValueError(f"graphs differ in shape: {tuple(approximate.shape)} vs {tuple(exact.shape)}")
-    if exact.numel() == 0:
-        return 1.0
-    sorted_exact = exact.sort(dim=1).values.contiguous()
-    at = torch.searchsorted(sorted_exact, approximate.contiguous()).clamp_max_(exact.shape[1] - 1)
-    hits = (sorted_exact.gather(1, at) == approximate) & (approximate >= 0)
-    return hits.float().mean().item()

@@ -10,7 +10,10 @@ nearest rows; rank r's candidates are every sample's nearest row, then every sam
 and so on. Positives, then candidates (at most ``hard_fraction`` of the room the positives
 leave), then uniform random rows fill the budget. The index is rebuilt in the background from
 a snapshot every ``rebuild_interval`` steps (:mod:`hybridfc.selection.rebuild`); building it
-needs no collective.
+needs no collective. An approximate index measures its recall@k on
+:data:`~hybridfc.selection.index.RECALL_QUERIES` of its own rows as queries (each row left out
+of its own list; a trained model's features lie near their class's row) and, with
+``min_recall``, widens its search until it reaches it (:meth:`ShardIndex.widen_to_recall`).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import torch.nn.functional as F
 
 from hybridfc.config import ConfigError, HFSelection as HFConfig
 from hybridfc.selection.base import ClassSelection, Shard
-from hybridfc.selection.index import ShardIndex, choose_index_kind
+from hybridfc.selection.index import RECALL_QUERIES, ShardIndex, choose_index_kind, log_recall
 from hybridfc.selection.rebuild import BackgroundRebuild
 
 
@@ -36,11 +39,18 @@ class HFSelection(ClassSelection):
                               f"{shard.num_classes} classes")
         self.k = min(cfg.k, shard.num_local)
         self.kind = choose_index_kind(shard.num_local, cfg.index)
+        self.min_recall = cfg.min_recall
         self.index = BackgroundRebuild(self._build, cfg.rebuild_interval, cfg.delay(), name="hf index",
                                        late=cfg.late_rebuild, group=shard.group)
 
     def _build(self, rows: torch.Tensor) -> ShardIndex:
-        return ShardIndex(rows, kind=self.kind, seed=self.seed)
+        index = ShardIndex(rows, kind=self.kind, seed=self.seed)
+        if index.approximate:
+            generator = torch.Generator().manual_seed(self.seed)
+            sample = torch.randperm(len(index), generator=generator)[:RECALL_QUERIES].sort().values
+            recall = index.widen_to_recall(rows[sample], sample, self.k, self.min_recall)
+            log_recall("hf index", index, self.k, recall, sample.numel(), self.min_recall)
+        return index
 
     def candidates(self, labels: torch.Tensor, features: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         index = self.index.ensure_built(weight, step=0)

@@ -4,14 +4,21 @@ A :class:`ShardIndex` holds the ``(n, d)`` L2-normalised fp32 centres of one sha
 ``(q, d)`` normalised queries with the ``k`` rows of largest inner product (= cosine), best
 first, as ``(q, k)`` scores and ``(q, k)`` 0-based rows. Three kinds of index:
 
-``exact``  blockwise ``queries @ centres.T`` and ``topk``; the queries go in blocks so that one
-           block of scores is at most about 64 MiB, whatever ``n``. Needs nothing but torch.
+``exact``  blockwise ``queries @ centres.T`` and ``topk``
+           (:func:`~hybridfc.selection.exact.exact_search`), memory bounded whatever ``n``.
 ``ivf``    :class:`~hybridfc.selection.ivf.InvertedFileIndex`: about ``sqrt(n)`` inverted lists
            from a seeded spherical k-means in torch, searched list by list with matmuls;
            a query scans the lists of its :func:`ivf_probes` nearest centroids.
-``hnsw``   ``faiss.IndexHNSWFlat`` (inner product, 32 links per node, seeded node levels).
-           Insertion runs on faiss's OpenMP threads; faiss does not promise that two parallel
-           builds are identical (they were on one and on two threads with faiss 1.15).
+``hnsw``   ``faiss.IndexHNSWFlat`` (inner product, 32 links per node, seeded node levels),
+           searched with ``efSearch`` candidates (``max(64, 2k)`` until widened). Insertion
+           runs on faiss's OpenMP threads; faiss does not promise that two parallel builds are
+           identical (they were on one and on two threads with faiss 1.15).
+
+An approximate index measures itself: :meth:`ShardIndex.widen_to_recall` compares its search of
+sampled queries with an exhaustive one and, given a target, doubles the search's breadth (IVF
+lists probed, HNSW ``efSearch``) until the recall@k of the sample reaches it or the search is
+exhaustive. Where the centres have little structure (isotropic rows in 128 dimensions) that
+ends near an exhaustive scan: nearest neighbours there are barely nearer than any other row.
 
 faiss is imported only when an ``hnsw`` index is built, so ``exact`` and ``ivf`` work without
 it. Searches pass their parameters per call (no index state is changed), so an index may be
@@ -24,6 +31,8 @@ from typing import Literal, Optional
 
 import torch
 
+from hybridfc.log import log_dist
+from hybridfc.selection.exact import exact_search
 from hybridfc.selection.ivf import InvertedFileIndex, ivf_lists, ivf_probes
 
 IndexKind = Literal["exact", "ivf", "hnsw"]
@@ -31,8 +40,9 @@ IndexKind = Literal["exact", "ivf", "hnsw"]
 EXACT_MAX_ROWS = 32768
 GRAPH_EXACT_MAX_ROWS = 131072
 KINDS: tuple[str, ...] = ("exact", "ivf", "hnsw")
+RECALL_QUERIES = 512
+"""Sampled rows on which an approximate index's recall is measured at each build."""
 
-_BLOCK_BYTES = 64 << 20
 _HNSW_LINKS = 32
 _HNSW_EF_CONSTRUCTION = 80
 
@@ -52,34 +62,24 @@ def choose_index_kind(num_rows: int, requested: str = "auto", exact_max_rows: in
     return requested  # type: ignore[return-value]
 
 
-def exact_search(
-    queries: torch.Tensor, centres: torch.Tensor, k: int, exclude: Optional[torch.Tensor] = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Largest inner products of ``(q, d)`` queries with ``(n, d)`` centres, in query blocks.
-
-    Returns ``(q, k)`` scores (dtype of the centres) and ``(q, k)`` int64 rows, best first.
-    ``exclude`` ``(q,)`` names one row per query that is never returned (out-of-range: none).
-    Where fewer than ``k`` rows qualify the row is -1 and the score -inf.
-    """
-    num_queries, n = queries.shape[0], centres.shape[0]
-    found = min(k, n)
-    scores = centres.new_full((num_queries, k), -torch.inf)
-    rows = torch.full((num_queries, k), -1, dtype=torch.int64, device=centres.device)
-    block = max(1, _BLOCK_BYTES // max(1, n * centres.element_size()))
-    for begin in range(0, num_queries if found else 0, block):
-        end = min(begin + block, num_queries)
-        block_scores = queries[begin:end].to(centres) @ centres.t()
-        if exclude is not None:
-            _mask_rows_(block_scores, exclude[begin:end].to(centres.device))
-        scores[begin:end, :found], rows[begin:end, :found] = block_scores.topk(found, dim=1)
-    rows[scores == -torch.inf] = -1
-    return scores, rows
+def drop_own_rows(rows: torch.Tensor, own: torch.Tensor, k: int) -> torch.Tensor:
+    """``(q, k + 1)`` rows -> ``(q, k)``: without each query's own row ``own`` ``(q,)`` where the
+    list holds it, else without the last entry."""
+    keep = rows != own.unsqueeze(1)
+    keep[keep.all(dim=1), -1] = False
+    return rows[keep].view(rows.shape[0], k)
 
 
-def _mask_rows_(scores: torch.Tensor, exclude: torch.Tensor) -> None:
-    """Set ``scores[i, exclude[i]]`` to -inf where ``exclude[i]`` is a valid column."""
-    valid = (exclude >= 0) & (exclude < scores.shape[1])
-    scores[torch.nonzero(valid).squeeze(1), exclude[valid]] = -torch.inf
+def recall_at_k(approximate: torch.Tensor, exact: torch.Tensor) -> float:
+    """Mean over rows of ``|approximate_row ∩ exact_row| / k`` for two ``(q, k)`` id lists."""
+    if approximate.shape != exact.shape:
+        raise ValueError(f"neighbour lists differ in shape: {tuple(approximate.shape)} vs {tuple(exact.shape)}")
+    if exact.numel() == 0:
+        return 1.0
+    sorted_exact = exact.sort(dim=1).values.contiguous()
+    at = torch.searchsorted(sorted_exact, approximate.contiguous()).clamp_max_(exact.shape[1] - 1)
+    hits = (sorted_exact.gather(1, at) == approximate) & (approximate >= 0)
+    return hits.float().mean().item()
 
 
 def _import_faiss(kind: str):
@@ -107,6 +107,7 @@ class ShardIndex:
         self.dim, self._num_rows = centres.shape[1], centres.shape[0]
         self._rows = centres.detach().float().contiguous()
         self._index = None
+        self.ef_search: Optional[int] = None
         if self.kind == "ivf" and len(self):
             self.num_lists = ivf_lists(len(self))
             self.num_probes = ivf_probes(self.num_lists)
@@ -124,6 +125,19 @@ class ShardIndex:
         """The ``(n, d)`` fp32 rows the index was built from."""
         return self._index.rows() if self._rows is None else self._rows
 
+    @property
+    def approximate(self) -> bool:
+        return self.kind != "exact" and len(self) > 0
+
+    def describe(self, k: int) -> str:
+        """The kind and the breadth of its search for ``k`` neighbours, e.g. ``ivf, nprobe 44 of 707 lists``."""
+        if self.kind == "ivf" and len(self):
+            exhaustive = " (an exact scan)" if self.num_probes >= self.num_lists else ""
+            return f"ivf, nprobe {self.num_probes} of {self.num_lists} lists{exhaustive}"
+        if self.kind == "hnsw" and len(self):
+            return f"hnsw, efSearch {self._ef_search(k)}"
+        return self.kind
+
     def _build_hnsw(self, centres, seed: int) -> None:
         self._index = self._faiss.IndexHNSWFlat(self.dim, _HNSW_LINKS, self._faiss.METRIC_INNER_PRODUCT)
         self._index.hnsw.efConstruction = _HNSW_EF_CONSTRUCTION
@@ -138,18 +152,61 @@ class ShardIndex:
         """
         if queries.dim() != 2 or queries.shape[1] != self.dim:
             raise ValueError(f"queries must be (q, {self.dim}), got shape {tuple(queries.shape)}")
-        queries = queries.detach()
-        if self.kind == "exact" or not len(self):
-            scores, rows = exact_search(queries, self.centres, k)
-        elif self.kind == "ivf":
-            scores, rows = self._index.search(queries.to("cpu", torch.float32), k, self.num_probes)
-        else:
-            scores, rows = self._hnsw_search(queries.to("cpu", torch.float32).contiguous(), k)
+        scores, rows = self._search(queries.detach(), k)
         return scores.to(queries.device), rows.to(queries.device)
 
+    def _search(self, queries: torch.Tensor, k: int, exhaustive: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.approximate or (exhaustive and self.kind == "hnsw"):
+            return exact_search(queries, self.centres, k)
+        queries = queries.to("cpu", torch.float32).contiguous()
+        if self.kind == "ivf":
+            return self._index.search(queries, k, self.num_lists if exhaustive else self.num_probes)
+        return self._hnsw_search(queries, k)
+
+    def _ef_search(self, k: int) -> int:
+        return self.ef_search or max(64, 2 * k)
+
     def _hnsw_search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        params = self._faiss.SearchParametersHNSW(efSearch=max(64, 2 * k))
+        params = self._faiss.SearchParametersHNSW(efSearch=self._ef_search(k))
         distances, labels = self._index.search(queries.numpy(), k, params=params)
         scores, rows = torch.from_numpy(distances), torch.from_numpy(labels)
         scores[rows < 0] = -torch.inf
         return scores, rows
+
+    def widen_to_recall(self, queries: torch.Tensor, own_rows: torch.Tensor, k: int,
+                        min_recall: Optional[float] = None) -> float:
+        """The recall@k of this index's search against an exhaustive one on ``(q, d)`` sample
+        queries, each query's own row (``own_rows`` ``(q,)``, -1 for none) left out. With
+        ``min_recall``, first doubles the breadth of the search (IVF ``num_probes``, HNSW
+        ``ef_search``) until the sample's recall reaches it or the search scans every row.
+        An exact index has recall 1."""
+        if not self.approximate or queries.shape[0] == 0:
+            return 1.0
+        own_rows = own_rows.cpu()
+        exact = drop_own_rows(self._search(queries, k + 1, exhaustive=True)[1], own_rows, k)
+        while True:
+            recall = recall_at_k(drop_own_rows(self._search(queries, k + 1)[1], own_rows, k), exact)
+            if min_recall is None or recall >= min_recall or not self._widen(k):
+                return recall
+
+    def _widen(self, k: int) -> bool:
+        """Double the breadth of the search; False where it already scans every row."""
+        if self.kind == "ivf":
+            if self.num_probes >= self.num_lists:
+                return False
+            self.num_probes = min(2 * self.num_probes, self.num_lists)
+            return True
+        if self._ef_search(k) >= len(self):
+            return False
+        self.ef_search = min(2 * self._ef_search(k), len(self))
+        return True
+
+
+def log_recall(name: str, index: ShardIndex, k: int, recall: float, queries: int,
+               min_recall: Optional[float]) -> None:
+    """Rank 0's line on an approximate index's measured recall (nothing for an exact one)."""
+    if not index.approximate:
+        return
+    advice = f"min_recall {min_recall}" if min_recall else "selection.min_recall widens the search"
+    log_dist(f"{name}: {index.describe(k)}, recall@{k} {recall:.3f} against exhaustive search on "
+             f"{queries} sampled classes ({advice})")

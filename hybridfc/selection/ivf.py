@@ -9,7 +9,7 @@ are scored against it in one ``(m_l, d) @ (d, n_l)`` matmul, so each list is rea
 block and the arithmetic runs at matmul speed. A first pass over each query's nearest list
 gives its best ``k`` so far; in the second pass over its other lists only scores reaching the
 k-th of those are kept, which spares a top-k per (query, list) pair (on CPU it costs five times
-the matmul).
+the matmul). A search that probes every list is one blockwise matmul and top-k over all rows.
 
 >>> index = InvertedFileIndex(rows, num_lists=ivf_lists(len(rows)), seed=0)   # rows (n, d)
 >>> scores, ids = index.search(queries, k=32, num_probes=32)                  # (q, k) each
@@ -24,6 +24,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+from hybridfc.selection.exact import exact_search
 
 _QUERY_BLOCK = 16384
 _KMEANS_ITERATIONS = 20
@@ -89,12 +91,19 @@ class InvertedFileIndex:
         the probed lists hold fewer than ``k`` rows."""
         probes = min(num_probes, self.num_lists)
         queries = queries.float()
+        if probes == self.num_lists:
+            return self._search_all(queries, k)
         found_scores = queries.new_full((queries.shape[0], k), -torch.inf)
         found_ids = torch.full((queries.shape[0], k), -1, dtype=torch.int64)
         for begin in range(0, queries.shape[0], _QUERY_BLOCK):
             block = slice(begin, begin + _QUERY_BLOCK)
             found_scores[block], found_ids[block] = self._search_block(queries[block], k, probes)
         return found_scores, found_ids
+
+    def _search_all(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every list probed: one blockwise matmul + top-k over all rows, cheaper than list by list."""
+        scores, at = exact_search(queries, self.sorted_rows, k)
+        return scores, torch.where(at >= 0, self.row_ids[at.clamp(min=0)], at)
 
     def _search_block(self, queries: torch.Tensor, k: int, probes: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Two passes over the lists: each query's nearest list gives its best ``k`` so far and

@@ -17,7 +17,9 @@ replicated graph at 10^8 classes and k = 32 would take 12.8 GB per rank). Each s
 
 The graph is built before the first step and rebuilt in the background every
 ``rebuild_interval`` steps (:mod:`hybridfc.selection.rebuild`), its ring exchange on a process
-group of its own (:func:`~hybridfc.selection.graph.build_knn_graph`).
+group of its own (:func:`~hybridfc.selection.graph.build_knn_graph`). An approximate graph
+logs its measured recall@k at each build and, with ``min_recall``, searches each shard more
+widely until it reaches it.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ class KNNSelection(ClassSelection):
         if cfg.k > shard.num_classes - 1:
             raise ConfigError(f"selection.k: {cfg.k} neighbours is more than the {shard.num_classes - 1} "
                               f"other classes of {shard.num_classes}")
-        self.k, self.kind = cfg.k, cfg.index
+        self.k, self.kind, self.min_recall = cfg.k, cfg.index, cfg.min_recall
         self._side_group = new_side_group(shard.group)
         self.graph = BackgroundRebuild(self._build, cfg.rebuild_interval, cfg.delay(), name="knn graph",
                                        late=cfg.late_rebuild, group=shard.group)
@@ -50,7 +52,8 @@ class KNNSelection(ClassSelection):
     def _build(self, rows: torch.Tensor) -> torch.Tensor:
         """``(C_r, k)`` neighbour ids, kept as int32 when the class ids fit (half the memory)."""
         graph = build_knn_graph(rows, self.shard.class_start, self.shard.num_classes, self.k,
-                                group=self._side_group, kind=self.kind, seed=self.seed)
+                                group=self._side_group, kind=self.kind, seed=self.seed,
+                                min_recall=self.min_recall)
         return graph.to(torch.int32) if self.shard.num_classes <= torch.iinfo(torch.int32).max else graph
 
     def candidates(self, labels: torch.Tensor, features: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
