@@ -3,6 +3,7 @@ approximate (IVF, faiss HNSW) recall and determinism, on one process and over th
 
 from __future__ import annotations
 
+import logging
 import sys
 import threading
 
@@ -12,8 +13,10 @@ import torch.nn.functional as F
 
 from distributed import run_distributed
 from hybridfc.parallel.groups import shard_range
+from hybridfc.selection import build_selection
 from hybridfc.selection import exact as exact_module
 from hybridfc.selection import ivf as ivf_module
+from hybridfc.selection.base import Shard
 from hybridfc.selection.graph import build_knn_graph, exact_neighbours
 from hybridfc.selection.index import (EXACT_MAX_ROWS, GRAPH_EXACT_MAX_ROWS, ShardIndex, choose_index_kind,
                                       recall_at_k)
@@ -233,3 +236,25 @@ def test_graph_with_min_recall_reaches_it_on_isotropic_centres(world_size):
     assert recall_at_k(default, exact) < 0.9
     assert recall_at_k(first, exact) >= 0.93
     assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("type_", ["knn", "hf"])
+def test_selection_passes_min_recall_and_logs_the_measured_recall(caplog, type_):
+    """A knn or hf selection with an approximate index logs its recall@k at the build, widened
+    to its ``min_recall``; without one it logs the default breadth's and how to widen it."""
+    rows, k = normalised(6000, 128, seed=14), 16
+    lines = {}
+    for min_recall in (None, 0.98):
+        spec = {"type": type_, "k": k, "index": "ivf", "rebuild_interval": 0, "min_recall": min_recall}
+        selection = build_selection(spec, Shard(num_classes=6000, class_start=0, num_local=6000, rank=0, world_size=1))
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="hybridfc"):
+            selection._build(rows)
+        lines[min_recall] = [r.getMessage() for r in caplog.records if "recall@" in r.getMessage()]
+    name = "knn graph" if type_ == "knn" else "hf index"
+    assert len(lines[None]) == len(lines[0.98]) == 1
+    assert f"{name}: ivf, nprobe 32 of 77 lists, recall@{k} " in lines[None][0]
+    assert "selection.min_recall widens the search" in lines[None][0]
+    recall = float(lines[0.98][0].split(f"recall@{k} ")[1].split()[0])
+    assert recall >= 0.98 and "(min_recall 0.98)" in lines[0.98][0]
+    assert "nprobe 32 of" not in lines[0.98][0]
