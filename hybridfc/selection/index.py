@@ -127,6 +127,7 @@ class ShardIndex:
 
     @property
     def approximate(self) -> bool:
+        """Whether a search may miss rows: an ``ivf`` or ``hnsw`` index over at least one row."""
         return self.kind != "exact" and len(self) > 0
 
     def describe(self, k: int) -> str:
