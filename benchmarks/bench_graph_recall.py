@@ -62,7 +62,8 @@ def recall_worker(rank: int, cfg: dict) -> dict:
     """Steps 1-4 of the module docstring on one rank."""
     from hybridfc.parallel.groups import shard_range
     from hybridfc.selection.graph import fit_shard_search
-    from hybridfc.selection.index import ShardIndex, exact_search
+    from hybridfc.selection.exact import exact_search
+    from hybridfc.selection.index import ShardIndex
 
     C, d, k, world = cfg["classes"], cfg["dim"], cfg["k"], cfg["world_size"]
     start, count = shard_range(C, world, rank)

@@ -333,7 +333,8 @@ def graph_worker(rank: int, cfg: dict) -> dict:
     world, C, d, k, kind = cfg["world_size"], cfg["classes"], cfg["dim"], cfg["k"], cfg["kind"]
     from hybridfc.parallel.groups import shard_range
     from hybridfc.selection.graph import build_knn_graph
-    from hybridfc.selection.index import ShardIndex, exact_search
+    from hybridfc.selection.exact import exact_search
+    from hybridfc.selection.index import ShardIndex
 
     warm_up_process(d)
     start, count = shard_range(C, world, rank)

@@ -34,8 +34,9 @@ import torch
 import torch.distributed as dist
 
 from hybridfc.parallel.groups import ProcessGroup, group_rank, group_size, shard_range
+from hybridfc.selection.exact import exact_search
 from hybridfc.selection.index import (GRAPH_EXACT_MAX_ROWS, RECALL_QUERIES, ShardIndex, choose_index_kind,
-                                      drop_own_rows, exact_search, log_recall)
+                                      drop_own_rows, log_recall)
 
 
 def build_knn_graph(centres: torch.Tensor, class_start: int, num_classes: int, k: int,

@@ -157,6 +157,7 @@ class ShardIndex:
         return scores.to(queries.device), rows.to(queries.device)
 
     def _search(self, queries: torch.Tensor, k: int, exhaustive: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`search` at the index's breadth, or over every row with ``exhaustive``."""
         if not self.approximate or (exhaustive and self.kind == "hnsw"):
             return exact_search(queries, self.centres, k)
         queries = queries.to("cpu", torch.float32).contiguous()
