@@ -42,6 +42,7 @@ COMMUNICATION_ROWS = (
     ("label_all_gather", "labels + batch sizes all-gather (int64)"),
     ("softmax", "softmax all-reduces (3 fp32 per sample of B)"),
     ("feature_gradient", "feature-gradient reduce-scatter (B x d {features})"),
+    ("selection_lookup", "knn neighbour lists all-reduce (B x k int64)"),
     ("weight_gradient_sync", "weight-gradient all-reduce (C x d {storage})"),
     ("total", "total communication per rank"),
 )
@@ -86,6 +87,8 @@ def _add_plan_parser(commands: argparse._SubParsersAction) -> None:
                         "(default fp32)")
     p.add_argument("--optimizer", choices=tuple(OPTIMIZER_STATES), default="sgd",
                    help="sgd: momentum SGD, 1 state tensor; adam: 2 (default sgd)")
+    p.add_argument("--k", type=int, default=32,
+                   help="knn: neighbours per class, whose lists of the batch's labels travel each step (default 32)")
     p.add_argument("--memory-gib", type=_positive_float,
                    help="also answer: the largest C whose chosen method fits this many GiB per rank")
     p.add_argument("--json", action="store_true", help="machine-readable output, in bytes")
@@ -104,7 +107,7 @@ def _inputs(args: argparse.Namespace, num_classes: int) -> PlanInputs:
     return PlanInputs(num_classes=num_classes, embedding_size=args.embedding_size,
                       world_size=args.world_size, local_batch=args.local_batch, selection=selection,
                       budget=args.budget, storage_dtype=args.storage_dtype,
-                      feature_dtype=args.feature_dtype, optimizer=args.optimizer)
+                      feature_dtype=args.feature_dtype, optimizer=args.optimizer, k=args.k)
 
 
 def _resolve(args: argparse.Namespace) -> tuple[PlanInputs, Optional[int]]:
@@ -165,7 +168,7 @@ def render(plan: Plan, fits: Optional[int] = None, memory_gib: Optional[float] =
               "", "memory per rank (the head's buffers at the step's peak)"]
     lines += [_row("  " + label.format(**names), [format_bytes(getattr(m.memory, key)) for m in plan.methods])
               for key, label in MEMORY_ROWS]
-    lines += ["", "communication per rank per step (bytes one rank sends = receives; ring algorithms)"]
+    lines += ["", "communication per rank per step (bytes one rank sends = receives, as the backend moves them)"]
     lines += [_row("  " + label.format(**names), [format_bytes(getattr(m.communication, key)) for m in plan.methods])
               for key, label in COMMUNICATION_ROWS]
     lines += ["", f"all logits of one step, B x C fp32 over all ranks: {format_bytes(plan.global_logits)}"]

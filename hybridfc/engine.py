@@ -22,7 +22,9 @@ How the head follows the backbone:
 * learning rate: the head's lr is its configured lr times the ratio of the backbone's current
   lr to the backbone's configured lr, so DeepSpeed's warm-up and decay schedules apply to both;
 * checkpoints: ``save_checkpoint`` / ``load_checkpoint`` store the head's shards and optimizer
-  state inside DeepSpeed's checkpoint tag directory (see :mod:`hybridfc.checkpoint`).
+  state inside DeepSpeed's checkpoint tag directory (see :mod:`hybridfc.checkpoint`);
+* communication: ``communication_stats()`` returns what hybridfc sent since its previous call
+  (:mod:`hybridfc.parallel.accounting`), and every ``steps_per_print`` steps one log line sums it up.
 
 Anything else (``engine.global_steps``, ``engine.device``, ``engine.module``…) is the
 DeepSpeed engine's, reached through attribute access.
@@ -38,7 +40,6 @@ from typing import Any, Iterable, Optional, Sequence
 
 import deepspeed
 import torch
-from deepspeed.accelerator import get_accelerator
 from deepspeed.utils import groups
 
 from hybridfc.checkpoint import check_head_files, load_head, save_head
@@ -49,8 +50,9 @@ from hybridfc.eval.topk import accuracies, topk_correct
 from hybridfc.head.class_parallel_fc import ClassParallelFC
 from hybridfc.head.optimizer import HeadOptimizer, build_head_optimizer
 from hybridfc.log import log_dist
-from hybridfc.parallel.groups import ProcessGroup, group_rank, group_size
-from hybridfc.parallel.mappings import all_gather_vector
+from hybridfc.parallel.accounting import CommunicationStats, StatsCursor
+from hybridfc.parallel.collectives import all_gather_vector, barrier, run_on_every_rank
+from hybridfc.parallel.groups import ProcessGroup, collective_device, group_rank, group_size
 
 
 class HybridEngine:
@@ -74,6 +76,9 @@ class HybridEngine:
         self._backbone_base_lr = backbone_base_lr
         self._head_base_lr = head_optimizer.param_groups[0]["lr"]
         self._loss_scale = 1.0
+        self._communication = StatsCursor()
+        self._communication_logged = StatsCursor()
+        self._logged_step = backbone.global_steps
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.__dict__["backbone"], name)
@@ -112,6 +117,22 @@ class HybridEngine:
         self.backbone.step()
         if boundary:
             self._step_head(lr_factor)
+            self._log_communication()
+
+    def communication_stats(self) -> CommunicationStats:
+        """What hybridfc sent to other ranks since the previous call: calls, bytes and exposed
+        seconds per collective kind (:mod:`hybridfc.parallel.accounting`). DeepSpeed's own
+        reduction of the backbone's gradients is not in it."""
+        return self._communication.take()
+
+    def _log_communication(self) -> None:
+        """One line every ``steps_per_print`` optimizer steps."""
+        step, interval = self.backbone.global_steps, self.backbone.steps_per_print()
+        if not interval or step % interval:
+            return
+        stats = self._communication_logged.take()
+        log_dist(f"step {step}: hybridfc communication over {step - self._logged_step} steps: {stats.summary()}")
+        self._logged_step = step
 
     def _lr_factor(self) -> float:
         if not self._backbone_base_lr:
@@ -173,7 +194,7 @@ class HybridEngine:
         """
         tag = str(tag) if tag is not None else f"global_step{self.backbone.global_steps}"
         save_head(self.head, self.head_optimizer, os.path.join(save_dir, tag))
-        torch.distributed.barrier()
+        barrier(self.head.group)
         return self.backbone.save_checkpoint(save_dir, tag=tag, client_state=client_state or {},
                                              save_latest=save_latest, **kwargs)
 
@@ -186,17 +207,12 @@ class HybridEngine:
         if tag is None:
             return self.backbone.load_checkpoint(load_dir, tag=None, **kwargs)
         tag_dir = os.path.join(load_dir, str(tag))
-        _agree_or_raise(lambda: check_head_files(self.head, tag_dir), self.head.group)
+        run_on_every_rank(lambda: check_head_files(self.head, tag_dir), "finding the head's shard", self.head.group)
         load_path, client_state = self.backbone.load_checkpoint(load_dir, tag=tag, **kwargs)
         restore_optimizer = kwargs.get("load_optimizer_states", True) and not kwargs.get("load_module_only", False)
-        _agree_or_raise(lambda: load_head(self.head, self.head_optimizer if restore_optimizer else None, tag_dir),
-                        self.head.group)
+        run_on_every_rank(lambda: load_head(self.head, self.head_optimizer if restore_optimizer else None, tag_dir),
+                          "restoring the head", self.head.group)
         return load_path, client_state
-
-
-def _device() -> torch.device:
-    """The device collectives of this process use (NCCL needs CUDA tensors)."""
-    return torch.device(get_accelerator().current_device_name())
 
 
 def _latest_tag(load_dir: str) -> Optional[str]:
@@ -207,24 +223,9 @@ def _latest_tag(load_dir: str) -> Optional[str]:
         return f.read().strip()
 
 
-def _agree_or_raise(check, group: ProcessGroup) -> None:
-    """Run ``check`` on every rank; if it raised anywhere, raise on every rank."""
-    error: Optional[Exception] = None
-    try:
-        check()
-    except Exception as exc:
-        error = exc
-    failed = all_gather_vector(torch.tensor([int(error is not None)], device=_device()), group)
-    if error is not None:
-        raise error
-    if bool(failed.any()):
-        bad = torch.nonzero(failed.squeeze(1)).squeeze(1).tolist()
-        raise RuntimeError(f"hybridfc: rank(s) {bad} failed to restore the head (see their error)")
-
-
 def _check_same_config(cfg: HybridFCConfig, group: ProcessGroup) -> None:
     """Raise :class:`ConfigError` on every rank unless every rank has the same section."""
-    mine = torch.tensor([config_fingerprint(cfg), cfg.num_classes, cfg.embedding_size], device=_device())
+    mine = torch.tensor([config_fingerprint(cfg), cfg.num_classes, cfg.embedding_size], device=collective_device(group))
     table = all_gather_vector(mine, group)
     if bool((table[:, 0] != table[0, 0]).any()):
         rows = "; ".join(f"rank {r}: num_classes={int(t[1])}, embedding_size={int(t[2])}, fingerprint={int(t[0]):x}"

@@ -70,9 +70,12 @@ margin (arcface, cosface, combined), which normalises the rows; the plain ``soft
 holds less. With gradient accumulation, add the gradient kept between micro-batches
 (rows·d·s for ``full``, comp·d·s for a selection).
 
-Communication: bytes one rank sends in one step; it receives as many. Collectives are counted
-as ring algorithms do: an all-gather or a reduce-scatter of a tensor of S bytes (all ranks
-together) sends (N−1)/N·S per rank, an all-reduce of S bytes 2(N−1)/N·S.
+Communication: bytes one rank sends in one step; it receives as many. Each collective is counted
+as the backend moves it (:mod:`hybridfc.parallel.wire`, the same model the communication layer's
+accounting uses): an all-gather of a tensor of S bytes (all ranks together) sends (N−1)/N·S per
+rank, an all-reduce 2(N−1)/N·S; the feature-gradient reduce-scatter is an all-to-all and a local
+sum on gloo (whose own reduce-scatter would send as much as an all-reduce), NCCL's reduce-scatter
+elsewhere, (N−1)/N·S either way.
 
 ===========================  ===========================  ====================================
 term                         bytes                        what
@@ -82,7 +85,10 @@ label_all_gather             (N−1)·(b + 4)·8              int64 labels and e
                                                           (batch size, input verdict) vector
 softmax                      2(N−1)/N · 3·B·4             all-reduce of the row max (B fp32),
                                                           then of sum-exp and target logit (2B)
-feature_gradient             (N−1)·b·d·f                  reduce-scatter of the B×d gradient
+feature_gradient             (N−1)·b·d·f                  scatter-sum of the B×d gradient
+selection_lookup             2(N−1)/N · B·k·8             ``knn`` only: the MAX all-reduce that
+                                                          hands every rank the int64 neighbour
+                                                          lists of the batch's labels
 weight_gradient_sync         2(N−1)/N · C·d·s             data-parallel only; 0 when sharded
 ===========================  ===========================  ====================================
 
@@ -98,6 +104,8 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Optional, Union
 
+from hybridfc.parallel import wire
+
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 OPTIMIZER_STATES = {"sgd": 1, "adam": 2}
 SELECTIONS = ("full", "partial", "knn", "hf")
@@ -105,7 +113,7 @@ METHODS = ("data_parallel", "model_parallel", "selection")
 FP32 = 4
 INT64 = 8
 VERDICT_VALUES = 4
-SOFTMAX_SCALARS = 3
+SOFTMAX_EXCHANGES = (1, 2)   # fp32 per sample in the softmax's all-reduces: row max; sum-exp and target
 NORMALIZE_TEMPORARIES = 4
 
 Budget = Union[int, float]
@@ -125,6 +133,7 @@ class PlanInputs:
     storage_dtype: str = "fp32"
     feature_dtype: str = "fp32"
     optimizer: str = "sgd"
+    k: int = 32
 
     def __post_init__(self) -> None:
         check_inputs(self)
@@ -164,6 +173,7 @@ class Communication:
     label_all_gather: int
     softmax: int
     feature_gradient: int
+    selection_lookup: int
     weight_gradient_sync: int
     total: int
 
@@ -215,7 +225,7 @@ def _is_count(value: Any) -> bool:
 
 def check_inputs(inputs: PlanInputs) -> None:
     """Raise ``ValueError`` naming the first bad input and what is allowed."""
-    for name in ("embedding_size", "world_size", "local_batch", "num_classes"):
+    for name in ("embedding_size", "world_size", "local_batch", "num_classes", "k"):
         value = getattr(inputs, name)
         _require(_is_count(value) and value >= 1, f"{name} must be an integer >= 1, got {value!r}")
     _require(inputs.num_classes >= inputs.world_size,
@@ -271,20 +281,18 @@ def _memory(inputs: PlanInputs, rows: int, comp: int, batch: int, sharded: bool,
                   softmax_peak, normalize_peak, max(softmax_peak, normalize_peak))
 
 
-def _ring_all_reduce(nbytes: int, world_size: int) -> int:
-    return -(-2 * (world_size - 1) * nbytes // world_size)
-
-
-def _communication(inputs: PlanInputs, sharded: bool) -> Communication:
-    n, b, d = inputs.world_size, inputs.local_batch, inputs.embedding_size
+def _communication(inputs: PlanInputs, sharded: bool, selected: bool) -> Communication:
+    n, b, d, batch = inputs.world_size, inputs.local_batch, inputs.embedding_size, inputs.global_batch
     if sharded:
-        features = (n - 1) * b * d * FP32
-        labels = (n - 1) * (b + VERDICT_VALUES) * INT64
-        softmax = _ring_all_reduce(SOFTMAX_SCALARS * inputs.global_batch * FP32, n)
-        parts = (features, labels, softmax, features, 0)
+        features = wire.all_gather_bytes(b * d * FP32, n)
+        labels = wire.all_gather_bytes(b * INT64, n) + wire.all_gather_bytes(VERDICT_VALUES * INT64, n)
+        softmax = sum(wire.all_reduce_bytes(scalars * batch * FP32, n) for scalars in SOFTMAX_EXCHANGES)
+        feature_gradient = wire.scatter_sum_bytes(batch * d * FP32, n)
+        lookup = wire.all_reduce_bytes(batch * inputs.k * INT64, n) if selected and inputs.selection == "knn" else 0
+        parts = (features, labels, softmax, feature_gradient, lookup, 0)
     else:
         weight_grad = inputs.num_classes * d * DTYPE_BYTES[inputs.storage_dtype]
-        parts = (0, 0, 0, 0, _ring_all_reduce(weight_grad, n))
+        parts = (0, 0, 0, 0, 0, wire.all_reduce_bytes(weight_grad, n))
     return Communication(*parts, sum(parts))
 
 
@@ -302,7 +310,7 @@ def _method(inputs: PlanInputs, method: str) -> MethodPlan:
     batch = inputs.global_batch if sharded else inputs.local_batch
     return MethodPlan(method, _label(inputs, method), rows, comp, batch,
                       _memory(inputs, rows, comp, batch, sharded, selected),
-                      _communication(inputs, sharded))
+                      _communication(inputs, sharded, selected))
 
 
 def make_plan(inputs: PlanInputs) -> Plan:

@@ -22,14 +22,9 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
-
-def _default_rank_and_world_size() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+from hybridfc.parallel.groups import group_rank, group_size
 
 
 def step_bounds(num_samples: int, global_batch: int, world_size: int) -> list[tuple[int, int]]:
@@ -85,9 +80,8 @@ class DistributedLoader:
         collate_fn: Callable[[list[Any]], Any] | None = None,
         pin_memory: bool = False,
     ) -> None:
-        default_rank, default_world_size = _default_rank_and_world_size()
-        rank = default_rank if rank is None else rank
-        world_size = default_world_size if world_size is None else world_size
+        rank = group_rank() if rank is None else rank
+        world_size = group_size() if world_size is None else world_size
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
         if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:

@@ -30,14 +30,13 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
 from hybridfc.data.transforms import decode_image
-from hybridfc.parallel.groups import ProcessGroup, group_rank, group_size, is_distributed, shard_range
-from hybridfc.parallel.mappings import all_gather_vector, gather_padded
+from hybridfc.parallel.collectives import exchange_or_raise, gather_padded
+from hybridfc.parallel.groups import ProcessGroup, collective_device, group_rank, group_size, shard_range
 
 EmbedFn = Callable[[Tensor], Tensor]
 PathLike = str | os.PathLike
@@ -88,13 +87,6 @@ def _collate_inputs(samples: list[Any]) -> Tensor:
     return batch[0] if isinstance(batch, (list, tuple)) else batch
 
 
-def _collective_device(group: ProcessGroup) -> torch.device:
-    """CUDA for an NCCL group (NCCL moves only CUDA tensors), the CPU otherwise."""
-    if is_distributed() and dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 class _NpyWriter:
     """Rank 0's output: a ``(rows, d)`` float32 ``.npy`` filled in place, renamed into place when done."""
 
@@ -136,24 +128,19 @@ def _embed_next(embed_fn: EmbedFn, batches: Iterator[Tensor], expected: int) -> 
 
 
 def _agree(features: Optional[Tensor], error: Optional[BaseException], width: Optional[int],
-           device: torch.device, group: ProcessGroup) -> tuple[list[int], int]:
-    """Exchange ``(rows, d, failed)`` with every rank; raise on all ranks if any failed or widths differ.
+           group: ProcessGroup) -> tuple[list[int], int]:
+    """Exchange ``(rows, d)`` with every rank; raise on all ranks if any failed or widths differ.
 
     Returns the row count of each rank and the feature width d, the same on every rank.
     """
     rows, dim = (0, 0) if features is None else features.shape
-    table = all_gather_vector(torch.tensor([rows, dim, int(error is not None)], device=device), group).tolist()
-    if error is not None:
-        raise error
-    failed = [r for r, (_, _, bad) in enumerate(table) if bad]
-    if failed:
-        raise RuntimeError(f"hybridfc: feature extraction failed on rank(s) {failed} (see their error)")
-    widths = {r: d for r, (n, d, _) in enumerate(table) if n > 0}
+    table = exchange_or_raise((rows, dim), error, "feature extraction", group)
+    widths = {r: d for r, (n, d) in enumerate(table) if n > 0}
     expected = table[0][1] if width is None else width
     if any(d != expected for d in widths.values()):
         raise ValueError(f"hybridfc: embed_fn returned features of different widths (rank: d) {widths}, "
                          f"expected d={expected} everywhere")
-    return [n for n, _, _ in table], expected
+    return [n for n, _ in table], expected
 
 
 @torch.no_grad()
@@ -187,7 +174,7 @@ def _run_rounds(embed_fn: EmbedFn, batches: Iterator[Tensor], count: int, rounds
                 writer: Optional[_NpyWriter], batch_size: int, group: ProcessGroup) -> None:
     """``rounds`` lockstep rounds of one batch per rank (``count`` samples here), then one that
     only confirms that rank 0 wrote the file."""
-    device = _collective_device(group)
+    device = collective_device(group)
     pending: Optional[tuple[int, Tensor, list[int]]] = None
     width: Optional[int] = None
     for step in range(rounds + 1):
@@ -201,7 +188,7 @@ def _run_rounds(embed_fn: EmbedFn, batches: Iterator[Tensor], count: int, rounds
                 writer.finish()
         except Exception as exc:
             error = exc
-        sizes, width = _agree(features, error, width, device, group)
+        sizes, width = _agree(features, error, width, group)
         if step < rounds:
             local = features if features is not None else torch.zeros(0, width)
             pending = (step, gather_padded(local.to(device, torch.float32), sizes, group), sizes)

@@ -12,11 +12,9 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.distributed as dist
 
 from hybridfc.head.class_parallel_fc import ClassParallelFC
-from hybridfc.parallel.groups import group_size
-from hybridfc.parallel.mappings import all_gather_vector, gather_padded
+from hybridfc.parallel.collectives import all_gather_vector, all_reduce, gather_padded
 
 _ROWS_PER_CHUNK = 1024
 
@@ -64,9 +62,7 @@ def topk_correct(head: ClassParallelFC, embeddings: torch.Tensor, labels: torch.
     labels = labels.to(predictions.device).view(-1, 1)
     hits = [float((predictions[:, :k] == labels).any(1).sum()) for k in ks]
     counts = torch.tensor([float(labels.shape[0])] + hits, dtype=torch.float64, device=head.weight.device)
-    if group_size(head.group) > 1:
-        dist.all_reduce(counts, group=head.group)
-    return counts
+    return all_reduce(counts, "sum", head.group)
 
 
 def accuracies(counts: torch.Tensor, ks: Sequence[int]) -> dict[int, float]:

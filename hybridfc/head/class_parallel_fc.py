@@ -59,8 +59,10 @@ from hybridfc.head.cross_entropy import LogitsWorkspace, margin_cross_entropy
 from hybridfc.head.margins import AngularMargin, Margin, build_margin
 from hybridfc.head.validation import check_inputs, raise_if_any_bad
 from hybridfc.log import log_dist
+from hybridfc.parallel.accounting import CommunicationStats, StatsCursor
+from hybridfc.parallel.collectives import all_gather_vector, gather_padded
 from hybridfc.parallel.groups import ProcessGroup, group_rank, group_size, shard_range
-from hybridfc.parallel.mappings import all_gather_vector, gather_padded, gather_rows, scale_gradient
+from hybridfc.parallel.mappings import gather_rows, scale_gradient
 from hybridfc.selection import Selection, Shard, build_selection
 
 _INIT_BLOCK_ROWS = 4096
@@ -152,6 +154,7 @@ class ClassParallelFC(nn.Module):
         self._micro_batches = 0
         self._touched: Optional[tuple[torch.Tensor, torch.Tensor]] = None
         self._workspace = LogitsWorkspace()
+        self._communication = StatsCursor()
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean loss over the global batch: ``embeddings (b, d)``, ``labels (b,)`` -> scalar."""
@@ -232,6 +235,13 @@ class ClassParallelFC(nn.Module):
         selections that rebuild a structure from the rows schedule it here."""
         self.steps += 1
         self.selection.step_end(self.steps, self.weight)
+
+    def communication_stats(self) -> CommunicationStats:
+        """What this process sent to other ranks since the previous call (or since the head was
+        made): calls, bytes and exposed seconds per collective kind
+        (:mod:`hybridfc.parallel.accounting`). Counts every collective of hybridfc in this
+        process: the head's, its selection's and, under :func:`hybridfc.initialize`, the engine's."""
+        return self._communication.take()
 
     @torch.no_grad()
     def local_scores(self, embeddings: torch.Tensor) -> torch.Tensor:

@@ -18,16 +18,10 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
 from hybridfc.head.margins import Margin
-from hybridfc.parallel.groups import ProcessGroup, group_size
-
-
-def _all_reduce(x: torch.Tensor, op: dist.ReduceOp, group: ProcessGroup) -> torch.Tensor:
-    if group_size(group) > 1:
-        dist.all_reduce(x, op=op, group=group)
-    return x
+from hybridfc.parallel.collectives import all_reduce
+from hybridfc.parallel.groups import ProcessGroup
 
 
 class LogitsWorkspace:
@@ -71,13 +65,13 @@ class _MarginCrossEntropy(torch.autograd.Function):
         logits[rows, cols] = margin.scale * psi
 
         row_max = logits.amax(dim=1) if logits.shape[1] else logits.new_full((logits.shape[0],), -torch.inf)
-        row_max = _all_reduce(row_max, dist.ReduceOp.MAX, group)
+        row_max = all_reduce(row_max, "max", group)
         logits.sub_(row_max.unsqueeze(1)).exp_()
 
         stats = logits.new_zeros(2, logits.shape[0])
         stats[0] = logits.sum(dim=1)
         stats[1, rows] = margin.scale * psi - row_max[rows]
-        sum_exp, target = _all_reduce(stats, dist.ReduceOp.SUM, group)
+        sum_exp, target = all_reduce(stats, "sum", group)
         logits.div_(sum_exp.unsqueeze(1))
 
         ctx.save_for_backward(features, weight, logits, rows, cols, dpsi, inv_norm)

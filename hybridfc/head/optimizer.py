@@ -42,11 +42,10 @@ import math
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
 from hybridfc.head.class_parallel_fc import ClassParallelFC
 from hybridfc.head.row_clock import RowClock
-from hybridfc.parallel.groups import group_size
+from hybridfc.parallel.collectives import all_reduce
 
 _BLOCK_BYTES = 1 << 20
 
@@ -147,9 +146,7 @@ class HeadOptimizer(torch.optim.Optimizer):
         """Factor that brings the global gradient norm under the limit; None if not finite."""
         if self.gradient_clipping <= 0:
             return 1.0
-        sq = torch.linalg.vector_norm(grad).double().square()
-        if group_size(self.head.group) > 1:
-            dist.all_reduce(sq, group=self.head.group)
+        sq = all_reduce(torch.linalg.vector_norm(grad).double().square(), "sum", self.head.group)
         norm = float(sq.sqrt())
         if not math.isfinite(norm):
             return None

@@ -1,15 +1,49 @@
-"""Process groups, the sharding rule and the collectives (as autograd functions)."""
+"""Everything between ranks: process groups, the sharding rule, the collectives (plain and as
+autograd functions) and the accounting of what they send. No other part of hybridfc calls
+``torch.distributed``.
 
-from hybridfc.parallel.groups import group_rank, group_size, is_distributed, shard_range
-from hybridfc.parallel.mappings import all_gather_vector, gather_padded, gather_rows, scale_gradient
+================  ==============================================================
+module            what it holds
+================  ==============================================================
+``groups``        group size and rank, backend, side groups, the sharding rule
+``collectives``   sync and async collectives, raising on every rank
+``mappings``      the collectives as autograd functions (the head's feature exchange)
+``accounting``    calls, bytes and exposed seconds per collective kind
+``wire``          the bytes each collective puts on the wire (shared with ``hybridfc plan``)
+================  ==============================================================
+"""
+
+from hybridfc.parallel.accounting import LEDGER, CommunicationStats, StatsCursor, Traffic
+from hybridfc.parallel.collectives import (Pending, RankError, all_gather, all_gather_vector, all_reduce, barrier,
+                                           exchange_or_raise, gather_padded, reduce_scatter_padded, ring_shift,
+                                           run_on_every_rank)
+from hybridfc.parallel.groups import (backend_of, collective_device, group_rank, group_size, is_distributed,
+                                      new_side_group, shard_range)
+from hybridfc.parallel.mappings import gather_rows, scale_gradient
 
 __all__ = [
+    "LEDGER",
+    "CommunicationStats",
+    "Pending",
+    "RankError",
+    "StatsCursor",
+    "Traffic",
+    "all_gather",
     "all_gather_vector",
+    "all_reduce",
+    "backend_of",
+    "barrier",
+    "collective_device",
+    "exchange_or_raise",
     "gather_padded",
     "gather_rows",
     "group_rank",
     "group_size",
     "is_distributed",
+    "new_side_group",
+    "reduce_scatter_padded",
+    "ring_shift",
+    "run_on_every_rank",
     "scale_gradient",
     "shard_range",
 ]

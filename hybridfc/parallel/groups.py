@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 import torch.distributed as dist
 
 ProcessGroup = Optional[dist.ProcessGroup]
@@ -34,6 +35,23 @@ def group_size(group: ProcessGroup = None) -> int:
 def group_rank(group: ProcessGroup = None) -> int:
     """This process's rank inside ``group`` (0 without ``torch.distributed``)."""
     return dist.get_rank(group) if is_distributed() else 0
+
+
+def backend_of(group: ProcessGroup = None) -> str:
+    """``"nccl"``, ``"gloo"`` or another backend's name, of ``group`` (``"none"`` without
+    ``torch.distributed``)."""
+    if not is_distributed():
+        return "none"
+    name = str(dist.get_backend(group)).lower()
+    return next((known for known in ("nccl", "gloo") if known in name), name)
+
+
+def collective_device(group: ProcessGroup = None) -> torch.device:
+    """Where small tensors for collectives on ``group`` live: CUDA for NCCL (it moves only CUDA
+    tensors), the CPU otherwise."""
+    if backend_of(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def shard_range(num_classes: int, world_size: int, rank: int) -> tuple[int, int]:

@@ -31,8 +31,8 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
+from hybridfc.parallel.collectives import all_gather, ring_shift
 from hybridfc.parallel.groups import ProcessGroup, group_rank, group_size, shard_range
 from hybridfc.selection.exact import exact_search
 from hybridfc.selection.index import (GRAPH_EXACT_MAX_ROWS, RECALL_QUERIES, ShardIndex, choose_index_kind,
@@ -72,12 +72,12 @@ def build_knn_graph(centres: torch.Tensor, class_start: int, num_classes: int, k
     ids = torch.full_like(scores, -1, dtype=torch.int64)
     for hop in range(world_size):
         if hop:
-            queries, scores, ids = _ring_shift([queries, scores, ids], group, world_size, rank)
+            queries, scores, ids = ring_shift([queries, scores, ids], group)
         count = sizes[(rank - hop) % world_size]
         scores[:count], ids[:count] = _search_and_merge(index, queries[:count], class_start,
                                                         scores[:count], ids[:count])
     if world_size > 1:
-        scores, ids = _ring_shift([scores, ids], group, world_size, rank)
+        scores, ids = ring_shift([scores, ids], group)
     own = torch.arange(class_start, class_start + sizes[rank], device=ids.device)
     return drop_own_rows(ids[: sizes[rank]], own, k)
 
@@ -97,11 +97,8 @@ def fit_shard_search(index: ShardIndex, centres: torch.Tensor, num_classes: int,
     local = torch.randperm(sizes[rank], generator=generator)[:share].sort().values
     queries, own = centres[local.to(centres.device)].float(), local
     if world_size > 1:
-        all_queries = [queries.new_empty(queries.shape) for _ in range(world_size)]
-        all_rows = [local.new_empty(local.shape) for _ in range(world_size)]
-        dist.all_gather(all_queries, queries.contiguous(), group=group)
-        dist.all_gather(all_rows, local, group=group)
-        queries = torch.cat(all_queries)
+        queries = all_gather(queries, group)
+        all_rows = all_gather(local, group).view(world_size, -1)
         own = torch.cat([rows if r == rank else torch.full_like(rows, -1) for r, rows in enumerate(all_rows)])
     return index.widen_to_recall(queries, own, k, min_recall), queries.shape[0]
 
@@ -122,19 +119,6 @@ def _merge_lists(scores_a: torch.Tensor, ids_a: torch.Tensor, scores_b: torch.Te
     scores, ids = scores.gather(1, by_id), ids.gather(1, by_id)
     best = scores.argsort(dim=1, descending=True, stable=True)[:, : ids_a.shape[1]]
     return scores.gather(1, best), ids.gather(1, best)
-
-
-def _ring_shift(tensors: list[torch.Tensor], group: ProcessGroup, world_size: int,
-                rank: int) -> list[torch.Tensor]:
-    """Send each tensor to group rank ``rank + 1``; receive the same shapes from ``rank - 1``."""
-    received = [t.new_empty(t.shape) for t in tensors]
-    ops = [dist.P2POp(dist.isend, t.contiguous(), group=group, tag=tag, group_peer=(rank + 1) % world_size)
-           for tag, t in enumerate(tensors)]
-    ops += [dist.P2POp(dist.irecv, r, group=group, tag=tag, group_peer=(rank - 1) % world_size)
-            for tag, r in enumerate(received)]
-    for work in dist.batch_isend_irecv(ops):
-        work.wait()
-    return received
 
 
 def exact_neighbours(queries: torch.Tensor, query_ids: torch.Tensor, centres: torch.Tensor,

@@ -27,10 +27,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from hybridfc.config import ConfigError, KNNSelection as KNNConfig
-from hybridfc.parallel.groups import group_size, new_side_group
+from hybridfc.parallel.collectives import all_reduce
+from hybridfc.parallel.groups import new_side_group
 from hybridfc.selection.base import ClassSelection, Shard
 from hybridfc.selection.graph import build_knn_graph
 from hybridfc.selection.rebuild import BackgroundRebuild
@@ -69,10 +69,7 @@ class KNNSelection(ClassSelection):
         owned = target >= 0
         neighbours = torch.full((labels.numel(), self.k), -1, dtype=torch.int64)
         neighbours[owned] = graph[target[owned]].to(torch.int64)
-        neighbours = neighbours.to(labels.device)
-        if group_size(self.shard.group) > 1:
-            dist.all_reduce(neighbours, op=dist.ReduceOp.MAX, group=self.shard.group)
-        return neighbours
+        return all_reduce(neighbours.to(labels.device), "max", self.shard.group)
 
     def step_end(self, step: int, weight: torch.Tensor) -> None:
         self.graph.step_end(step, weight)

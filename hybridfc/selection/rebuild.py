@@ -30,11 +30,11 @@ import time
 from typing import Any, Callable, Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from hybridfc.log import log_dist
-from hybridfc.parallel.groups import ProcessGroup, group_size
+from hybridfc.parallel.collectives import all_reduce
+from hybridfc.parallel.groups import ProcessGroup
 
 Builder = Callable[[torch.Tensor], Any]
 """Builds the structure from a snapshot: ``(C_r, d)`` L2-normalised fp32 rows on the CPU."""
@@ -132,9 +132,7 @@ class BackgroundRebuild:
 
     def _done_on_every_rank(self, device: torch.device) -> bool:
         done = torch.tensor([0 if self._pending.is_alive() else 1], dtype=torch.int32, device=device)
-        if group_size(self.group) > 1:
-            dist.all_reduce(done, op=dist.ReduceOp.MIN, group=self.group)
-        return bool(done.item())
+        return bool(all_reduce(done, "min", self.group).item())
 
     def _swap(self, step: int) -> None:
         build, started = self._pending, time.perf_counter()
