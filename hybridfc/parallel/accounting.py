@@ -67,14 +67,18 @@ class CommunicationStats:
     def summary(self) -> str:
         """One line: total bytes and exposed seconds, then each kind's share."""
         total = self.total
-        parts = ", ".join(f"{kind} {t.calls} calls {_megabytes(t.bytes_sent)} {t.exposed_seconds * 1e3:.1f} ms"
+        parts = ", ".join(f"{kind} {t.calls} calls {_decimal_bytes(t.bytes_sent)} {t.exposed_seconds * 1e3:.1f} ms"
                           for kind, t in ((k, self.by_kind[k]) for k in self))
-        return (f"{_megabytes(total.bytes_sent)} sent, {total.exposed_seconds:.3f} s exposed"
+        return (f"{_decimal_bytes(total.bytes_sent)} sent, {total.exposed_seconds:.3f} s exposed"
                 + (f" ({parts})" if parts else ""))
 
 
-def _megabytes(nbytes: int) -> str:
-    return f"{nbytes / 1e6:.2f} MB"
+def _decimal_bytes(nbytes: int) -> str:
+    """``1234567`` -> ``"1.23 MB"`` (decimal prefixes, as link speeds are quoted)."""
+    for size, unit in ((1e9, "GB"), (1e6, "MB"), (1e3, "kB")):
+        if nbytes >= size:
+            return f"{nbytes / size:.2f} {unit}"
+    return f"{nbytes} B"
 
 
 class Ledger:

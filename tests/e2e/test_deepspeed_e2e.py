@@ -26,6 +26,8 @@ import pytest
 import torch
 
 import worker
+from hybridfc.parallel import wire
+from hybridfc.plan import PlanInputs, make_plan
 from reference import reference_loss
 
 pytestmark = pytest.mark.e2e
@@ -43,6 +45,7 @@ BACKBONE_OPTIMIZERS = {"SGD": {"lr": 0.2, "momentum": 0.9, "weight_decay": 1e-4}
 CLIPPING = 6.0
 HEAD_CLIPPING = 5.0
 TRAIN_STEPS = 15
+LOG_EVERY = 3
 SAVE_AFTER, STEPS_AFTER_SAVE = 3, 2
 TOLERANCE = 1e-5
 FAILURE_TIMEOUT = 90
@@ -238,8 +241,8 @@ def trained(tmp_path_factory) -> Path:
     runs = [{"name": f"train_z{stage}_{dtype}", "config": ds_config(stage, dtype), "steps": TRAIN_STEPS}
             for stage, dtype in MATRIX]
     runs.append({"name": "accumulation", "config": ds_config(2, accumulation=2), "steps": 2})
-    runs.append({"name": "schedule", "config": {**ds_config(1, optimizer="AdamW"), "scheduler": WARMUP},
-                 "steps": WARMUP_STEPS + 2})
+    runs.append({"name": "schedule", "steps": WARMUP_STEPS + 2,
+                 "config": {**ds_config(1, optimizer="AdamW"), "scheduler": WARMUP, "steps_per_print": LOG_EVERY}})
     runs += [{"name": f"save_z{stage}_{dtype}", "config": ds_config(stage, dtype, optimizer="AdamW"),
               "steps": SAVE_AFTER + STEPS_AFTER_SAVE, "save_after": SAVE_AFTER,
               "checkpoint": str(directory / f"checkpoint_z{stage}_{dtype}")}
@@ -248,7 +251,9 @@ def trained(tmp_path_factory) -> Path:
               "steps": SAVE_AFTER + STEPS_AFTER_SAVE, "save_after": SAVE_AFTER,
               "checkpoint": str(directory / f"checkpoint_{name}")}
              for name, section in SELECTIONS.items()]
-    assert_succeeded(launch_worker(directory, runs, timeout=450))
+    result = launch_worker(directory, runs, timeout=450)
+    (directory / "launcher.log").write_text(result.stdout)
+    assert_succeeded(result)
     return directory
 
 
@@ -276,6 +281,27 @@ def test_backbone_replicas_identical_and_trained(trained, stage, dtype):
     for name, value in rank0.items():
         assert torch.equal(value, rank1[name]), f"backbone parameter {name} differs between the ranks"
         assert not torch.equal(value, initial[name].detach().to(value.dtype)), f"parameter {name} never changed"
+
+
+@pytest.mark.parametrize("stage, dtype", [(0, "fp32"), (3, "bf16")])
+def test_communication_stats_count_what_the_planner_predicts(trained, stage, dtype):
+    """``engine.communication_stats()`` over TRAIN_STEPS steps: the head's exchanges of
+    ``hybridfc plan`` per step, plus the head's clipping (one fp64 all-reduce)."""
+    plan = make_plan(PlanInputs(NUM_CLASSES, worker.EMBEDDING_SIZE, 2, MICRO_BATCH)).method("model_parallel")
+    expected = plan.communication
+    clipping = wire.all_reduce_bytes(8, 2)
+    for rec in records(trained, f"train_z{stage}_{dtype}"):
+        sent = {kind: traffic["bytes_sent"] for kind, traffic in rec["communication"].items()}
+        assert sent == {"all_gather": TRAIN_STEPS * (expected.feature_all_gather + expected.label_all_gather),
+                        "all_reduce": TRAIN_STEPS * (expected.softmax + clipping),
+                        "all_to_all": TRAIN_STEPS * expected.feature_gradient}
+
+
+def test_communication_is_logged_every_steps_per_print(trained):
+    log = (trained / "launcher.log").read_text()
+    lines = re.findall(rf"step (\d+): hybridfc communication over {LOG_EVERY} steps: ([\d.]+) k?B sent", log)
+    assert [int(step) for step, _ in lines] == list(range(LOG_EVERY, WARMUP_STEPS + 2 + 1, LOG_EVERY))
+    assert all(float(amount) > 0 for _, amount in lines)
 
 
 @pytest.mark.parametrize("stage, dtype", MATRIX)

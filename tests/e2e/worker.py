@@ -18,8 +18,9 @@ loader's state, so a resumed run sees the batches the uninterrupted run saw.
 
 A record holds, per micro-batch: the inputs, labels and embeddings (as the backbone produced
 them), the loss, the backbone's lr in effect, and the head shard and the head optimizer's lr
-after ``engine.step()``; and once: the shard's first class, the shard before training and the
-backbone's parameters after training (gathered under ZeRO-3). An exception is printed as one line
+after ``engine.step()``; and once: the shard's first class, the shard before training, the
+backbone's parameters after training (gathered under ZeRO-3) and what hybridfc sent during the
+steps (``engine.communication_stats()``). An exception is printed as one line
 ``worker rank R: Type: message`` before it ends the process, so a test can tell the ranks apart.
 """
 
@@ -77,6 +78,7 @@ def train(args: argparse.Namespace, run: dict, out: Path) -> None:
     rank = torch.distributed.get_rank()
     if run.get("load"):
         engine.load_checkpoint(run["checkpoint"])
+    engine.communication_stats()
     dataset = SyntheticClasses(engine.head.num_classes, SAMPLES_PER_CLASS, INPUT_DIM, seed=DATA_SEED)
     record = {"class_start": engine.head.class_start, "initial_head": engine.head.weight.detach().clone(),
               "inputs": [], "labels": [], "losses": [], "backbone_lrs": [], "heads": [], "head_lrs": []}
@@ -97,7 +99,8 @@ def train(args: argparse.Namespace, run: dict, out: Path) -> None:
             record["head_lrs"].append(engine.head_optimizer.param_groups[0]["lr"])
         if run.get("save_after") == step + 1 - first:
             engine.save_checkpoint(run["checkpoint"])
-    record.update(embeddings=embeddings, backbone=backbone_parameters(engine))
+    record.update(embeddings=embeddings, backbone=backbone_parameters(engine),
+                  communication=engine.communication_stats().to_dict())
     torch.save(record, out / f"{run['name']}_rank{rank}.pt")
 
 
