@@ -45,6 +45,8 @@ RATES = ("none", "1gbit", "160mbit")
 COLLECTIVE_BYTES = 4 * 2**20
 BACKBONES = {"main job MLP": (512, 2), "8.8M MLP": (2048, 3)}   # hidden width, hidden layers
 INPUT_DIM = 64
+PIPELINE = {"global_batch": 4096, "dim": 256, "classes": 100_000, "chunks": (1, 2, 4, 8),
+            "selection": {"type": "partial", "budget": 1000}}
 
 
 # --- inside a rank -------------------------------------------------------------------------------
@@ -126,6 +128,49 @@ def _head_alone(steps: int) -> dict[str, float]:
     return _measure(step, steps)
 
 
+def _pipelined_head(rates: list[str], steps: int) -> dict[str, dict[int, dict[str, float]]]:
+    """The head step (forward, backward, optimizer step) with each chunk count, interleaved step
+    by step so that they share the machine's state: global batch 4096, d = 256, C = 100,000,
+    partial selection with 1,000 rows per rank."""
+    import torch
+
+    import hybridfc
+    from hybridfc.parallel import StatsCursor, group_rank, group_size
+
+    local_batch = PIPELINE["global_batch"] // group_size()
+    head = hybridfc.ClassParallelFC(PIPELINE["classes"], PIPELINE["dim"], selection=PIPELINE["selection"])
+    optimizer = hybridfc.build_head_optimizer(head, {"type": "sgd", "params": {"lr": 0.1, "momentum": 0.9}})
+    generator = torch.Generator().manual_seed(group_rank())
+
+    def step(chunks: int) -> float:
+        head.chunks = chunks
+        embeddings = torch.randn(local_batch, PIPELINE["dim"], generator=generator, requires_grad=True)
+        labels = torch.randint(0, PIPELINE["classes"], (local_batch,), generator=generator)
+        _synchronised_counter()
+        began = time.perf_counter()
+        head(embeddings, labels).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        return time.perf_counter() - began
+
+    results = {}
+    for rate in rates:
+        netlink.shape(None if rate == "none" else rate)
+        for chunks in PIPELINE["chunks"]:
+            step(chunks)
+        seconds: dict[int, list[float]] = {chunks: [] for chunks in PIPELINE["chunks"]}
+        exposed = {chunks: 0.0 for chunks in PIPELINE["chunks"]}
+        for _ in range(steps):
+            for chunks in PIPELINE["chunks"]:
+                cursor = StatsCursor()
+                seconds[chunks].append(step(chunks))
+                exposed[chunks] += cursor.take().total.exposed_seconds
+        results[rate] = {chunks: {"seconds": statistics.median(seconds[chunks]), "exposed": exposed[chunks] / steps}
+                         for chunks in PIPELINE["chunks"]}
+    netlink.shape(None)
+    return results
+
+
 def _backbone(hidden: int, layers: int, embedding_size: int):
     from torch import nn
 
@@ -169,21 +214,28 @@ def _engine_job(hidden: int, layers: int, rates: list[str], steps: int) -> dict[
     return results
 
 
-def rank_job(rates: list[str], steps: int, out: str) -> None:
+PARTS = ("collectives", "head", "pipeline", "jobs")
+
+
+def rank_job(rates: list[str], steps: int, parts: list[str], out: str) -> None:
     """Everything measured on one rank; rank 0 writes it to ``out``."""
     import deepspeed
     import torch
 
     torch.set_num_threads(1)
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
-    results: dict[str, Any] = {"collectives": {}, "head": {}, "jobs": {}}
+    results: dict[str, Any] = {}
     for rate in rates:
         netlink.shape(None if rate == "none" else rate)
-        results["collectives"][rate] = _collectives(max(3, steps // 4))
-        results["head"][rate] = _head_alone(steps)
+        if "collectives" in parts:
+            results.setdefault("collectives", {})[rate] = _collectives(max(3, steps // 4))
+        if "head" in parts:
+            results.setdefault("head", {})[rate] = _head_alone(steps)
     netlink.shape(None)
-    for name, (hidden, layers) in BACKBONES.items():
-        results["jobs"][name] = _engine_job(hidden, layers, rates, steps)
+    if "pipeline" in parts:
+        results["pipeline"] = _pipelined_head(rates, steps)
+    if "jobs" in parts:
+        results["jobs"] = {name: _engine_job(hidden, layers, rates, steps) for name, (hidden, layers) in BACKBONES.items()}
     if torch.distributed.get_rank() == 0:
         Path(out).write_text(json.dumps(results, indent=1))
     torch.distributed.barrier()
@@ -206,34 +258,78 @@ def _planned_head() -> int:
 
 def report(results: dict[str, Any], rates: list[str]) -> str:
     planned = _planned_head()
+    lines: list[str] = []
+    if "collectives" in results:
+        lines += _collectives_report(results["collectives"], rates)
+    if "head" in results:
+        lines += _head_report(results["head"], rates, planned)
+    if "pipeline" in results:
+        lines += [pipeline_report(results["pipeline"], rates), ""]
+    for name, job in results.get("jobs", {}).items():
+        lines += _job_report(name, job, rates, planned)
+    return "\n".join(lines)
+
+
+def _collectives_report(collectives: dict[str, Any], rates: list[str]) -> list[str]:
     lines = ["collectives, 4 MiB fp32, 2 ranks, per rank: MB model / MB wire / wire:model, ms",
              f"{'':44s}" + "".join(f"{rate:>34s}" for rate in rates)]
-    for name in results["collectives"][rates[0]]:
+    for name in collectives[rates[0]]:
         cells = []
         for rate in rates:
-            r = results["collectives"][rate][name]
+            r = collectives[rate][name]
             cells.append(f"{_megabytes(r['model'])} / {_megabytes(r['wire'])} / {r['wire'] / r['model']:.3f}, "
                          f"{r['seconds'] * 1e3:5.1f}")
         lines.append(f"{name:44s}" + "".join(f"{c:>34s}" for c in cells))
-    lines += ["", "head alone (10,000 classes, d = 128, 128 per rank): per step",
+    return lines + [""]
+
+
+def _head_report(head: dict[str, Any], rates: list[str], planned: int) -> list[str]:
+    lines = ["head alone (10,000 classes, d = 128, 128 per rank): per step",
               f"{'link':10s}{'wire MB':>10s}{'layer MB':>10s}{'plan MB':>10s}{'layer:wire':>12s}{'plan:layer':>12s}"
               f"{'step ms':>10s}{'exposed ms':>12s}"]
     for rate in rates:
-        r = results["head"][rate]
+        r = head[rate]
         lines.append(f"{rate:10s}{_megabytes(r['wire']):>10s}{_megabytes(r['layer']):>10s}{_megabytes(planned):>10s}"
                      f"{r['layer'] / r['wire']:>12.3f}{planned / r['layer']:>12.3f}{r['seconds'] * 1e3:>10.1f}"
                      f"{r['exposed'] * 1e3:>12.1f}")
-    for name, job in results["jobs"].items():
-        model = job["deepspeed_model"]
-        lines += ["", f"{name} ({job['parameters'] / 1e6:.2f}M parameters) + the main job's head, "
-                      f"hybridfc.initialize, ZeRO-0 fp32: per step",
-                  f"{'link':10s}{'wire MB':>10s}{'layer MB':>10s}{'DS model':>10s}{'(l+DS):wire':>12s}"
-                  f"{'plan+DS':>10s}{'step ms':>10s}{'exposed ms':>12s}"]
-        for rate in rates:
-            r = job[rate]
-            lines.append(f"{rate:10s}{_megabytes(r['wire']):>10s}{_megabytes(r['layer']):>10s}{_megabytes(model):>10s}"
-                         f"{(r['layer'] + model) / r['wire']:>12.3f}{_megabytes(planned + model):>10s}"
-                         f"{r['seconds'] * 1e3:>10.1f}{r['exposed'] * 1e3:>12.1f}")
+    return lines + [""]
+
+
+def _job_report(name: str, job: dict[str, Any], rates: list[str], planned: int) -> list[str]:
+    model = job["deepspeed_model"]
+    lines = [f"{name} ({job['parameters'] / 1e6:.2f}M parameters) + the main job's head, "
+             f"hybridfc.initialize, ZeRO-0 fp32: per step",
+             f"{'link':10s}{'wire MB':>10s}{'layer MB':>10s}{'DS model':>10s}{'(l+DS):wire':>12s}"
+             f"{'plan+DS':>10s}{'step ms':>10s}{'exposed ms':>12s}"]
+    for rate in rates:
+        r = job[rate]
+        lines.append(f"{rate:10s}{_megabytes(r['wire']):>10s}{_megabytes(r['layer']):>10s}{_megabytes(model):>10s}"
+                     f"{(r['layer'] + model) / r['wire']:>12.3f}{_megabytes(planned + model):>10s}"
+                     f"{r['seconds'] * 1e3:>10.1f}{r['exposed'] * 1e3:>12.1f}")
+    return lines + [""]
+
+
+def pipeline_report(pipeline: dict[str, Any], rates: list[str]) -> str:
+    """Step time per chunk count and rate, and how much of the hideable time each count hid:
+    ``(t(1) − t(K)) / min(compute, communication)``, compute = the 1-chunk step unshaped,
+    communication = its extra time on the shaped link."""
+    chunks = list(pipeline[rates[0]])
+    lines = [f"pipelined head step: global batch {PIPELINE['global_batch']}, d = {PIPELINE['dim']}, "
+             f"C = {PIPELINE['classes']:,}, partial {PIPELINE['selection']['budget']} rows per rank; "
+             "median step ms (exposed communication ms)",
+             f"{'link':10s}" + "".join(f"{f'{k} chunks':>20s}" for k in chunks)]
+    for rate in rates:
+        lines.append(f"{rate:10s}" + "".join(f"{pipeline[rate][k]['seconds'] * 1e3:>11.1f} "
+                                             f"({pipeline[rate][k]['exposed'] * 1e3:5.1f})" for k in chunks))
+    if "none" in pipeline:
+        compute = pipeline["none"][chunks[0]]["seconds"]
+        for rate in (r for r in rates if r != "none"):
+            communication = pipeline[rate][chunks[0]]["seconds"] - compute
+            hideable = min(compute, communication)
+            hidden = ", ".join(f"{k} chunks {(pipeline[rate][chunks[0]]['seconds'] - pipeline[rate][k]['seconds']) / hideable:.2f}"
+                               for k in chunks[1:])
+            lines.append(f"{rate}: compute {compute * 1e3:.0f} ms, communication {communication * 1e3:.0f} ms; "
+                         f"share of min(compute, communication) hidden: {hidden}")
     return "\n".join(lines)
 
 
@@ -242,11 +338,12 @@ def main() -> int:
     parser.add_argument("--rates", default=",".join(RATES), help="link rates, comma separated ('none': unshaped)")
     parser.add_argument("--steps", type=int, default=20, help="measured steps per job and rate")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "communication.json"), help="results (JSON)")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"what to measure, comma separated: {', '.join(PARTS)}")
     parser.add_argument("--rank-job", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     rates = args.rates.split(",")
     if args.rank_job:
-        rank_job(rates, args.steps, args.out)
+        rank_job(rates, args.steps, args.parts.split(","), args.out)
         return 0
     available, reason = netlink.namespaces_available()
     if not available:
@@ -255,7 +352,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp, netlink.NetLink(hosts=2) as link:
         raw = os.path.join(tmp, "results.json")
         command = [sys.executable, __file__, "--rank-job", "--rates", args.rates, "--steps", str(args.steps),
-                   "--out", raw]
+                   "--parts", args.parts, "--out", raw]
         env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
         for rank, done in enumerate(link.run_ranks(command, world_size=2, timeout=1800, env=env)):
             if done.returncode:

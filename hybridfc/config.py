@@ -15,7 +15,8 @@ required)::
       "optimizer": {"type": "sgd",
                     "params": {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}},
       "gradient_clipping": 0.0,
-      "evaluation": {"interval": 0, "top_k": [1]}
+      "evaluation": {"interval": 0, "top_k": [1]},
+      "communication": {"chunks": 1}
     }
 
 ``margin`` is one of::
@@ -63,7 +64,9 @@ optimizer state; logits and softmax stay fp32.
 weight initialisation. ``gradient_clipping`` is the largest global L2 norm of the head's
 gradient over all shards (0 turns clipping off). ``evaluation`` asks for the held-out top-k
 accuracy every ``interval`` optimizer steps (0: never), computed by
-:meth:`hybridfc.HybridEngine.evaluate` over the shards.
+:meth:`hybridfc.HybridEngine.evaluate` over the shards. ``communication.chunks`` (default 1)
+splits each rank's micro-batch into that many chunks, whose feature exchange overlaps the
+head's compute (:mod:`hybridfc.head.cross_entropy`); at most ``train_micro_batch_size_per_gpu``.
 
 A bad section raises :class:`ConfigError` listing every problem, one per line, each naming
 the full dotted key, the value given and what is allowed.
@@ -104,6 +107,7 @@ __all__ = [
     "CombinedMargin",
     "ConfigError",
     "CosFaceMargin",
+    "CommunicationConfig",
     "EvaluationConfig",
     "FullSelection",
     "HFSelection",
@@ -119,6 +123,7 @@ __all__ = [
     "config_fingerprint",
     "load_ds_config",
     "parse_head_optimizer",
+    "parse_communication",
     "parse_hybridfc_section",
     "parse_margin",
     "parse_selection",
@@ -266,6 +271,12 @@ class EvaluationConfig(_Section):
     top_k: list[Annotated[StrictInt, Field(ge=1)]] = Field(default_factory=lambda: [1], min_length=1)
 
 
+class CommunicationConfig(_Section):
+    """How the head's exchanges run: ``chunks`` pieces of the local batch, pipelined."""
+
+    chunks: StrictInt = Field(1, ge=1)
+
+
 class SGDParams(_Section):
     """Hyper-parameters of the head's SGD optimizer."""
 
@@ -331,6 +342,7 @@ class HybridFCConfig(_Section):
     optimizer: HeadOptimizerConfig = Field(default_factory=SGDOptimizer)
     gradient_clipping: Number = Field(0.0, ge=0)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    communication: CommunicationConfig = Field(default_factory=CommunicationConfig)
 
 
 _MISSING_SECTION = (
@@ -359,6 +371,10 @@ class _StandaloneSelection(_Section):
     selection: SelectionConfig
 
 
+class _StandaloneCommunication(_Section):
+    communication: CommunicationConfig
+
+
 def parse_margin(spec: dict[str, Any]) -> SoftmaxMargin | CosFaceMargin | ArcFaceMargin | CombinedMargin:
     """Validate a margin dict given outside a ds_config (``ClassParallelFC(margin=...)``)."""
     return _validate(_StandaloneMargin, {"margin": spec}, "").margin
@@ -372,6 +388,11 @@ def parse_head_optimizer(spec: dict[str, Any]) -> SGDOptimizer | AdamOptimizer |
 def parse_selection(spec: dict[str, Any]) -> FullSelection | PartialSelection | KNNSelection | HFSelection:
     """Validate a selection dict given outside a ds_config (``ClassParallelFC(selection=...)``)."""
     return _validate(_StandaloneSelection, {"selection": spec}, "").selection
+
+
+def parse_communication(spec: dict[str, Any]) -> CommunicationConfig:
+    """Validate a communication dict given outside a ds_config (``ClassParallelFC(communication=...)``)."""
+    return _validate(_StandaloneCommunication, {"communication": spec}, "").communication
 
 
 def _validate(model: type[_Section], data: dict[str, Any], prefix: str) -> Any:

@@ -241,6 +241,14 @@ def _check_enough_classes(cfg: HybridFCConfig, mpu: Any) -> None:
                           f"({ranks}) that shard it (got {cfg.num_classes})")
 
 
+def check_chunks(cfg: HybridFCConfig, micro_batch: int) -> None:
+    """A micro-batch cannot be cut into more chunks than it has samples."""
+    if cfg.communication.chunks > micro_batch:
+        raise ConfigError(f"hybridfc.communication.chunks: {cfg.communication.chunks} chunks is more than the "
+                          f"{micro_batch} samples of a micro-batch (train_micro_batch_size_per_gpu); "
+                          f"use at most {micro_batch}")
+
+
 def _read_ds_config(args: Optional[argparse.Namespace], config: Any, config_params: Any) -> dict:
     given = [c for c in (config, config_params, getattr(args, "deepspeed_config", None)) if c is not None]
     if not given:
@@ -285,10 +293,11 @@ def initialize(args: Optional[argparse.Namespace] = None, model: Optional[torch.
         args=ds_args, model=model, optimizer=optimizer, model_parameters=model_parameters,
         lr_scheduler=lr_scheduler, mpu=mpu, dist_init_required=dist_init_required,
         collate_fn=collate_fn, config=ds_config, **kwargs)
+    check_chunks(cfg, backbone.train_micro_batch_size_per_gpu())
     group = groups._get_data_parallel_group()
     head = ClassParallelFC(cfg.num_classes, cfg.embedding_size, margin=cfg.margin.model_dump(), group=group,
                            seed=cfg.seed, device=backbone.device, selection=cfg.selection.model_dump(),
-                           storage_dtype=cfg.storage_dtype)
+                           storage_dtype=cfg.storage_dtype, communication=cfg.communication.model_dump())
     head_optimizer = build_head_optimizer(head, cfg.optimizer.model_dump(), cfg.gradient_clipping)
     engine = HybridEngine(backbone, head, head_optimizer, _backbone_base_lr(ds_config, optimizer), cfg.evaluation)
     log_dist(f"hybridfc head: {cfg.num_classes} classes x {cfg.embedding_size} over {group_size(group)} ranks "

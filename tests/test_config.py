@@ -44,6 +44,7 @@ FULL = {
     "optimizer": {"type": "adamw", "params": {"lr": 0.2, "betas": [0.8, 0.99], "eps": 1e-6, "weight_decay": 1e-4}},
     "gradient_clipping": 5.0,
     "evaluation": {"interval": 100, "top_k": [1, 5]},
+    "communication": {"chunks": 4},
 }
 
 
@@ -81,6 +82,7 @@ def test_defaults_are_filled() -> None:
         type="sgd", params=SGDParams(lr=0.1, momentum=0.9, weight_decay=5e-4)
     )
     assert cfg.gradient_clipping == 0.0
+    assert cfg.communication.chunks == 1
 
 
 @pytest.mark.parametrize(
@@ -203,8 +205,8 @@ def test_bad_value_names_key_value_and_allowed(bad: dict[str, Any], expected: st
         (margin(type="combined", m4=0),
          "hybridfc.margin.m4: unknown key; allowed keys: m1, m2, m3, scale, type"),
         (section(num_clases=10),
-         "hybridfc.num_clases: unknown key; allowed keys: embedding_size, evaluation, gradient_clipping, "
-         "margin, num_classes, optimizer, seed, selection, storage_dtype"),
+         "hybridfc.num_clases: unknown key; allowed keys: communication, embedding_size, evaluation, "
+         "gradient_clipping, margin, num_classes, optimizer, seed, selection, storage_dtype"),
         (section(selection={"type": "full", "budget": 0.1}),
          "hybridfc.selection.budget: unknown key; allowed keys: type"),
         (sgd(betas=[0.9, 0.99]),
@@ -238,7 +240,7 @@ def test_every_problem_is_reported_one_per_line() -> None:
         "selection": {"type": "knn", "k": 0},
         "optimizer": {"params": {"lr": "fast", "momentum": 2}},
         "gradient_clipping": -1,
-        "communication": {"chunks": 4},
+        "communication": {"chunks": 0, "grad_topk": 0.01},
     }
     lines = problems(bad)
     keys = [line.split(":", 1)[0] for line in lines]
@@ -252,7 +254,8 @@ def test_every_problem_is_reported_one_per_line() -> None:
         "hybridfc.optimizer.params.lr",
         "hybridfc.optimizer.params.momentum",
         "hybridfc.gradient_clipping",
-        "hybridfc.communication",
+        "hybridfc.communication.chunks",
+        "hybridfc.communication.grad_topk",
     ])
 
 
@@ -390,6 +393,7 @@ def test_fingerprint_is_the_same_in_another_process() -> None:
         {"selection": {**FULL["selection"], "type": "hf"}},
         {"storage_dtype": "fp16"},
         {"gradient_clipping": 5.5},
+        {"communication": {"chunks": 3}},
     ],
 )
 def test_fingerprint_changes_when_any_value_changes(changed: dict[str, Any]) -> None:

@@ -55,14 +55,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hybridfc.config import parse_communication
 from hybridfc.head.cross_entropy import LogitsWorkspace, margin_cross_entropy
 from hybridfc.head.margins import AngularMargin, Margin, build_margin
 from hybridfc.head.validation import check_inputs, raise_if_any_bad
 from hybridfc.log import log_dist
 from hybridfc.parallel.accounting import CommunicationStats, StatsCursor
+from hybridfc.parallel.chunks import ChunkedGather, ChunkLayout
 from hybridfc.parallel.collectives import all_gather_vector, gather_padded
 from hybridfc.parallel.groups import ProcessGroup, group_rank, group_size, shard_range
-from hybridfc.parallel.mappings import gather_rows, scale_gradient
+from hybridfc.parallel.mappings import scale_gradient
 from hybridfc.selection import Selection, Shard, build_selection
 
 _INIT_BLOCK_ROWS = 4096
@@ -109,6 +111,8 @@ class ClassParallelFC(nn.Module):
             ``{"type": "partial", "budget": 0.1}``, ``{"type": "knn", "budget": 0.1, "k": 32,
             "rebuild_interval": 1000}`` or ``{"type": "hf", ...}`` (:mod:`hybridfc.selection`).
         storage_dtype: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (or the torch dtype) of the shard.
+        communication: ``{"chunks": K}`` (default 1): the local batch's feature exchange in K
+            chunks, overlapped with the head's compute (:mod:`hybridfc.head.cross_entropy`).
 
     Attributes:
         weight: ``(num_local, d)`` this rank's rows.
@@ -129,6 +133,7 @@ class ClassParallelFC(nn.Module):
         device: Optional[torch.device] = None,
         selection: "dict | None" = None,
         storage_dtype: "str | torch.dtype" = torch.float32,
+        communication: "dict | None" = None,
     ) -> None:
         super().__init__()
         self.group = group
@@ -147,6 +152,7 @@ class ClassParallelFC(nn.Module):
         self.weight = nn.Parameter(rows.to(device=device, dtype=storage_dtype_of(storage_dtype)))
         shard = Shard(num_classes, self.class_start, self.num_local, self.rank, self.world_size, group)
         self.selection = build_selection(selection or {"type": "full"}, shard, seed)
+        self.chunks = parse_communication(communication or {}).chunks
         self.non_finite_batches = 0
         self.step_is_finite = True
         self.steps = 0
@@ -159,21 +165,34 @@ class ClassParallelFC(nn.Module):
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean loss over the global batch: ``embeddings (b, d)``, ``labels (b,)`` -> scalar."""
         sizes = self._exchange_sizes(embeddings, labels)
-        embeddings = embeddings.to(torch.promote_types(embeddings.dtype, torch.float32))
-        features = gather_rows(scale_gradient(embeddings, self.world_size), sizes, self.group)
+        embeddings = embeddings.to(device=self.weight.device,
+                                   dtype=torch.promote_types(embeddings.dtype, torch.float32))
         all_labels = gather_padded(labels.to(device=self.weight.device, dtype=torch.int64), sizes, self.group)
-        features = self._prepare(features)
-        selection = self.selection.select(all_labels, features, self.weight, self.steps, self._micro_batches)
-        self._micro_batches += 1
-        if self.selection.dense:
-            self.last_selection, weight = None, self.weight.to(features.dtype)
+        layout = ChunkLayout.of(sizes, self.chunks)
+        if self.selection.uses_features:
+            gathered = ChunkedGather(embeddings.detach(), layout, self.rank, self.group)
+            selection = self._select(all_labels, gathered.wait_all())
         else:
-            self.last_selection, weight = selection, self._active_rows(selection.rows, features.dtype)
-        loss = margin_cross_entropy(features, weight, selection.target, self.margin, self.group,
-                                    self._workspace, selection.logit_offset).mean()
+            selection = self._select(all_labels, None)
+            gathered = ChunkedGather(embeddings.detach(), layout, self.rank, self.group)
+        if self.selection.dense:
+            weight = self.weight.to(embeddings.dtype)
+        else:
+            weight = self._active_rows(selection.rows, embeddings.dtype)
+        losses = margin_cross_entropy(scale_gradient(embeddings, self.world_size), gathered, weight, selection.target,
+                                      self.margin, self.rank, self.group, self._workspace, selection.logit_offset)
+        loss = losses.mean()
         if not bool(torch.isfinite(loss)):
             self._mark_non_finite("a non-finite loss (the same on every rank)")
         return loss
+
+    def _select(self, labels: torch.Tensor, features: Optional[torch.Tensor]) -> Selection:
+        """This micro-batch's active rows for the gathered ``labels (B,)`` (and raw ``features (B, d)``
+        for a selection that looks at them)."""
+        selection = self.selection.select(labels, features, self.weight, self.steps, self._micro_batches)
+        self._micro_batches += 1
+        self.last_selection = None if self.selection.dense else selection
+        return selection
 
     def _active_rows(self, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """A leaf copy of ``weight[rows]`` whose gradient is added to the touched rows."""

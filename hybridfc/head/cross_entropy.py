@@ -11,6 +11,15 @@ by ``s/‖w_c‖`` and the backward pass projects the row gradient, so no normal
 ``(C_r, d)`` shard, and none of its gradient, is ever made. Logits, softmax and loss are at
 least fp32, whatever the input dtype.
 No probability is clamped: a sample's loss is ``log Σ exp − target`` however large it is.
+
+The feature exchange is part of the same autograd function, so that it can overlap the
+compute. The local batch travels in K chunks (:mod:`hybridfc.parallel.chunks`), all their
+all-gathers started before the function runs: chunk j's logits are computed as soon as chunk j
+has arrived, while the later chunks are still on the wire. Backward: each chunk's feature
+gradient is computed and its reduce-scatter started at once, so it travels while the next
+chunk's gradient and then the weight gradient ``(C_r, d)`` are computed. The softmax statistics
+of all chunks travel together after the last chunk (the two all-reduces above). Rows keep their
+place in the gathered batch whatever K is, so K changes when work happens, not what is computed.
 """
 
 from __future__ import annotations
@@ -20,8 +29,11 @@ from typing import Optional
 import torch
 
 from hybridfc.head.margins import Margin
+from hybridfc.parallel.chunks import ChunkedGather, ChunkLayout, scatter_chunk, tiles
 from hybridfc.parallel.collectives import all_reduce
 from hybridfc.parallel.groups import ProcessGroup
+
+_NORM_FLOOR = 1e-12
 
 
 class LogitsWorkspace:
@@ -47,16 +59,31 @@ class LogitsWorkspace:
 
 
 class _MarginCrossEntropy(torch.autograd.Function):
+    """Feature all-gather, class-parallel margin softmax cross-entropy and the feature gradients'
+    reduce-scatter, over the chunks of the local batch (module docstring)."""
+
     @staticmethod
-    def forward(ctx, features, weight, local_target, margin: Margin, group: ProcessGroup,
-                workspace: Optional[LogitsWorkspace], logit_offset: Optional[torch.Tensor]):
+    def forward(ctx, embeddings, weight, local_target, margin: Margin, gathered: ChunkedGather, rank: int,
+                group: ProcessGroup, workspace: Optional[LogitsWorkspace], logit_offset: Optional[torch.Tensor]):
+        layout = gathered.layout
+        batch = sum(layout.sizes)
+        features = embeddings.new_empty(batch, embeddings.shape[1])
+        inv_feature_norm = embeddings.new_empty(batch) if margin.normalize else None
+        if workspace is None:
+            logits = features.new_empty(batch, weight.shape[0])
+        else:
+            logits = workspace.take(batch, weight.shape[0], features)
+        weight_t = weight.t()
+        for chunk in range(layout.chunks):
+            for (start, end), part in zip(layout.blocks(chunk), _rank_parts(gathered.wait(chunk), layout, chunk)):
+                _prepare_features_(features[start:end], part, None if inv_feature_norm is None
+                                   else inv_feature_norm[start:end])
+                for tile in tiles(start, end):
+                    torch.mm(features[tile], weight_t, out=logits[tile])
+
         rows = torch.nonzero(local_target >= 0).squeeze(1)
         cols = local_target[rows]
         inv_norm = _inverse_row_norms(weight) if margin.normalize else None
-        if workspace is None:
-            logits = features @ weight.t()
-        else:
-            logits = torch.mm(features, weight.t(), out=workspace.take(features.shape[0], weight.shape[0], features))
         if inv_norm is not None:
             logits.mul_(inv_norm * margin.scale)
         if logit_offset is not None:
@@ -74,31 +101,75 @@ class _MarginCrossEntropy(torch.autograd.Function):
         sum_exp, target = all_reduce(stats, "sum", group)
         logits.div_(sum_exp.unsqueeze(1))
 
-        ctx.save_for_backward(features, weight, logits, rows, cols, dpsi, inv_norm)
-        ctx.scale, ctx.workspace = margin.scale, workspace
+        ctx.save_for_backward(features, inv_feature_norm, weight, logits, rows, cols, dpsi, inv_norm)
+        ctx.scale, ctx.workspace, ctx.layout, ctx.rank, ctx.group = margin.scale, workspace, layout, rank, group
         return sum_exp.log() - target
 
     @staticmethod
     def backward(ctx, grad_loss):
-        features, weight, softmax, rows, cols, dpsi, inv_norm = ctx.saved_tensors
+        features, inv_feature_norm, weight, softmax, rows, cols, dpsi, inv_norm = ctx.saved_tensors
         grad_logits = softmax
         target_prob = softmax[rows, cols]
         grad_logits.mul_((ctx.scale * grad_loss).unsqueeze(1))
         grad_logits[rows, cols] = ctx.scale * dpsi * (target_prob - 1) * grad_loss[rows]
         if inv_norm is not None:
             grad_logits.mul_(inv_norm)
+        layout = ctx.layout
+        scattered = [scatter_chunk(_chunk_feature_gradient(grad_logits, weight, features, inv_feature_norm,
+                                                           layout, chunk), layout, chunk, ctx.group)
+                     for chunk in range(layout.chunks)]
         grad_weight = grad_logits.t() @ features
         if inv_norm is not None:
             _project_out_row_direction_(grad_weight, weight, inv_norm)
-        grad_features = grad_logits @ weight
         if ctx.workspace is not None:
             ctx.workspace.give_back(grad_logits)
-        return grad_features, grad_weight, None, None, None, None, None
+        grad_embeddings = features.new_empty(layout.sizes[ctx.rank], features.shape[1])
+        for chunk, pending in enumerate(scattered):
+            grad_embeddings[layout.local_rows(ctx.rank, chunk)] = pending.wait()
+        return grad_embeddings, grad_weight, None, None, None, None, None, None, None
+
+
+def _rank_parts(rows: torch.Tensor, layout: ChunkLayout, chunk: int) -> tuple[torch.Tensor, ...]:
+    """A gathered chunk ``(Σ_r rows, d)`` split into each rank's rows."""
+    return rows.split(layout.chunk_sizes(chunk))
+
+
+def _prepare_features_(out: torch.Tensor, rows: torch.Tensor, inv_norm: Optional[torch.Tensor]) -> None:
+    """``out = rows``, L2-normalised with ``F.normalize``'s floor when ``inv_norm`` (filled here) is given."""
+    if inv_norm is None:
+        out.copy_(rows)
+        return
+    torch.linalg.vector_norm(rows, dim=1, out=inv_norm)
+    inv_norm.clamp_min_(_NORM_FLOOR).reciprocal_()
+    torch.mul(rows, inv_norm.unsqueeze(1), out=out)
+
+
+def _chunk_feature_gradient(grad_logits: torch.Tensor, weight: torch.Tensor, features: torch.Tensor,
+                            inv_feature_norm: Optional[torch.Tensor], layout: ChunkLayout,
+                            chunk: int) -> torch.Tensor:
+    """∂L/∂(gathered features) of ``chunk``'s rows, in rank order, ``(Σ_r rows of chunk, d)``."""
+    out = features.new_empty(sum(layout.chunk_sizes(chunk)), features.shape[1])
+    offset = 0
+    for start, end in layout.blocks(chunk):
+        for tile in tiles(start, end):
+            torch.mm(grad_logits[tile], weight, out=out[tile.start - start + offset: tile.stop - start + offset])
+        if inv_feature_norm is not None:
+            _normalize_backward_(out[offset: offset + end - start], features[start:end], inv_feature_norm[start:end])
+        offset += end - start
+    return out
+
+
+def _normalize_backward_(grad: torch.Tensor, normalized: torch.Tensor, inv_norm: torch.Tensor) -> None:
+    """Turn ∂L/∂x̂ into ∂L/∂x in place, x̂ = x / max(‖x‖, floor): ``(g − x̂ (x̂·g)) / ‖x‖``
+    (``g / floor`` where the floor held, as ``F.normalize``'s gradient)."""
+    along = (normalized * grad).sum(dim=1)
+    along.masked_fill_(inv_norm >= 1 / _NORM_FLOOR, 0)
+    grad.addcmul_(normalized, along.unsqueeze(1), value=-1).mul_(inv_norm.unsqueeze(1))
 
 
 def _inverse_row_norms(weight: torch.Tensor) -> torch.Tensor:
     """``1 / max(‖w_c‖, 1e-12)`` for every row, ``(C_r,)`` (``F.normalize``'s floor)."""
-    return torch.linalg.vector_norm(weight, dim=1).clamp_min_(1e-12).reciprocal_()
+    return torch.linalg.vector_norm(weight, dim=1).clamp_min_(_NORM_FLOOR).reciprocal_()
 
 
 def _project_out_row_direction_(grad: torch.Tensor, weight: torch.Tensor, inv_norm: torch.Tensor) -> None:
@@ -109,10 +180,12 @@ def _project_out_row_direction_(grad: torch.Tensor, weight: torch.Tensor, inv_no
 
 
 def margin_cross_entropy(
-    features: torch.Tensor,
+    embeddings: torch.Tensor,
+    gathered: ChunkedGather,
     weight: torch.Tensor,
     local_target: torch.Tensor,
     margin: Margin,
+    rank: int = 0,
     group: ProcessGroup = None,
     workspace: Optional[LogitsWorkspace] = None,
     logit_offset: Optional[torch.Tensor] = None,
@@ -120,12 +193,17 @@ def margin_cross_entropy(
     """Per-sample loss ``(B,)`` of a softmax whose classes are split over ``group``.
 
     Args:
-        features: ``(B, d)`` gathered features, already normalised when the margin is angular.
-        weight: ``(C_r, d)`` this rank's class rows, raw: an angular margin normalises them here.
+        embeddings: ``(b_r, d)`` this rank's embeddings, at least fp32; their gradient is
+            ``∂L/∂e_r`` summed over the ranks' losses (the head scales it by N).
+        gathered: the all-gather of ``embeddings`` over ``group``, chunk by chunk, in flight
+            (:class:`~hybridfc.parallel.chunks.ChunkedGather`); the backward pass sends each
+            chunk's feature gradient back as soon as it is computed.
+        weight: ``(C_r, d)`` this rank's class rows, raw: an angular margin normalises them here,
+            and the features too.
         local_target: ``(B,)`` int64, the target's row in ``weight``, or -1 where the target
-            class lives on another rank.
+            class lives on another rank; B is the gathered batch in rank-major order.
         margin: the target-logit transform and scale.
-        group: the ranks that hold the other classes.
+        rank, group: this rank, and the ranks that hold the other classes.
         workspace: where to borrow the logits buffer from (used only when a backward pass
             will follow, which hands the buffer back).
         logit_offset: ``(C_r,)`` added to the (scaled) logits of each class before the softmax,
@@ -134,8 +212,8 @@ def margin_cross_entropy(
     Returns the same ``(B,)`` losses on every rank. The backward pass may run once: it reuses
     the softmax buffer for the gradient.
     """
-    dtype = torch.promote_types(features.dtype, torch.float32)
-    if not (torch.is_grad_enabled() and (features.requires_grad or weight.requires_grad)):
+    dtype = torch.promote_types(embeddings.dtype, torch.float32)
+    if not (torch.is_grad_enabled() and (embeddings.requires_grad or weight.requires_grad)):
         workspace = None
-    return _MarginCrossEntropy.apply(features.to(dtype), weight.to(dtype), local_target, margin, group, workspace,
-                                     logit_offset)
+    return _MarginCrossEntropy.apply(embeddings.to(dtype), weight.to(dtype), local_target, margin, gathered, rank,
+                                     group, workspace, logit_offset)

@@ -7,6 +7,7 @@ module            what it holds
 ================  ==============================================================
 ``groups``        group size and rank, backend, side groups, the sharding rule
 ``collectives``   sync and async collectives, raising on every rank
+``chunks``        the local batch in chunks: their layout, their exchanges in flight
 ``mappings``      the collectives as autograd functions (the head's feature exchange)
 ``accounting``    calls, bytes and exposed seconds per collective kind
 ``wire``          the bytes each collective puts on the wire (shared with ``hybridfc plan``)
@@ -14,6 +15,7 @@ module            what it holds
 """
 
 from hybridfc.parallel.accounting import LEDGER, CommunicationStats, StatsCursor, Traffic
+from hybridfc.parallel.chunks import ChunkedGather, ChunkLayout, scatter_chunk
 from hybridfc.parallel.collectives import (Pending, RankError, all_gather, all_gather_vector, all_reduce, barrier,
                                            exchange_or_raise, gather_padded, reduce_scatter_padded, ring_shift,
                                            run_on_every_rank)
@@ -23,6 +25,8 @@ from hybridfc.parallel.mappings import gather_rows, scale_gradient
 
 __all__ = [
     "LEDGER",
+    "ChunkLayout",
+    "ChunkedGather",
     "CommunicationStats",
     "Pending",
     "RankError",
@@ -45,5 +49,6 @@ __all__ = [
     "ring_shift",
     "run_on_every_rank",
     "scale_gradient",
+    "scatter_chunk",
     "shard_range",
 ]

@@ -121,6 +121,9 @@ class ClassSelection:
     dense = False
     """True for ``full``: the head computes every row and keeps a dense gradient."""
 
+    uses_features = False
+    """True when :meth:`candidates` looks at the features (so they must all have arrived)."""
+
     def __init__(self, shard: Shard, budget: "int | float", seed: int, sampling_correction: bool = True,
                  hard_fraction: float = 1.0) -> None:
         self.shard = shard
@@ -131,16 +134,18 @@ class ClassSelection:
         self.positives_only_steps = 0
         self._row_set: Optional[RowSet] = None
 
-    def candidates(self, labels: torch.Tensor, features: torch.Tensor, weight: torch.Tensor) -> Optional[torch.Tensor]:
+    def candidates(self, labels: torch.Tensor, features: Optional[torch.Tensor],
+                   weight: torch.Tensor) -> Optional[torch.Tensor]:
         """Hard negatives of this shard, local rows nearest first (repeats allowed), or None.
 
         Called on every rank at every step, before the budget is looked at, so that it may run
         collectives."""
         return None
 
-    def select(self, labels: torch.Tensor, features: torch.Tensor, weight: torch.Tensor, step: int,
+    def select(self, labels: torch.Tensor, features: Optional[torch.Tensor], weight: torch.Tensor, step: int,
                micro: int) -> Selection:
-        """The active set for global ``labels (B,)`` and gathered ``features (B, d)``."""
+        """The active set for global ``labels (B,)`` and the gathered raw ``features (B, d)``
+        (None unless :attr:`uses_features`)."""
         candidates = self.candidates(labels, features, weight)
         target = self.shard.local_target(labels)
         positives = torch.unique(target[target >= 0])

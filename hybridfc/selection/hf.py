@@ -18,7 +18,7 @@ of its own list; a trained model's features lie near their class's row) and, wit
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,8 @@ from hybridfc.selection.rebuild import BackgroundRebuild
 
 class HFSelection(ClassSelection):
     """Positives, each sample's nearest rows of this shard, then random rows."""
+
+    uses_features = True
 
     def __init__(self, shard: Shard, cfg: HFConfig, seed: int) -> None:
         super().__init__(shard, cfg.budget, seed, cfg.sampling_correction, cfg.hard_fraction)
@@ -52,7 +54,7 @@ class HFSelection(ClassSelection):
             log_recall("hf index", index, self.k, recall, sample.numel(), self.min_recall)
         return index
 
-    def candidates(self, labels: torch.Tensor, features: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def candidates(self, labels: torch.Tensor, features: Optional[torch.Tensor], weight: torch.Tensor) -> torch.Tensor:
         index = self.index.ensure_built(weight, step=0)
         if features.shape[0] == 0:
             return torch.empty(0, dtype=torch.int64, device=weight.device)

@@ -24,7 +24,7 @@ widely until it reaches it.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -56,7 +56,7 @@ class KNNSelection(ClassSelection):
                                 min_recall=self.min_recall)
         return graph.to(torch.int32) if self.shard.num_classes <= torch.iinfo(torch.int32).max else graph
 
-    def candidates(self, labels: torch.Tensor, features: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def candidates(self, labels: torch.Tensor, features: Optional[torch.Tensor], weight: torch.Tensor) -> torch.Tensor:
         neighbours = self._lookup(labels, self.graph.ensure_built(weight, step=0))
         in_shard = neighbours.t().reshape(-1) - self.shard.class_start
         return in_shard[(in_shard >= 0) & (in_shard < self.shard.num_local)]
