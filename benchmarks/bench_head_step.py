@@ -41,10 +41,19 @@ and construction transients would be counted as step memory.) Tensors below glib
 (up to 32 MiB) live in the malloc heap, whose freed memory stays resident, so at small C the
 peak includes allocator retention; from C ~ 10^6 every large tensor is its own mapping.
 
+On a GPU (``--device cuda``): rank r runs on GPU r; the ranks start on gloo as on the CPU (for
+barriers) and the head and DDP communicate over an NCCL group of the same ranks. Clocks are read
+after ``torch.cuda.synchronize()``, so a phase counts its kernels; the memory columns are the bytes
+torch's CUDA allocator hands out to tensors (``memory_allocated``; peak: ``max_memory_allocated``,
+reset after the build), not RSS; the CPU-time columns only show the host's share. Options left at
+their defaults take a preset sized for a 1-2 minute run on one H100/H200: C = 1M and 2M, global
+batch 1024, 20 timed steps, 1 rank.
+
 The library measured is whatever ``import hybridfc`` finds (printed in the report, with its git
 commit); to pin a commit while the tree changes, put a clone first on ``PYTHONPATH``.
 
     python benchmarks/bench_head_step.py --classes 100000 1000000 --dim 128 --batch 256 --steps 10
+    python benchmarks/bench_head_step.py --device cuda      # the GPU preset
 """
 
 from __future__ import annotations
@@ -54,17 +63,86 @@ import math
 import os
 import statistics
 import time
+from typing import Callable, NamedTuple
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from memory_probe import RssSampler, hwm_bytes, release_free_heap, reset_hwm, rss_bytes
 from ranks import run_on_ranks
 
 MIB = 1024 * 1024
 SGD_PARAMS = {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}
+GPU_PRESET = {"classes": [1_000_000, 2_000_000], "batch": 1024, "steps": 20, "world_size": 1}
+
+
+# ----------------------------------------------------------------------------- the device
+def synchronize(device: str) -> None:
+    """Wait for the kernels queued on ``device``, so that a clock read next counts them (CPU: no-op)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def head_group(device: str, rank: int):
+    """The process group of the head and of DDP: the ranks' own gloo world (``None``) on the CPU;
+    on CUDA rank r drives GPU r and an NCCL group of the same ranks carries the collectives."""
+    if device == "cpu":
+        return None
+    torch.cuda.set_device(rank)
+    return dist.new_group(backend="nccl")
+
+
+def wrap_ddp(module: nn.Module, device: str, group) -> DDP:
+    """``module`` on ``device`` in DDP with its default settings (CUDA: this rank's GPU, the NCCL group)."""
+    if device == "cpu":
+        return DDP(module)
+    return DDP(module.to(device), device_ids=[torch.cuda.current_device()], process_group=group)
+
+
+class MemoryProbes(NamedTuple):
+    """What the memory columns read, in bytes: ``now()``, ``reset_peak() -> bool``, ``peak()`` and a
+    ``sampler(period)`` thread (``start()``, ``stop() -> largest value seen``)."""
+
+    now: Callable[[], int]
+    reset_peak: Callable[[], bool]
+    peak: Callable[[], int]
+    sampler: Callable[[float], RssSampler]
+
+
+class CudaSampler(RssSampler):
+    """The sampled cross-check on a GPU: the CUDA allocator's bytes in tensors every ``period`` s."""
+
+    def __init__(self, period: float = 0.005) -> None:
+        super().__init__(period)
+        self.device = torch.cuda.current_device()  # the sampling thread has a current device of its own
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            self.peak = max(self.peak, torch.cuda.memory_allocated(self.device))
+            time.sleep(self.period)
+
+    def stop(self) -> int:
+        self.done.set()
+        self.join()
+        return max(self.peak, torch.cuda.memory_allocated(self.device))
+
+
+def reset_cuda_peak() -> bool:
+    """Start the CUDA allocator's peak afresh; True, as ``reset_hwm`` answers where it can."""
+    torch.cuda.reset_peak_memory_stats()
+    return True
+
+
+def memory_probes(device: str) -> MemoryProbes:
+    """The process's RSS and the kernel's high-water mark on the CPU; on a GPU, where the head's
+    tensors live, the bytes torch's CUDA allocator hands out and their peak (exact, like VmHWM)."""
+    if device == "cuda":
+        return MemoryProbes(torch.cuda.memory_allocated, reset_cuda_peak, torch.cuda.max_memory_allocated,
+                            CudaSampler)
+    return MemoryProbes(rss_bytes, reset_hwm, hwm_bytes, RssSampler)
 
 
 # ----------------------------------------------------------------------------- the naive head
@@ -95,28 +173,32 @@ def batch_for_step(step: int, batch: int, dim: int, num_classes: int):
     return torch.randn(batch, dim, generator=g), torch.randint(num_classes, (batch,), generator=g)
 
 
-def timed_step(model, opt, rank: int, step: int, batch: int, dim: int, num_classes: int):
+def timed_step(model, opt, rank: int, step: int, batch: int, dim: int, num_classes: int, device: str = "cpu"):
     """Forward, backward, ``opt.step()`` and ``opt.zero_grad()`` on this rank's part of step
     ``step``'s batch, between two barriers: ``(loss, wall s, CPU s, (forward, backward, optimizer) s)``."""
     b = batch // dist.get_world_size()
     xg, yg = batch_for_step(step, batch, dim, num_classes)
-    x = xg[rank * b:(rank + 1) * b].clone().requires_grad_(True)
-    y = yg[rank * b:(rank + 1) * b].clone()
+    x = xg[rank * b:(rank + 1) * b].to(device).clone().requires_grad_(True)
+    y = yg[rank * b:(rank + 1) * b].to(device).clone()
+    synchronize(device)
     dist.barrier()
     t0, c0 = time.perf_counter(), time.process_time()
     loss = model(x, y)
+    synchronize(device)
     t1 = time.perf_counter()
     loss.backward()
+    synchronize(device)
     t2 = time.perf_counter()
     opt.step()
     opt.zero_grad()
+    synchronize(device)
     t3 = time.perf_counter()
     dist.barrier()
     t4, c4 = time.perf_counter(), time.process_time()
     return loss.detach(), t4 - t0, c4 - c0, (t1 - t0, t2 - t1, t3 - t2)
 
 
-def time_mm(a, b, out, reps: int) -> dict:
+def time_mm(a, b, out, reps: int, device: str) -> dict:
     """Median wall and CPU seconds of torch.mm(a, b, out=out) and of torch.mm(a, b) (allocating);
     both ranks in lock-step, like in the step."""
     res = {}
@@ -126,6 +208,7 @@ def time_mm(a, b, out, reps: int) -> dict:
             dist.barrier()
             t0, c0 = time.perf_counter(), time.process_time()
             r = fn()
+            synchronize(device)
             wall, cpu = time.perf_counter() - t0, time.process_time() - c0
             del r
             if i:  # the first one is a warm-up
@@ -135,14 +218,15 @@ def time_mm(a, b, out, reps: int) -> dict:
     return res
 
 
-def gemm_floor(m: int, n: int, d: int, reps: int) -> dict:
+def gemm_floor(m: int, n: int, d: int, reps: int, device: str) -> dict:
     """The step's three GEMMs with the head's layouts: E(m×d)@Wᵀ, G(m×n)@W, Gᵀ@E."""
-    g = torch.Generator().manual_seed(7)
-    E, W = torch.randn(m, d, generator=g), torch.randn(n, d, generator=g)
-    G = torch.randn(m, n, generator=g)
-    L, dE, dW = torch.empty(m, n), torch.empty(m, d), torch.empty(n, d)
+    g = torch.Generator(device).manual_seed(7)
+    E, W = torch.randn(m, d, generator=g, device=device), torch.randn(n, d, generator=g, device=device)
+    G = torch.randn(m, n, generator=g, device=device)
+    L, dE, dW = (torch.empty(m, n, device=device), torch.empty(m, d, device=device),
+                 torch.empty(n, d, device=device))
     shapes = {"logits": (E, W.t(), L), "dE": (G, W, dE), "dW": (G.t(), E, dW)}
-    t = {k: time_mm(a, b, o, reps) for k, (a, b, o) in shapes.items()}
+    t = {k: time_mm(a, b, o, reps, device) for k, (a, b, o) in shapes.items()}
     one = 2 * m * n * d
     return {"flops": 3 * one,
             "wall": sum(v["out"][0] for v in t.values()),
@@ -152,53 +236,54 @@ def gemm_floor(m: int, n: int, d: int, reps: int) -> dict:
 
 
 def worker(rank: int, cfg: dict) -> dict:
-    world, C, d, B = cfg["world_size"], cfg["classes"], cfg["dim"], cfg["batch"]
+    world, C, d, B, device = cfg["world_size"], cfg["classes"], cfg["dim"], cfg["batch"], cfg["device"]
     b = B // world
     import hybridfc
     import hybridfc.config  # imported lazily by the head's builders: load it before the baseline
     from hybridfc.head.class_parallel_fc import init_class_rows
-    from torch.nn.parallel import DistributedDataParallel as DDP
 
+    group, probes = head_group(device, rank), memory_probes(device)
     # tiny warm-up before the baseline: pages in the GEMM / autograd / gloo code, and lets
     # torch.optim import what it imports lazily on first use (torch._dynamo, ~65 MiB of RSS)
-    x = torch.randn(8, d, requires_grad=True)
-    F.cross_entropy(F.normalize(x, dim=1) @ torch.randn(d, 16), torch.zeros(8, dtype=torch.long)).backward()
+    x = torch.randn(8, d, device=device, requires_grad=True)
+    F.cross_entropy(F.normalize(x, dim=1) @ torch.randn(d, 16, device=device),
+                    torch.zeros(8, dtype=torch.long, device=device)).backward()
     tiny = torch.optim.SGD([x], **SGD_PARAMS)
     tiny.step()
     tiny.zero_grad()
     # and a tiny DDP step: the backbone of either method is DDP anyway; what DDP loads and keeps
     # per process independently of C is not the head's memory
-    tiny_ddp = DDP(nn.Linear(d, 16, bias=False))
+    tiny_ddp = wrap_ddp(nn.Linear(d, 16, bias=False), device, group)
     tiny_ddp(x.detach()).sum().backward()
     dist.all_reduce(torch.ones(1024))
     del x, tiny, tiny_ddp
     release_free_heap()
     dist.barrier()
 
-    baseline = rss_bytes()
+    baseline = probes.now()
     if cfg["method"] == "ours":
-        model = hybridfc.ClassParallelFC(C, d, margin=cfg["margin"], seed=0)
+        model = hybridfc.ClassParallelFC(C, d, margin=cfg["margin"], seed=0, device=device, group=group)
         opt = hybridfc.build_head_optimizer(model, {"type": "sgd", "params": dict(SGD_PARAMS)})
         gemm_m, gemm_n = B, model.num_local
     else:
         head = NaiveMarginHead(C, d, cfg["margin"])
         with torch.no_grad():  # the same initial weights as ClassParallelFC(seed=0)
             head.fc.weight.copy_(init_class_rows(0, C, d, seed=0, std=0.01))
-        model = DDP(head)
+        model = wrap_ddp(head, device, group)
         opt = torch.optim.SGD(model.parameters(), **SGD_PARAMS)
         gemm_m, gemm_n = b, C
     release_free_heap()
-    after_build = rss_bytes()
+    after_build = probes.now()
 
-    sampler = RssSampler(0.005)
+    sampler = probes.sampler(0.005)
     dist.barrier()
-    if not reset_hwm():
+    if not probes.reset_peak():
         raise RuntimeError("/proc/self/clear_refs is not writable: the kernel peak cannot be reset")
     sampler.start()
     walls, cpus, phases, losses = [], [], [], []
     for step in range(cfg["warmup"] + cfg["steps"]):
-        loss, wall, cpu, phase = timed_step(model, opt, rank, step, B, d, C)
-        value = loss.clone()
+        loss, wall, cpu, phase = timed_step(model, opt, rank, step, B, d, C, device)
+        value = loss.clone().cpu()  # the sanity check's all-reduce below runs on the gloo world
         if cfg["method"] == "naive":  # local mean -> global mean, for the sanity check only
             dist.all_reduce(value)
             value /= world
@@ -208,12 +293,12 @@ def worker(rank: int, cfg: dict) -> dict:
             cpus.append(cpu)
             phases.append(phase)
     peak_sampled = sampler.stop()
-    peak_hwm = hwm_bytes()
+    peak_hwm = probes.peak()
 
     del model, opt, loss
     if cfg["method"] == "naive":
         del head
-    floor = gemm_floor(gemm_m, gemm_n, d, cfg["mm_reps"])
+    floor = gemm_floor(gemm_m, gemm_n, d, cfg["mm_reps"], device)
     return {"walls": walls, "cpus": cpus, "phases": phases, "losses": losses, "baseline": baseline,
             "after_build": after_build, "peak_hwm": peak_hwm, "peak_sampled": peak_sampled,
             "floor": floor, "gemm_shape": (gemm_m, gemm_n)}
@@ -275,10 +360,31 @@ def library_version() -> str:
     return f"hybridfc {hybridfc.__version__} from {where}, {state}"
 
 
+def placement(args) -> str:
+    """How the ranks ran, for the reports: ``gloo, 1 thread/rank`` on the CPU."""
+    if getattr(args, "device", "cpu") == "cpu":
+        return "gloo, 1 thread/rank"
+    return f"NCCL, one {args.gpu_name} per rank"
+
+
+def memory_basis(args, before: str) -> str:
+    """What the memory tables count, above what (their title)."""
+    if getattr(args, "device", "cpu") == "cpu":
+        return f"above the RSS baseline taken before the {before}"
+    return f"CUDA memory allocated to tensors, above that before the {before}"
+
+
+def print_cuda_memory_note(args) -> None:
+    """On a GPU the memory columns are the CUDA allocator's, not RSS: say so under the tables."""
+    if getattr(args, "device", "cpu") == "cuda":
+        print("  on cuda every memory column is torch.cuda.memory_allocated (kernel peak: max_memory_allocated,")
+        print("  reset where VmHWM is reset; sampled: memory_allocated every 5 ms); cpu = the host's share only")
+
+
 def print_report(args, rows: list[dict]) -> None:
     margin = MARGINS[args.margin]
     print()
-    print(f"head step = forward + backward + SGD step + zero_grad; {args.world_size} ranks, gloo, 1 thread/rank; "
+    print(f"head step = forward + backward + SGD step + zero_grad; {args.world_size} ranks, {placement(args)}; "
           f"global batch {args.batch} ({args.batch // args.world_size}/rank); d={args.dim}; fp32; "
           f"margin {args.margin} s={margin['scale']} m={margin['margin']}")
     print(f"median over {args.steps} steps after {args.warmup} warm-up; per step the max over ranks; torch "
@@ -298,7 +404,7 @@ def print_report(args, rows: list[dict]) -> None:
               f"{r['ms'] / r['floor_ms']:>7.2f} | {r['cpu_ms']:>8.1f} {r['floor_cpu_ms']:>6.1f} "
               f"{r['cpu_ms'] / r['floor_cpu_ms']:>6.2f} | {r['floor_alloc_ms']:>8.1f}")
     print()
-    print("MEMORY (MiB per rank, max over ranks, above the RSS baseline taken before the model)")
+    print(f"MEMORY (MiB per rank, max over ranks, {memory_basis(args, 'model')})")
     hdr = (f"{'C':>9} {'method':>6} | {'baseline':>8} {'model':>6} {'peak':>6} {'sampled':>7} | "
            f"{'expect':>6} {'peak/exp':>8} | expect = weight + grad + momentum + logits buffer")
     print(hdr)
@@ -319,6 +425,7 @@ def print_report(args, rows: list[dict]) -> None:
     print("  allocating its output, as a step does (fresh pages, page faults); model = RSS after building")
     print("  model + optimizer; peak = kernel RSS high-water mark (VmHWM, reset after the build) during the")
     print("  steps; sampled = max of 5 ms RSS samples (cross-check)")
+    print_cuda_memory_note(args)
     print("  GEMM GF/s (logits/dE/dW): " + "; ".join(
         f"{r['C']:,} {r['method']} " + "/".join(f"{v:.0f}" for v in r["gemm_gflops"].values()) for r in rows))
     print()
@@ -367,13 +474,18 @@ def main(argv=None) -> None:
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per configuration")
     p.add_argument("--json", type=str, default=None,
                    help="also write the results as JSON (read by benchmarks/plot_results.py)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="where the ranks run (cuda: rank r on GPU r, NCCL; options left at their defaults "
+                        f"take the GPU preset {GPU_PRESET})")
     args = p.parse_args(argv)
+    if args.device == "cuda":
+        use_gpus(p, args, GPU_PRESET)
     if args.batch % args.world_size:
         p.error("--batch must be divisible by --world-size")
 
     configs = [dict(method=m, classes=C, dim=args.dim, batch=args.batch, steps=args.steps,
                     warmup=args.warmup, world_size=args.world_size, margin=MARGINS[args.margin],
-                    mm_reps=args.mm_reps)
+                    mm_reps=args.mm_reps, device=args.device)
                for C in args.classes for m in args.methods]
     args.version = library_version()  # before the runs: the code the spawned ranks import
     args.load_start = os.getloadavg()[0]
@@ -387,6 +499,19 @@ def main(argv=None) -> None:
     print_report(args, rows)
     if args.json:
         write_json(args, rows)
+
+
+def use_gpus(parser: argparse.ArgumentParser, args, preset: dict) -> None:
+    """``--device cuda``: the options left at their defaults take ``preset``; one GPU per rank;
+    the GPU's name goes into the report."""
+    for name, value in preset.items():
+        if getattr(args, name) == parser.get_default(name):
+            setattr(args, name, value)
+    if not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device")
+    if args.world_size > torch.cuda.device_count():
+        parser.error(f"--world-size {args.world_size}: one GPU per rank, and there are {torch.cuda.device_count()}")
+    args.gpu_name = torch.cuda.get_device_name(0)
 
 
 def cpu_model() -> str:
@@ -404,8 +529,9 @@ def write_json(args, rows: list[dict]) -> None:
     """``{"machine", "results": [{"method", "classes", "samples_per_s", "peak_mib", ...}]}``."""
     import json
 
+    ranks = "gloo, 1 thread each" if args.device == "cpu" else placement(args)
     machine = (f"{cpu_model()}, {os.cpu_count()} CPUs; torch {torch.__version__}; {args.world_size} ranks "
-               f"gloo, 1 thread each; B={args.batch}, d={args.dim}, {args.margin}; {args.version}")
+               f"{ranks}; B={args.batch}, d={args.dim}, {args.margin}; {args.version}")
     results = [{"method": r["method"], "classes": r["C"],
                 "samples_per_s": args.batch / (r["ms"] / 1e3),
                 "peak_mib": r["peak_mib"], "ms_per_step": r["ms"], "cpu_ms_per_step": r["cpu_ms"],

@@ -69,6 +69,13 @@ Four measurements in one run, each configuration in its own freshly spawned proc
    list. ``--struct-graphs build`` builds the whole graph for (b) too (its build time then
    appears in the build table).
 
+On a GPU (``--device cuda``) the head steps (1, 2) run as ``bench_head_step.py --device cuda``
+runs them: rank r on GPU r, the head's collectives on an NCCL group, clocks read after
+``torch.cuda.synchronize()``, memory = the CUDA allocator's bytes in tensors instead of RSS; the
+graph builds and the recall (3, 4) stay on the CPU. Options left at their defaults take a preset
+sized for a 1-2 minute run on one H100/H200: C = 1M, budget 10 %, global batch 1024, 10 timed
+steps, 1 rank, no graph builds (``--graph-kinds`` brings them back).
+
 The library measured is whatever ``import hybridfc`` finds (printed, with its git state).
 Duration on an idle 2-CPU machine: ``--quick`` about 3 minutes; the command below about 17
 minutes, 9 of them the knn graph at 1M (ivf, in the knn head step's first forward); ``hnsw`` in
@@ -78,6 +85,7 @@ skipped by ``--exact-limit``.
     python benchmarks/bench_selection.py --classes 100000 1000000 --budgets 0.1 8192 \\
         --graph-kinds ivf exact --json benchmarks/selection_step.json
     python benchmarks/bench_selection.py --quick          # smoke test: small C, few steps
+    python benchmarks/bench_selection.py --device cuda    # the GPU preset
     python benchmarks/bench_selection.py --report benchmarks/selection_step.json   # reprint
 """
 
@@ -97,8 +105,9 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from bench_head_step import MARGINS, cpu_model, library_version, timed_step  # noqa: E402
-from memory_probe import RssSampler, hwm_bytes, release_free_heap, reset_hwm, rss_bytes  # noqa: E402
+from bench_head_step import (MARGINS, cpu_model, head_group, library_version, memory_basis,  # noqa: E402
+                             memory_probes, placement, print_cuda_memory_note, synchronize, timed_step, use_gpus)
+from memory_probe import hwm_bytes, release_free_heap, reset_hwm, rss_bytes  # noqa: E402
 from ranks import run_on_ranks  # noqa: E402
 
 MIB = 1024 * 1024
@@ -109,6 +118,8 @@ CENTRES = {"init": "(a) head's initial rows", "struct": "(b) families of 8 (0.15
 STRUCTURED = ("struct", "lowdim")
 LOWDIM_RANK, LOWDIM_NOISE, LOWDIM_BLOCK = 16, 0.05, 32768
 TIME_TARGET, MEMORY_TARGET, FIXED_TARGET, RECALL_TARGET = 5.0, 0.6, 1.3, 0.9
+GPU_PRESET = {"classes": [1_000_000], "budgets": [0.1], "batch": 1024, "steps": 10, "world_size": 1,
+              "graph_kinds": []}
 
 
 # ----------------------------------------------------------------------------- shared helpers
@@ -220,13 +231,14 @@ def import_faiss():
     return faiss
 
 
-def warm_up_process(dim: int) -> None:
+def warm_up_process(dim: int, device: str = "cpu") -> None:
     """Before the baseline: page in the autograd / GEMM / gloo / faiss code and let torch.optim
     do its lazy imports (torch._dynamo), so none of it counts as the head's memory."""
     import numpy as np
 
-    x = torch.randn(8, dim, requires_grad=True)
-    F.cross_entropy(F.normalize(x, dim=1) @ torch.randn(dim, 16), torch.zeros(8, dtype=torch.long)).backward()
+    x = torch.randn(8, dim, device=device, requires_grad=True)
+    F.cross_entropy(F.normalize(x, dim=1) @ torch.randn(dim, 16, device=device),
+                    torch.zeros(8, dtype=torch.long, device=device)).backward()
     tiny = torch.optim.SGD([x], **SGD_PARAMS)
     tiny.step()
     tiny.zero_grad()
@@ -249,14 +261,16 @@ def max_over_ranks(value: float) -> float:
 
 # ----------------------------------------------------------------------------- step worker
 def step_worker(rank: int, cfg: dict) -> dict:
-    C, d, B = cfg["classes"], cfg["dim"], cfg["batch"]
+    C, d, B, device = cfg["classes"], cfg["dim"], cfg["batch"], cfg["device"]
     import hybridfc
     import hybridfc.config  # noqa: F401  (imported lazily by the head's builders: load it before the baseline)
     from hybridfc.selection.index import GRAPH_EXACT_MAX_ROWS, choose_index_kind
 
-    warm_up_process(d)
-    baseline = rss_bytes()
-    head = hybridfc.ClassParallelFC(C, d, margin=cfg["margin"], seed=0, selection=cfg["spec"])
+    group, probes = head_group(device, rank), memory_probes(device)
+    warm_up_process(d, device)
+    baseline = probes.now()
+    head = hybridfc.ClassParallelFC(C, d, margin=cfg["margin"], seed=0, selection=cfg["spec"], device=device,
+                                    group=group)
     opt = hybridfc.build_head_optimizer(head, {"type": "sgd", "params": dict(SGD_PARAMS)})
     sel = head.selection
     if cfg.get("load_graph"):
@@ -264,45 +278,47 @@ def step_worker(rank: int, cfg: dict) -> dict:
         sel.load_state_dict({"positives_only_steps": 0, "graph": graph, "built_from_step": 0, "pending": None})
         del graph
     release_free_heap()
-    after_build = rss_bytes()
+    after_build = probes.now()
 
     select_times = []
     select = sel.select
 
     def timed_select(*args, **kwargs):
+        synchronize(device)
         start = time.perf_counter()
         out = select(*args, **kwargs)
+        synchronize(device)
         select_times.append(time.perf_counter() - start)
         return out
 
     sel.select = timed_select
-    if not reset_hwm():
+    if not probes.reset_peak():
         raise RuntimeError("/proc/self/clear_refs is not writable: the kernel peak cannot be reset")
 
     def run_steps(first: int, count: int, record: dict) -> None:
         for step in range(first, first + count):
-            loss, wall, cpu, phase = timed_step(head, opt, rank, step, B, d, C)
+            loss, wall, cpu, phase = timed_step(head, opt, rank, step, B, d, C, device)
             record["walls"].append(wall)
             record["cpus"].append(cpu)
             record["phases"].append((select_times[-1], *phase))
             record["losses"].append(float(loss))
 
     dist.barrier()
-    sampler = RssSampler(0.005)
+    sampler = probes.sampler(0.005)
     sampler.start()
     warm = {"walls": [], "cpus": [], "phases": [], "losses": []}
     run_steps(0, cfg["warmup"], warm)
-    warm_sampled, warm_hwm = sampler.stop(), hwm_bytes()
+    warm_sampled, warm_hwm = sampler.stop(), probes.peak()
 
     release_free_heap()
     dist.barrier()
-    before_steps = rss_bytes()
-    reset_hwm()
-    sampler = RssSampler(0.005)
+    before_steps = probes.now()
+    probes.reset_peak()
+    sampler = probes.sampler(0.005)
     sampler.start()
     timed = {"walls": [], "cpus": [], "phases": [], "losses": []}
     run_steps(cfg["warmup"], cfg["steps"], timed)
-    step_sampled, step_hwm = sampler.stop(), hwm_bytes()
+    step_sampled, step_hwm = sampler.stop(), probes.peak()
 
     out = {"timed": timed, "warm": warm, "baseline": baseline, "after_build": after_build,
            "before_steps": before_steps, "warm_hwm": warm_hwm, "warm_sampled": warm_sampled,
@@ -463,7 +479,7 @@ def fmt(value, spec: str, missing: str = "-") -> str:
 def print_report(args, steps: list[dict], builds: list[dict], recalls: list[dict], sweeps: list[dict]) -> list[dict]:
     margin = MARGINS[args.margin]
     print()
-    print(f"head step = forward + backward + SGD step + zero_grad; {args.world_size} ranks, gloo, 1 thread/rank; "
+    print(f"head step = forward + backward + SGD step + zero_grad; {args.world_size} ranks, {placement(args)}; "
           f"global batch {args.batch} ({args.batch // args.world_size}/rank); d={args.dim}; fp32; "
           f"margin {args.margin} s={margin['scale']} m={margin['margin']}; knn/hf k={args.k}, rebuild_interval 0, "
           f"index auto")
@@ -488,7 +504,7 @@ def print_report(args, steps: list[dict], builds: list[dict], recalls: list[dict
               f"{r['cpu_ms']:>8.1f} {r['cpu_ms'] / r['ms']:>8.2f} | {fmt(r['first_step_s'], '>7.1f')}s "
               f"{build:>7} {r['index_kind'] or '-':>5} | {r['load']:>4.1f}")
     print()
-    print("MEMORY (MiB per rank, max over ranks, above the RSS baseline taken before the head)")
+    print(f"MEMORY (MiB per rank, max over ranks, {memory_basis(args, 'head')})")
     hdr = (f"{'C':>9} {'method':>7} {'budget':>6} | {'baseline':>8} {'model':>6} {'warm-up':>7} {'sampled':>7} | "
            f"{'resident':>8} {'step':>6} {'sampled':>7} | {'step/full':>9}")
     print(hdr)
@@ -510,6 +526,7 @@ def print_report(args, steps: list[dict], builds: list[dict], recalls: list[dict
     print("  samples (cross-check); resident = RSS after the warm-up (graph / index / momentum resident);")
     print("  step = kernel peak over the timed steps (VmHWM reset after the warm-up); step/full = that peak")
     print("  over full's at the same C")
+    print_cuda_memory_note(args)
 
     if builds:
         print()
@@ -662,10 +679,15 @@ def main(argv=None) -> None:
                    help="smoke test: C = 20k and 80k, 3 steps after 2 warm-up, 500 recall queries")
     p.add_argument("--report", type=str, default=None, metavar="JSON",
                    help="print the report of a JSON written by --json, and run nothing")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="where the head steps run (cuda: rank r on GPU r, NCCL; options left at their defaults "
+                        f"take the GPU preset {GPU_PRESET})")
     args = p.parse_args(argv)
     if args.report:
         reprint(args.report)
         return
+    if args.device == "cuda":
+        use_gpus(p, args, GPU_PRESET)
     if args.quick:
         args.classes = [20_000, 80_000] if args.classes == p.get_default("classes") else args.classes
         args.steps, args.warmup = min(args.steps, 3), min(args.warmup, 2)
@@ -706,7 +728,7 @@ def main(argv=None) -> None:
         for i, (C, spec) in enumerate(steps_cfg, 1):
             cfg = dict(phase="step", classes=C, dim=args.dim, batch=args.batch, steps=args.steps,
                        warmup=args.warmup, world_size=args.world_size, margin=margin, spec=spec,
-                       sample=samples[C], load=os.getloadavg()[0])
+                       sample=samples[C], load=os.getloadavg()[0], device=args.device)
             graph_file = os.path.join(tmp, f"knn_graph_C{C}_rank{{rank}}.pt")
             if spec["type"] == "knn" and not args.rebuild_each:
                 if C in knn_graphs:
@@ -858,8 +880,9 @@ def write_json(args, steps, builds, recalls, sweeps, checks, seconds: float) -> 
     """``{"machine", "results": [{"method", "classes", "samples_per_s", "peak_mib", ...}], "builds",
     "recall", "nprobe_sweep", "targets"}``; ``results`` is what ``plot_results.py`` plots (one line
     per method and budget)."""
-    machine = (f"{cpu_model()}, {os.cpu_count()} CPUs; torch {torch.__version__}; {args.world_size} ranks gloo, "
-               f"1 thread each; B={args.batch}, d={args.dim}, {args.margin}; {args.version}")
+    ranks = "gloo, 1 thread each" if args.device == "cpu" else placement(args)
+    machine = (f"{cpu_model()}, {os.cpu_count()} CPUs; torch {torch.__version__}; {args.world_size} ranks {ranks}; "
+               f"B={args.batch}, d={args.dim}, {args.margin}; {args.version}")
     results = [{"method": r["method"] if r["budget"] is None else f"{r['method']} {budget_label(r['budget'])}",
                 "selection": r["method"], "budget": r["budget"], "classes": r["C"],
                 "samples_per_s": args.batch / (r["ms"] / 1e3), "peak_mib": r["peak_mib"],
@@ -867,7 +890,8 @@ def write_json(args, steps, builds, recalls, sweeps, checks, seconds: float) -> 
                for r in steps]
     with open(args.json, "w") as f:
         json.dump({"machine": machine, "load_average": [args.load_start, os.getloadavg()[0]],
-                   "seconds": seconds, "args": {k: v for k, v in vars(args).items() if k not in ("version",)},
+                   "seconds": seconds, "args": {k: v for k, v in vars(args).items()
+                            if k != "version" and (k, v) != ("device", "cpu")},  # a CPU run's JSON as before
                    "results": results, "builds": builds, "recall": recalls, "nprobe_sweep": sweeps,
                    "targets": checks}, f, indent=1, default=str)
     print(f"wrote {args.json}")
