@@ -109,12 +109,13 @@ def remove_shared_memory(port: int) -> None:
         path.unlink(missing_ok=True)
 
 
-def launch(script: Path, *args: object, timeout: float) -> subprocess.CompletedProcess:
-    """``deepspeed --num_gpus 2 script args…`` on CPU; the whole process tree is killed on timeout."""
+def launch(script: Path, *args: object, timeout: float, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """``deepspeed --num_gpus 2 script args…`` on CPU, in ``cwd``; the whole process tree is killed
+    on timeout."""
     port = free_port()
     command = [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(port), str(script), *map(str, args)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    with subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    with subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           start_new_session=True) as process:
         try:
             output, _ = process.communicate(timeout=timeout)
@@ -471,3 +472,22 @@ def test_example_train_script(tmp_path):
     tag = (checkpoint / "latest").read_text().strip()
     assert sorted(p.name for p in (checkpoint / tag).glob("hybridfc_head_*.pt")) == [
         "hybridfc_head_rank00000_of_00002.pt", "hybridfc_head_rank00001_of_00002.pt"]
+
+
+def readme_block(heading: str) -> str:
+    """The first ```python block after ``heading`` in the README."""
+    text = (REPO / "README.md").read_text()
+    after = text[text.index(heading):]
+    start = after.index("```python\n") + len("```python\n")
+    return after[start: after.index("```", start)]
+
+
+def test_readme_switching_snippet_runs_under_the_launcher(tmp_path):
+    """The README's "Switching a DeepSpeed script" block, as written, through the launcher with the
+    main job's config: it trains an epoch and saves backbone and head."""
+    script = tmp_path / "readme_snippet.py"
+    script.write_text(readme_block("## Switching a DeepSpeed script to hybridfc"))
+    result = launch(script, "--deepspeed_config", REPO / "ds_configs" / "cpu.json", timeout=240, cwd=tmp_path)
+    assert_succeeded(result)
+    tag = (tmp_path / "checkpoints" / "latest").read_text().strip()
+    assert len(list((tmp_path / "checkpoints" / tag).glob("hybridfc_head_*.pt"))) == 2
