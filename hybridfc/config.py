@@ -16,7 +16,8 @@ required)::
                     "params": {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}},
       "gradient_clipping": 0.0,
       "evaluation": {"interval": 0, "top_k": [1]},
-      "communication": {"chunks": 1}
+      "communication": {"chunks": 1},
+      "max_consecutive_skips": 10
     }
 
 ``margin`` is one of::
@@ -67,6 +68,8 @@ accuracy every ``interval`` optimizer steps (0: never), computed by
 :meth:`hybridfc.HybridEngine.evaluate` over the shards. ``communication.chunks`` (default 1)
 splits each rank's micro-batch into that many chunks, whose feature exchange overlaps the
 head's compute (:mod:`hybridfc.head.cross_entropy`); at most ``train_micro_batch_size_per_gpu``.
+``max_consecutive_skips`` (default 10; 0: never) stops the run with an error on every rank after
+that many optimizer steps in a row were skipped for non-finite values (:mod:`hybridfc.step`).
 
 A bad section raises :class:`ConfigError` listing every problem, one per line, each naming
 the full dotted key, the value given and what is allowed.
@@ -343,6 +346,7 @@ class HybridFCConfig(_Section):
     gradient_clipping: Number = Field(0.0, ge=0)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     communication: CommunicationConfig = Field(default_factory=CommunicationConfig)
+    max_consecutive_skips: StrictInt = Field(10, ge=0)
 
 
 _MISSING_SECTION = (

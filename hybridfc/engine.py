@@ -17,8 +17,10 @@ How the head follows the backbone:
 
 * gradient accumulation: the head steps at DeepSpeed's accumulation boundaries, on the
   gradient accumulated over the micro-batches (DeepSpeed divides each loss by their count);
-* fp16: the head's gradient is divided by the loss scale DeepSpeed multiplied in, and the
-  head does not step when DeepSpeed skipped the step (``was_step_applied()`` is False);
+* one step for both: at each boundary :mod:`hybridfc.step` unscales the head's gradient, agrees
+  with the other ranks on whether anything was non-finite, and applies or skips backbone and head
+  together; one step counter (``global_steps``), one skip count (``skipped_steps``), each skip
+  logged with its cause, the run stopped after ``max_consecutive_skips`` in a row;
 * learning rate: the head's lr is its configured lr times the ratio of the backbone's current
   lr to the backbone's configured lr, so DeepSpeed's warm-up and decay schedules apply to both;
 * checkpoints: ``save_checkpoint`` / ``load_checkpoint`` store the head's shards and optimizer
@@ -26,8 +28,9 @@ How the head follows the backbone:
 * communication: ``communication_stats()`` returns what hybridfc sent since its previous call
   (:mod:`hybridfc.parallel.accounting`), and every ``steps_per_print`` steps one log line sums it up.
 
-Anything else (``engine.global_steps``, ``engine.device``, ``engine.module``…) is the
-DeepSpeed engine's, reached through attribute access.
+``state_dict``, ``load_state_dict``, ``parameters``, ``zero_grad``, ``train`` and ``eval`` cover
+backbone and head together; the DeepSpeed attributes that describe the run (``global_steps``,
+``device``, ``get_lr``… :data:`FORWARDED`) pass through; anything else is ``engine.backbone``'s.
 """
 
 from __future__ import annotations
@@ -36,16 +39,18 @@ import argparse
 import copy
 import logging
 import os
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import deepspeed
 import torch
 from deepspeed.utils import groups
+from torch import nn
 
 from hybridfc.checkpoint import check_head_files, load_head, save_head
 from hybridfc.config import (ConfigError, EvaluationConfig, HybridFCConfig, config_fingerprint, load_ds_config,
                              split_ds_config)
 from hybridfc.data.loader import DistributedLoader
+from hybridfc.deepspeed_adapter import DeepSpeedAdapter
 from hybridfc.eval.topk import accuracies, topk_correct
 from hybridfc.head.class_parallel_fc import ClassParallelFC
 from hybridfc.head.optimizer import HeadOptimizer, build_head_optimizer
@@ -53,6 +58,19 @@ from hybridfc.log import log_dist
 from hybridfc.parallel.accounting import CommunicationStats, StatsCursor
 from hybridfc.parallel.collectives import all_gather_vector, barrier, run_on_every_rank
 from hybridfc.parallel.groups import ProcessGroup, collective_device, group_rank, group_size
+from hybridfc.step import TrainingStep
+
+
+FORWARDED = frozenset({
+    "device", "local_rank", "global_rank", "world_size", "module", "optimizer", "lr_scheduler", "get_lr",
+    "global_steps", "global_samples", "skipped_steps", "was_step_applied", "is_gradient_accumulation_boundary",
+    "gradient_accumulation_steps", "train_micro_batch_size_per_gpu", "train_batch_size", "steps_per_print",
+    "zero_optimization_stage", "fp16_enabled", "bfloat16_enabled", "gradient_clipping", "get_global_grad_norm",
+    "monitor", "training_dataloader", "config",
+})
+"""DeepSpeed engine attributes that ``HybridEngine`` passes through: they describe the run as a
+whole. Everything that holds or changes state exists on the facade itself for backbone and head
+together (forward, backward, step, zero_grad, train, eval, parameters, state_dict, checkpoints)."""
 
 
 class HybridEngine:
@@ -63,25 +81,33 @@ class HybridEngine:
         head: the class-parallel head (this rank's shard).
         head_optimizer: the head's optimizer.
         last_evaluation, last_evaluated_step: the latest :meth:`evaluate` result and its step.
+
+    The DeepSpeed attributes in :data:`FORWARDED` are reached through the facade
+    (``engine.global_steps``); any other is an ``AttributeError`` that points to ``engine.backbone``.
     """
 
     def __init__(self, backbone: deepspeed.DeepSpeedEngine, head: ClassParallelFC, head_optimizer: HeadOptimizer,
-                 backbone_base_lr: Optional[float], evaluation: Optional[EvaluationConfig] = None) -> None:
+                 backbone_base_lr: Optional[float], evaluation: Optional[EvaluationConfig] = None,
+                 max_consecutive_skips: int = 10) -> None:
         self.backbone = backbone
         self.head = head
         self.head_optimizer = head_optimizer
         self.evaluation = evaluation or EvaluationConfig()
         self.last_evaluation: dict[int, float] = {}
         self.last_evaluated_step = -1
+        self._adapter = DeepSpeedAdapter(backbone)
+        self._step = TrainingStep(self._adapter, head, head_optimizer, max_consecutive_skips)
         self._backbone_base_lr = backbone_base_lr
-        self._head_base_lr = head_optimizer.param_groups[0]["lr"]
         self._loss_scale = 1.0
         self._communication = StatsCursor()
         self._communication_logged = StatsCursor()
         self._logged_step = backbone.global_steps
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self.__dict__["backbone"], name)
+        if name in FORWARDED:
+            return getattr(self.__dict__["backbone"], name)
+        raise AttributeError(f"HybridEngine has no attribute {name!r}; the DeepSpeed engine of the backbone is "
+                             f"engine.backbone, the head engine.head")
 
     def __call__(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.forward(inputs, labels)
@@ -94,30 +120,63 @@ class HybridEngine:
         """The backbone's embeddings ``(b, d)`` of ``inputs``, cast to the engine's dtype and device."""
         inputs = inputs.to(self.backbone.device)
         if inputs.is_floating_point():
-            inputs = inputs.to(self._compute_dtype())
+            inputs = inputs.to(self._adapter.compute_dtype())
         return self.backbone(inputs)
-
-    def _compute_dtype(self) -> torch.dtype:
-        if self.backbone.bfloat16_enabled():
-            return torch.bfloat16
-        if self.backbone.fp16_enabled():
-            return torch.float16
-        return torch.float32
 
     def backward(self, loss: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         """DeepSpeed's backward; gradients reach the backbone and the head alike."""
-        if self.backbone.fp16_enabled():
-            self._loss_scale = float(self.backbone._get_optimizer_loss_scale() or 1.0)
+        self._loss_scale = self._adapter.loss_scale()
         return self.backbone.backward(loss, **kwargs)
 
     def step(self) -> None:
-        """DeepSpeed's step, and at an accumulation boundary the head's step too."""
-        boundary = self.backbone.is_gradient_accumulation_boundary()
-        lr_factor = self._lr_factor()
-        self.backbone.step()
-        if boundary:
-            self._step_head(lr_factor)
-            self._log_communication()
+        """DeepSpeed's step; at an accumulation boundary the step of backbone and head together,
+        applied or skipped on every rank alike (:mod:`hybridfc.step`)."""
+        if not self.backbone.is_gradient_accumulation_boundary():
+            self.backbone.step()
+            return
+        self._step.finish(self._loss_scale, self._lr_factor())
+        self._log_communication()
+
+    def zero_grad(self) -> None:
+        """Drop the gradients of backbone and head."""
+        self.backbone.zero_grad()
+        self.head_optimizer.zero_grad()
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        """The backbone's parameters, then the head's shard."""
+        yield from self.backbone.module.parameters()
+        yield from self.head.parameters()
+
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """``backbone.<name>`` and ``head.weight`` (this rank's shard)."""
+        for name, parameter in self.backbone.module.named_parameters():
+            yield f"backbone.{name}", parameter
+        for name, parameter in self.head.named_parameters():
+            yield f"head.{name}", parameter
+
+    def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
+        """``{"backbone": the backbone module's state (ZeRO-3 partitions gathered), "head": this
+        rank's shard}``, copies (a later step does not change them). For a checkpoint that resumes
+        training (optimizer states, step counters, the selection) use :meth:`save_checkpoint`."""
+        module = self.backbone.module
+        with deepspeed.zero.GatheredParameters(list(module.parameters()),
+                                               enabled=self.backbone.zero_optimization_stage() == 3):
+            backbone = {name: value.detach().clone() for name, value in module.state_dict().items()}
+        head = {name: value.detach().clone() for name, value in self.head.state_dict().items()}
+        return {"backbone": backbone, "head": head}
+
+    def load_state_dict(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Load what :meth:`state_dict` returned (on every rank, with the same world size)."""
+        module = self.backbone.module
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0,
+                                               enabled=self.backbone.zero_optimization_stage() == 3):
+            module.load_state_dict(state["backbone"])
+        self.head.load_state_dict(state["head"])
+
+    def _lr_factor(self) -> float:
+        if not self._backbone_base_lr:
+            return 1.0
+        return self.backbone.get_lr()[0] / self._backbone_base_lr
 
     def communication_stats(self) -> CommunicationStats:
         """What hybridfc sent to other ranks since the previous call: calls, bytes and exposed
@@ -133,23 +192,6 @@ class HybridEngine:
         stats = self._communication_logged.take()
         log_dist(f"step {step}: hybridfc communication over {step - self._logged_step} steps: {stats.summary()}")
         self._logged_step = step
-
-    def _lr_factor(self) -> float:
-        if not self._backbone_base_lr:
-            return 1.0
-        return self.backbone.get_lr()[0] / self._backbone_base_lr
-
-    def _step_head(self, lr_factor: float) -> None:
-        if self.backbone.was_step_applied():
-            _, grad = self.head.gradient()
-            if self._loss_scale != 1.0 and grad is not None:
-                grad.div_(self._loss_scale)
-            for group in self.head_optimizer.param_groups:
-                group["lr"] = self._head_base_lr * lr_factor
-            self.head_optimizer.step()
-        else:
-            log_dist("DeepSpeed skipped this step (fp16 overflow); the head skips it too")
-        self.head_optimizer.zero_grad()
 
     def evaluation_due(self) -> bool:
         """True once per ``evaluation.interval`` optimizer steps (call it after ``step()``)."""
@@ -299,7 +341,8 @@ def initialize(args: Optional[argparse.Namespace] = None, model: Optional[torch.
                            seed=cfg.seed, device=backbone.device, selection=cfg.selection.model_dump(),
                            storage_dtype=cfg.storage_dtype, communication=cfg.communication.model_dump())
     head_optimizer = build_head_optimizer(head, cfg.optimizer.model_dump(), cfg.gradient_clipping)
-    engine = HybridEngine(backbone, head, head_optimizer, _backbone_base_lr(ds_config, optimizer), cfg.evaluation)
+    engine = HybridEngine(backbone, head, head_optimizer, _backbone_base_lr(ds_config, optimizer), cfg.evaluation,
+                          cfg.max_consecutive_skips)
     log_dist(f"hybridfc head: {cfg.num_classes} classes x {cfg.embedding_size} over {group_size(group)} ranks "
              f"({head.num_local} rows on rank 0), margin {cfg.margin.model_dump()}, "
              f"selection {cfg.selection.model_dump()}, {head.selection.budget} active rows per step")

@@ -45,6 +45,7 @@ FULL = {
     "gradient_clipping": 5.0,
     "evaluation": {"interval": 100, "top_k": [1, 5]},
     "communication": {"chunks": 4},
+    "max_consecutive_skips": 5,
 }
 
 
@@ -83,6 +84,7 @@ def test_defaults_are_filled() -> None:
     )
     assert cfg.gradient_clipping == 0.0
     assert cfg.communication.chunks == 1
+    assert cfg.max_consecutive_skips == 10
 
 
 @pytest.mark.parametrize(
@@ -206,7 +208,7 @@ def test_bad_value_names_key_value_and_allowed(bad: dict[str, Any], expected: st
          "hybridfc.margin.m4: unknown key; allowed keys: m1, m2, m3, scale, type"),
         (section(num_clases=10),
          "hybridfc.num_clases: unknown key; allowed keys: communication, embedding_size, evaluation, "
-         "gradient_clipping, margin, num_classes, optimizer, seed, selection, storage_dtype"),
+         "gradient_clipping, margin, max_consecutive_skips, num_classes, optimizer, seed, selection, storage_dtype"),
         (section(selection={"type": "full", "budget": 0.1}),
          "hybridfc.selection.budget: unknown key; allowed keys: type"),
         (sgd(betas=[0.9, 0.99]),
@@ -394,6 +396,7 @@ def test_fingerprint_is_the_same_in_another_process() -> None:
         {"storage_dtype": "fp16"},
         {"gradient_clipping": 5.5},
         {"communication": {"chunks": 3}},
+        {"max_consecutive_skips": 0},
     ],
 )
 def test_fingerprint_changes_when_any_value_changes(changed: dict[str, Any]) -> None:

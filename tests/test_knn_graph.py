@@ -18,6 +18,7 @@ from hybridfc.selection import exact as exact_module
 from hybridfc.selection import ivf as ivf_module
 from hybridfc.selection.base import Shard
 from hybridfc.selection.graph import build_knn_graph, exact_neighbours
+from hybridfc.selection.rebuild import build_now
 from hybridfc.selection.index import (EXACT_MAX_ROWS, GRAPH_EXACT_MAX_ROWS, ShardIndex, choose_index_kind,
                                       recall_at_k)
 from hybridfc.selection.ivf import InvertedFileIndex, nearest_centroid
@@ -249,7 +250,7 @@ def test_selection_passes_min_recall_and_logs_the_measured_recall(caplog, type_)
         selection = build_selection(spec, Shard(num_classes=6000, class_start=0, num_local=6000, rank=0, world_size=1))
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="hybridfc"):
-            selection._build(rows)
+            build_now(selection._build, rows)
         lines[min_recall] = [r.getMessage() for r in caplog.records if "recall@" in r.getMessage()]
     name = "knn graph" if type_ == "knn" else "hf index"
     assert len(lines[None]) == len(lines[0.98]) == 1

@@ -154,7 +154,8 @@ class ClassParallelFC(nn.Module):
         self.selection = build_selection(selection or {"type": "full"}, shard, seed)
         self.chunks = parse_communication(communication or {}).chunks
         self.non_finite_batches = 0
-        self.step_is_finite = True
+        self.non_finite_inputs: set[int] = set()
+        self.non_finite_loss = False
         self.steps = 0
         self.last_selection: Optional[Selection] = None
         self._micro_batches = 0
@@ -164,7 +165,7 @@ class ClassParallelFC(nn.Module):
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean loss over the global batch: ``embeddings (b, d)``, ``labels (b,)`` -> scalar."""
-        sizes = self._exchange_sizes(embeddings, labels)
+        sizes, bad_ranks = self._exchange_sizes(embeddings, labels)
         embeddings = embeddings.to(device=self.weight.device,
                                    dtype=torch.promote_types(embeddings.dtype, torch.float32))
         all_labels = gather_padded(labels.to(device=self.weight.device, dtype=torch.int64), sizes, self.group)
@@ -182,8 +183,9 @@ class ClassParallelFC(nn.Module):
         losses = margin_cross_entropy(scale_gradient(embeddings, self.world_size), gathered, weight, selection.target,
                                       self.margin, self.rank, self.group, self._workspace, selection.logit_offset)
         loss = losses.mean()
-        if not bool(torch.isfinite(loss)):
-            self._mark_non_finite("a non-finite loss (the same on every rank)")
+        loss_is_finite = bool(torch.isfinite(loss))
+        if bad_ranks or not loss_is_finite:
+            self._count_non_finite(bad_ranks, loss_is_finite)
         return loss
 
     def _select(self, labels: torch.Tensor, features: Optional[torch.Tensor]) -> Selection:
@@ -226,26 +228,31 @@ class ClassParallelFC(nn.Module):
         features = features.to(device=self.weight.device, dtype=torch.promote_types(features.dtype, torch.float32))
         return F.normalize(features, dim=1) if self.margin.normalize else features
 
-    def _exchange_sizes(self, embeddings: torch.Tensor, labels: torch.Tensor) -> list[int]:
-        """All-gather every rank's batch size and input verdict; raise on any bad input."""
+    def _exchange_sizes(self, embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[list[int], list[int]]:
+        """All-gather every rank's batch size and input verdict; raise on any bad input. Returns
+        the batch sizes and the ranks whose embeddings are not finite."""
         verdict = check_inputs(embeddings, labels, self.num_classes, self.embedding_size)
         verdicts = all_gather_vector(verdict.to(self.weight.device), self.group).cpu()
         raise_if_any_bad(verdicts, self.num_classes, self.embedding_size)
-        if bool(verdicts[:, 3].any()):
-            self._mark_non_finite(f"non-finite embeddings on rank(s) {torch.nonzero(verdicts[:, 3]).squeeze(1).tolist()}")
-        return verdicts[:, 0].tolist()
+        return verdicts[:, 0].tolist(), torch.nonzero(verdicts[:, 3]).squeeze(1).tolist()
 
-    def _mark_non_finite(self, what: str) -> None:
-        """Every rank calls this for the same batch: the head optimizer skips the step."""
-        if self.step_is_finite:
-            self.non_finite_batches += 1
-        self.step_is_finite = False
-        log_dist(f"{what}: the head skips this step ({self.non_finite_batches} non-finite batches so far)",
+    def _count_non_finite(self, bad_ranks: list[int], loss_is_finite: bool) -> None:
+        """Every rank calls this for the same batch: the step will be skipped."""
+        self.non_finite_inputs.update(bad_ranks)
+        self.non_finite_loss |= not loss_is_finite
+        self.non_finite_batches += 1
+        what = f"non-finite embeddings on rank(s) {bad_ranks}" if bad_ranks else "a non-finite loss"
+        log_dist(f"{what}: this step will be skipped ({self.non_finite_batches} non-finite batches so far)",
                  level=logging.WARNING)
+
+    @property
+    def step_is_finite(self) -> bool:
+        """No rank saw non-finite embeddings, and the loss was finite, since the last reset."""
+        return not self.non_finite_inputs and not self.non_finite_loss
 
     def reset_step_state(self) -> None:
         """Start a new optimizer step (called by the head optimizer's ``zero_grad``)."""
-        self.step_is_finite = True
+        self.non_finite_inputs, self.non_finite_loss = set(), False
         self._touched = None
         self._micro_batches = 0
 

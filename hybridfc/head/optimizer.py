@@ -32,8 +32,10 @@ State tensors have the shard's storage dtype. Optional clipping (``gradient_clip
 scales the gradient so that its L2 norm over *all* shards is at most that value, with one
 all-reduce of a scalar. A step is skipped, and counted in ``skipped_steps``, when the head saw
 non-finite embeddings or loss since ``zero_grad`` or when the norm is not finite; every rank
-takes the same decision. Every ``step()`` call, applied or skipped, advances the head's step
-count (:meth:`ClassParallelFC.finish_step`), which schedules the selection's rebuilds.
+takes the same decision. Every step, applied or skipped, advances the head's step count
+(:meth:`ClassParallelFC.finish_step`), which schedules the selection's rebuilds. Under
+:func:`hybridfc.initialize` the engine decides for backbone and head together and calls
+:meth:`update` (with the norm it agreed on) or :meth:`skip` (:mod:`hybridfc.step`).
 """
 
 from __future__ import annotations
@@ -74,20 +76,26 @@ class HeadOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None) -> bool:
-        """Update the shard; returns whether an update was applied."""
-        try:
-            return self._apply()
-        finally:
-            self.head.finish_step()
+        """With clipping on, agree with the other shards on the gradient norm (one all-reduce);
+        then :meth:`update`. Returns whether an update was applied."""
+        if self.gradient_clipping <= 0:
+            return self.update(0.0)
+        square = torch.tensor([self.local_square_norm()], dtype=torch.float64, device=self.head.weight.device)
+        return self.update(math.sqrt(float(all_reduce(square, "sum", self.head.group))))
 
-    def _apply(self) -> bool:
+    @torch.no_grad()
+    def update(self, global_norm: float) -> bool:
+        """Update the shard, its gradient clipped to ``gradient_clipping`` given its L2 norm over all
+        shards; skip when the head saw non-finite input or loss, or the norm is not finite. Either
+        way the head counts one more step. Returns whether an update was applied."""
         rows, grad = self.head.gradient()
         if grad is None:
+            self.head.finish_step()
             return False
-        scale = self._clip_scale(grad)
-        if not self.head.step_is_finite or scale is None:
-            self.skipped_steps += 1
+        if not self.head.step_is_finite or not math.isfinite(global_norm):
+            self.skip()
             return False
+        scale = min(1.0, self.gradient_clipping / (global_norm + 1e-6)) if self.gradient_clipping > 0 else 1.0
         if scale != 1.0:
             grad.mul_(scale)
         state = self._state()
@@ -95,7 +103,19 @@ class HeadOptimizer(torch.optim.Optimizer):
             self._update(self.head.weight, grad, state, self._row_factors(None))
         else:
             self._update_rows(rows, grad, state)
+        self.head.finish_step()
         return True
+
+    def skip(self) -> None:
+        """Count a skipped step: no row changes, the head's step count advances."""
+        self.skipped_steps += 1
+        self.head.finish_step()
+
+    @torch.no_grad()
+    def local_square_norm(self) -> float:
+        """Squared L2 norm of this shard's gradient since ``zero_grad`` (0 without one)."""
+        _, grad = self.head.gradient()
+        return 0.0 if grad is None else float(torch.linalg.vector_norm(grad.double()).square())
 
     def load_state_dict(self, state_dict: dict) -> None:
         """torch casts loaded state to the parameter's dtype; every state tensor keeps the dtype
@@ -141,16 +161,6 @@ class HeadOptimizer(torch.optim.Optimizer):
         """Update ``weight`` and ``state`` (rows of the shard, or all of it) in place; ``factors``
         are the rows' part of :meth:`_row_factors`."""
         raise NotImplementedError
-
-    def _clip_scale(self, grad: torch.Tensor) -> Optional[float]:
-        """Factor that brings the global gradient norm under the limit; None if not finite."""
-        if self.gradient_clipping <= 0:
-            return 1.0
-        sq = all_reduce(torch.linalg.vector_norm(grad).double().square(), "sum", self.head.group)
-        norm = float(sq.sqrt())
-        if not math.isfinite(norm):
-            return None
-        return min(1.0, self.gradient_clipping / (norm + 1e-6))
 
 
 class HeadSGD(HeadOptimizer):

@@ -5,7 +5,7 @@ autograd functions) and the accounting of what they send. No other part of hybri
 ================  ==============================================================
 module            what it holds
 ================  ==============================================================
-``groups``        group size and rank, backend, side groups, the sharding rule
+``groups``        group size and rank, backend, the sharding rule
 ``collectives``   sync and async collectives, raising on every rank
 ``chunks``        the local batch in chunks: their layout, their exchanges in flight
 ``mappings``      the collectives as autograd functions (the head's feature exchange)
@@ -19,8 +19,7 @@ from hybridfc.parallel.chunks import ChunkedGather, ChunkLayout, scatter_chunk
 from hybridfc.parallel.collectives import (Pending, RankError, all_gather, all_gather_vector, all_reduce, barrier,
                                            exchange_or_raise, gather_padded, reduce_scatter_padded, ring_shift,
                                            run_on_every_rank)
-from hybridfc.parallel.groups import (backend_of, collective_device, group_rank, group_size, is_distributed,
-                                      new_side_group, shard_range)
+from hybridfc.parallel.groups import backend_of, collective_device, group_rank, group_size, is_distributed, shard_range
 from hybridfc.parallel.mappings import gather_rows, scale_gradient
 
 __all__ = [
@@ -44,7 +43,6 @@ __all__ = [
     "group_rank",
     "group_size",
     "is_distributed",
-    "new_side_group",
     "reduce_scatter_padded",
     "ring_shift",
     "run_on_every_rank",

@@ -60,14 +60,3 @@ def shard_range(num_classes: int, world_size: int, rank: int) -> tuple[int, int]
     start = rank * base + min(rank, leftover)
     return start, base + (1 if rank < leftover else 0)
 
-
-def new_side_group(group: ProcessGroup = None) -> ProcessGroup:
-    """A gloo group with the same ranks as ``group``, for collectives of a background thread.
-
-    Only the members call it (local synchronisation), so it works for any subgroup. None when
-    the group is a single process.
-    """
-    if group_size(group) == 1:
-        return None
-    ranks = dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
-    return dist.new_group(ranks=ranks, backend="gloo", use_local_synchronization=True)

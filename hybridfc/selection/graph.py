@@ -22,7 +22,9 @@ An approximate index first measures itself (:meth:`ShardIndex.widen_to_recall`) 
 ``min_recall`` each rank widens its search until its shard reaches it.
 
 Per rank this is N index searches of ``P`` queries and ``N`` ring shifts of ``P·(d + 3(k + 1))``
-words, point to point on ``group``. Lists merge by score with ties going to the smaller global
+words, point to point on ``group``. The build is written as steps (:func:`knn_graph_steps`): the
+computing between exchanges can run on a background thread while every exchange runs on the
+training thread (:mod:`hybridfc.selection.rebuild`). Lists merge by score with ties going to the smaller global
 id, so a graph depends only on the rows, the index kind and the seed.
 """
 
@@ -34,6 +36,7 @@ import torch
 
 from hybridfc.parallel.collectives import all_gather, ring_shift
 from hybridfc.parallel.groups import ProcessGroup, group_rank, group_size, shard_range
+from hybridfc.selection.build_steps import BuildSteps, Exchange, run_inline
 from hybridfc.selection.exact import exact_search
 from hybridfc.selection.index import (GRAPH_EXACT_MAX_ROWS, RECALL_QUERIES, ShardIndex, choose_index_kind,
                                       drop_own_rows, log_recall)
@@ -49,8 +52,19 @@ def build_knn_graph(centres: torch.Tensor, class_start: int, num_classes: int, k
     never the class itself; neighbours may live in any shard. An approximate ``kind`` may leave
     -1 where it found fewer than ``k`` neighbours, and widens its search until its measured
     recall reaches ``min_recall`` (see the module docstring). Collective over ``group``
-    (``None``: the default group; without ``torch.distributed`` a world of one).
+    (``None``: the default group; without ``torch.distributed`` a world of one): the
+    exchanges of :func:`knn_graph_steps`, run as they come.
     """
+    return run_inline(knn_graph_steps(centres, class_start, num_classes, k, group, kind, seed, min_recall))
+
+
+def knn_graph_steps(centres: torch.Tensor, class_start: int, num_classes: int, k: int,
+                    group: ProcessGroup = None, kind: str = "exact", seed: int = 0,
+                    min_recall: Optional[float] = None) -> BuildSteps:
+    """:func:`build_knn_graph` as build steps: the computing is done here, each exchange with the
+    other ranks is yielded (an :data:`~hybridfc.selection.rebuild.Exchange`) for the caller to
+    run, and its result is sent back in. A background rebuild runs the computing on its own thread
+    and the exchanges on the training thread."""
     if not 1 <= k <= num_classes - 1:
         raise ValueError(f"k={k} neighbours must be between 1 and num_classes - 1 = {num_classes - 1} "
                          f"(num_classes={num_classes})")
@@ -63,7 +77,7 @@ def build_knn_graph(centres: torch.Tensor, class_start: int, num_classes: int, k
     kind = choose_index_kind(max(sizes), kind, GRAPH_EXACT_MAX_ROWS)   # one kind on every rank
     index = ShardIndex(centres, kind, seed)
     if kind != "exact":
-        recall, sampled = fit_shard_search(index, centres, num_classes, k, group, seed, min_recall)
+        recall, sampled = yield from fit_shard_search_steps(index, centres, num_classes, k, group, seed, min_recall)
         log_recall("knn graph", index, k, recall, sampled, min_recall)
 
     queries = centres.new_zeros(max(sizes), centres.shape[1])
@@ -72,14 +86,18 @@ def build_knn_graph(centres: torch.Tensor, class_start: int, num_classes: int, k
     ids = torch.full_like(scores, -1, dtype=torch.int64)
     for hop in range(world_size):
         if hop:
-            queries, scores, ids = ring_shift([queries, scores, ids], group)
+            queries, scores, ids = yield _shift([queries, scores, ids], group)
         count = sizes[(rank - hop) % world_size]
         scores[:count], ids[:count] = _search_and_merge(index, queries[:count], class_start,
                                                         scores[:count], ids[:count])
     if world_size > 1:
-        scores, ids = ring_shift([scores, ids], group)
+        scores, ids = yield _shift([scores, ids], group)
     own = torch.arange(class_start, class_start + sizes[rank], device=ids.device)
     return drop_own_rows(ids[: sizes[rank]], own, k)
+
+
+def _shift(tensors: list[torch.Tensor], group: ProcessGroup) -> Exchange:
+    return lambda: ring_shift(tensors, group)
 
 
 def fit_shard_search(index: ShardIndex, centres: torch.Tensor, num_classes: int, k: int,
@@ -90,6 +108,13 @@ def fit_shard_search(index: ShardIndex, centres: torch.Tensor, num_classes: int,
     :data:`~hybridfc.selection.index.RECALL_QUERIES` from each shard, all-gathered over
     ``group``): :meth:`ShardIndex.widen_to_recall`. Returns the shard's recall@k and the number
     of sampled classes. ``centres``: ``(C_r, d)``, the rows the index was built from."""
+    return run_inline(fit_shard_search_steps(index, centres, num_classes, k, group, seed, min_recall))
+
+
+def fit_shard_search_steps(index: ShardIndex, centres: torch.Tensor, num_classes: int, k: int,
+                           group: ProcessGroup = None, seed: int = 0,
+                           min_recall: Optional[float] = None) -> BuildSteps:
+    """:func:`fit_shard_search` as build steps (see :func:`knn_graph_steps`)."""
     world_size, rank = group_size(group), group_rank(group)
     sizes = [shard_range(num_classes, world_size, r)[1] for r in range(world_size)]
     share = min(-(-RECALL_QUERIES // world_size), min(sizes))
@@ -97,9 +122,9 @@ def fit_shard_search(index: ShardIndex, centres: torch.Tensor, num_classes: int,
     local = torch.randperm(sizes[rank], generator=generator)[:share].sort().values
     queries, own = centres[local.to(centres.device)].float(), local
     if world_size > 1:
-        queries = all_gather(queries, group)
-        all_rows = all_gather(local, group).view(world_size, -1)
-        own = torch.cat([rows if r == rank else torch.full_like(rows, -1) for r, rows in enumerate(all_rows)])
+        queries, all_rows = yield lambda: (all_gather(queries, group), all_gather(local, group))
+        own = torch.cat([rows if r == rank else torch.full_like(rows, -1)
+                         for r, rows in enumerate(all_rows.view(world_size, -1))])
     return index.widen_to_recall(queries, own, k, min_recall), queries.shape[0]
 
 

@@ -16,8 +16,8 @@ replicated graph at 10^8 classes and k = 32 would take 12.8 GB per rank). Each s
    then uniform random rows fill the budget (:class:`~hybridfc.selection.base.ClassSelection`).
 
 The graph is built before the first step and rebuilt in the background every
-``rebuild_interval`` steps (:mod:`hybridfc.selection.rebuild`), its ring exchange on a process
-group of its own (:func:`~hybridfc.selection.graph.build_knn_graph`). An approximate graph
+``rebuild_interval`` steps (:mod:`hybridfc.selection.rebuild`): the thread searches, the training
+thread runs the ring exchange at step boundaries (:func:`~hybridfc.selection.graph.knn_graph_steps`). An approximate graph
 logs its measured recall@k at each build and, with ``min_recall``, searches each shard more
 widely until it reaches it.
 """
@@ -30,9 +30,9 @@ import torch
 
 from hybridfc.config import ConfigError, KNNSelection as KNNConfig
 from hybridfc.parallel.collectives import all_reduce
-from hybridfc.parallel.groups import new_side_group
 from hybridfc.selection.base import ClassSelection, Shard
-from hybridfc.selection.graph import build_knn_graph
+from hybridfc.selection.build_steps import BuildSteps
+from hybridfc.selection.graph import knn_graph_steps
 from hybridfc.selection.rebuild import BackgroundRebuild
 
 
@@ -45,15 +45,15 @@ class KNNSelection(ClassSelection):
             raise ConfigError(f"selection.k: {cfg.k} neighbours is more than the {shard.num_classes - 1} "
                               f"other classes of {shard.num_classes}")
         self.k, self.kind, self.min_recall = cfg.k, cfg.index, cfg.min_recall
-        self._side_group = new_side_group(shard.group)
         self.graph = BackgroundRebuild(self._build, cfg.rebuild_interval, cfg.delay(), name="knn graph",
                                        late=cfg.late_rebuild, group=shard.group)
 
-    def _build(self, rows: torch.Tensor) -> torch.Tensor:
-        """``(C_r, k)`` neighbour ids, kept as int32 when the class ids fit (half the memory)."""
-        graph = build_knn_graph(rows, self.shard.class_start, self.shard.num_classes, self.k,
-                                group=self._side_group, kind=self.kind, seed=self.seed,
-                                min_recall=self.min_recall)
+    def _build(self, rows: torch.Tensor) -> BuildSteps:
+        """Build steps of the ``(C_r, k)`` neighbour ids, kept as int32 when the class ids fit (half
+        the memory)."""
+        graph = yield from knn_graph_steps(rows, self.shard.class_start, self.shard.num_classes, self.k,
+                                           group=self.shard.group, kind=self.kind, seed=self.seed,
+                                           min_recall=self.min_recall)
         return graph.to(torch.int32) if self.shard.num_classes <= torch.iinfo(torch.int32).max else graph
 
     def candidates(self, labels: torch.Tensor, features: Optional[torch.Tensor], weight: torch.Tensor) -> torch.Tensor:

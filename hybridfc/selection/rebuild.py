@@ -9,35 +9,49 @@ Timeline with ``interval`` T and ``delay`` D (steps counted from 1, after the op
 
 The snapshot and the swap happen at step numbers, never at "whenever the thread is done", so a
 run is reproducible: steps k·T+1 … k·T+D use the old structure on every rank, whatever the
-machine's speed. The thread's collectives run on a process group of their own, so they never
-interleave with the training step's.
+machine's speed.
+
+**No collective runs on the background thread.** A builder that needs the other ranks is written
+as build steps (:mod:`hybridfc.selection.build_steps`): the thread computes and hands each
+exchange over; at each step boundary while a build is in flight the ranks agree (one all-gather
+of a state per rank) and, when every rank's build is waiting for the same exchange, the training
+thread runs it. So a script may end at any moment, with or without ``destroy_process_group()``:
+at exit the thread is told to stop, finishes what it is computing and is joined; nothing is left
+inside a collective. A build that fails raises at the next step boundary on every rank: its own
+error on the rank where it failed, a :class:`~hybridfc.parallel.collectives.RankError` naming that
+rank on the others.
 
 A build still running at its swap step on some rank is *late*. With ``late="postpone"`` (the
-default) no step waits for it: the ranks agree, with one all-reduce of a flag per step, on the
-first step at which every rank's build is done, and swap there; the run is then reproducible
-only as long as no build is late. With ``late="wait"`` the swap step waits for the build and
-the run stays reproducible. Either way a late build is logged with the ``rebuild_delay``, in
-steps of the measured step time, that would have hidden it. No new snapshot is taken while a
-build is in flight.
+default) no step waits for it: it is swapped in at the first step boundary at which it is done on
+every rank; the run is then reproducible only as long as no build is late. With ``late="wait"``
+the swap step waits for the build (running its remaining exchanges) and the run stays
+reproducible. Either way a late build is logged with the ``rebuild_delay``, in steps of the
+measured step time, that would have hidden it. No new snapshot is taken while a build is in flight.
 """
 
 from __future__ import annotations
 
+import atexit
+import enum
+import inspect
 import logging
 import math
 import threading
 import time
+import weakref
 from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
 from hybridfc.log import log_dist
-from hybridfc.parallel.collectives import all_reduce
+from hybridfc.parallel.collectives import exchange_or_raise
 from hybridfc.parallel.groups import ProcessGroup
+from hybridfc.selection.build_steps import BuildSteps, Exchange, run_inline
 
 Builder = Callable[[torch.Tensor], Any]
-"""Builds the structure from a snapshot: ``(C_r, d)`` L2-normalised fp32 rows on the CPU."""
+"""Builds the structure from a snapshot: ``(C_r, d)`` L2-normalised fp32 rows on the CPU; returns
+the structure, or build steps (a generator) when it needs exchanges with the other ranks."""
 
 _NOTICEABLE_WAIT_S = 0.05
 
@@ -47,8 +61,27 @@ def snapshot(weight: torch.Tensor) -> torch.Tensor:
     return F.normalize(weight.detach().to(device="cpu", dtype=torch.float32), dim=1)
 
 
+def build_now(builder: Builder, rows: torch.Tensor) -> Any:
+    """The structure from ``rows``, built on this thread (exchanges included)."""
+    built = builder(rows)
+    return run_inline(built) if inspect.isgenerator(built) else built
+
+
+class State(enum.IntEnum):
+    """Where a background build is: what its rank tells the others at a step boundary."""
+
+    COMPUTING = 0
+    WAITING = 1   # for the training thread to run an exchange
+    DONE = 2
+
+
+class _Cancelled(Exception):
+    """The process is exiting: the build stops at its next exchange."""
+
+
 class _Build(threading.Thread):
-    """One background build; keeps its result or its exception for :meth:`BackgroundRebuild.step_end`."""
+    """One background build: computes, hands each exchange to the training thread, keeps its
+    result or its exception."""
 
     def __init__(self, builder: Builder, rows: torch.Tensor) -> None:
         super().__init__(name="hybridfc-rebuild", daemon=True)
@@ -57,28 +90,88 @@ class _Build(threading.Thread):
         self.error: Optional[BaseException] = None
         self.seconds = 0.0
         self.launched = time.perf_counter()
+        self.state = State.COMPUTING
+        self._request: Optional[Exchange] = None
+        self._reply: Any = None
+        self._handed_over = threading.Event()
+        self._replied = threading.Event()
+        self._cancelled = False
+        _LIVE_BUILDS.add(self)
 
     def run(self) -> None:
         start = time.perf_counter()
         try:
-            self.result = self.builder(self.rows)
+            built = self.builder(self.rows)
+            self.result = self._drive(built) if inspect.isgenerator(built) else built
         except BaseException as exc:
             self.error = exc
         self.seconds = time.perf_counter() - start
+        self.state = State.DONE
+        self._handed_over.set()
+
+    def _drive(self, steps: BuildSteps) -> Any:
+        try:
+            request = next(steps)
+            while True:
+                request = steps.send(self._hand_over(request))
+        except StopIteration as finished:
+            return finished.value
+
+    def _hand_over(self, request: Exchange) -> Any:
+        """Wait for the training thread to run ``request``; its result."""
+        self._request, self.state = request, State.WAITING
+        self._handed_over.set()
+        self._replied.wait()
+        self._replied.clear()
+        if self._cancelled:
+            raise _Cancelled()
+        return self._reply
+
+    def wait_handed_over(self) -> None:
+        """Block until the build waits for an exchange or is done."""
+        self._handed_over.wait()
+
+    def run_exchange(self) -> None:
+        """On the training thread: run the exchange the build waits for and hand back its result."""
+        request, self._request = self._request, None
+        self._handed_over.clear()
+        self.state = State.COMPUTING
+        try:
+            self._reply = request()
+        except BaseException:
+            self.cancel()
+            raise
+        self._replied.set()
+
+    def cancel(self) -> None:
+        """Stop at the next exchange (the computing under way is finished)."""
+        self._cancelled = True
+        self._replied.set()
+
+
+_LIVE_BUILDS: "weakref.WeakSet[_Build]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_builds_at_exit() -> None:
+    """Builds in flight at exit stop at their next exchange; none is left inside a C++ call."""
+    for build in list(_LIVE_BUILDS):
+        build.cancel()
+        build.join()
 
 
 class BackgroundRebuild:
     """Keeps the current structure and rebuilds it every ``interval`` steps in the background.
 
     Args:
-        builder: snapshot ``(C_r, d)`` -> structure; runs in a thread, so any collective in it
-            must use a process group of its own.
+        builder: snapshot ``(C_r, d)`` -> structure, or build steps that yield their exchanges
+            (:mod:`hybridfc.selection.build_steps`); runs in a thread.
         interval: steps between snapshots (0: build once, never again).
         delay: steps between a snapshot and its swap (1 ≤ delay ≤ interval).
         name: what is rebuilt, for the logs.
         late: ``"postpone"`` or ``"wait"``, what a swap step does with a late build.
-        group: the ranks that must agree on a postponed swap (the training group; collectives
-            on it run in the main thread, inside :meth:`step_end`).
+        group: the ranks that build together (the training group; its collectives run on the
+            training thread, inside :meth:`step_end`).
 
     Attributes:
         current: the structure in use (None until the first build).
@@ -106,18 +199,21 @@ class BackgroundRebuild:
         """The current structure, built now from ``weight`` if there is none yet."""
         if self.current is None:
             start = time.perf_counter()
-            self.current = self.builder(snapshot(weight))
+            self.current = build_now(self.builder, snapshot(weight))
             self.built_from_step = step
             self.build_seconds.append(time.perf_counter() - start)
             log_dist(f"{self.name}: first build took {self.build_seconds[-1]:.2f} s")
         return self.current
 
     def step_end(self, step: int, weight: torch.Tensor) -> None:
-        """After optimizer step ``step``: swap a build due now (or overdue and done on every
-        rank), then start one if a snapshot is due and none is in flight."""
-        if self._pending is not None and step >= self._pending_step + self.delay:
-            if self.late == "wait" or self._done_on_every_rank(weight.device):
-                self._swap(step)
+        """After optimizer step ``step``: move a build in flight on by an exchange, swap it in when
+        due (or overdue and done on every rank), then start one if a snapshot is due."""
+        if self._pending is not None:
+            due = step >= self._pending_step + self.delay
+            started = time.perf_counter()
+            done = self._finish() if due and self.late == "wait" else self._advance()
+            if due and done:
+                self._swap(step, started)
         if self.interval and step % self.interval == 0 and self.current is not None:
             if self._pending is None:
                 self.start(snapshot(weight), step)
@@ -130,25 +226,49 @@ class BackgroundRebuild:
         self._pending, self._pending_step = _Build(self.builder, rows), step
         self._pending.start()
 
-    def _done_on_every_rank(self, device: torch.device) -> bool:
-        done = torch.tensor([0 if self._pending.is_alive() else 1], dtype=torch.int32, device=device)
-        return bool(all_reduce(done, "min", self.group).item())
+    def _states(self) -> list[State]:
+        """Every rank's build state; raises on every rank if a build failed there."""
+        build = self._pending
+        error = None
+        if build.state == State.DONE and build.error is not None:
+            error = RuntimeError(f"hybridfc: the {self.name} rebuild from step {self._pending_step} failed: "
+                                 f"{type(build.error).__name__}: {build.error}")
+            error.__cause__ = build.error
+        try:
+            rows = exchange_or_raise((int(build.state),), error, f"the {self.name} rebuild from step "
+                                     f"{self._pending_step}", self.group)
+        except BaseException:
+            self._pending = None
+            raise
+        return [State(row[0]) for row in rows]
 
-    def _swap(self, step: int) -> None:
-        build, started = self._pending, time.perf_counter()
+    def _advance(self) -> bool:
+        """Run the exchange every rank's build waits for, if they all do; True when all are done."""
+        states = self._states()
+        if all(state == State.WAITING for state in states):
+            self._pending.run_exchange()
+        return all(state == State.DONE for state in states)
+
+    def _finish(self) -> bool:
+        """Run the build to its end on every rank, its remaining exchanges included."""
+        while True:
+            self._pending.wait_handed_over()
+            if self._advance():
+                return True
+
+    def _swap(self, step: int, started: float) -> None:
+        build = self._pending
         build.join()
         wait = time.perf_counter() - started
         self._pending = None
-        if build.error is not None:
-            raise RuntimeError(f"hybridfc: the {self.name} rebuild from step {self._pending_step} failed") from build.error
         self.current, self.built_from_step = build.result, self._pending_step
         late_steps = step - (self._pending_step + self.delay)
-        self.waits.append(wait)
+        self.waits.append(wait if self.late == "wait" else 0.0)
         self.late_steps.append(late_steps)
         self.build_seconds.append(build.seconds)
         message = (f"{self.name}: swapped in the rebuild from step {self._pending_step} at step {step} "
                    f"(built in {build.seconds:.2f} s, waited {wait:.2f} s, {late_steps} steps late)")
-        late = wait > _NOTICEABLE_WAIT_S or late_steps > 0
+        late = (self.late == "wait" and wait > _NOTICEABLE_WAIT_S) or late_steps > 0
         if late:
             seconds_per_step = (started - build.launched) / max(1, step - self._pending_step)
             needed = math.ceil(1.2 * build.seconds / max(seconds_per_step, 1e-9))
@@ -160,6 +280,6 @@ class BackgroundRebuild:
         return None if self._pending is None else (self._pending.rows, self._pending_step)
 
     def wait(self) -> None:
-        """Block until the build in flight (if any) has finished, without swapping it in."""
+        """Run the build in flight (if any) to its end on every rank, without swapping it in."""
         if self._pending is not None:
-            self._pending.join()
+            self._finish()

@@ -287,14 +287,15 @@ def test_backbone_replicas_identical_and_trained(trained, stage, dtype):
 @pytest.mark.parametrize("stage, dtype", [(0, "fp32"), (3, "bf16")])
 def test_communication_stats_count_what_the_planner_predicts(trained, stage, dtype):
     """``engine.communication_stats()`` over TRAIN_STEPS steps: the head's exchanges of
-    ``hybridfc plan`` per step, plus the head's clipping (one fp64 all-reduce)."""
+    ``hybridfc plan`` per step, plus the step's agreement (an all-gather of two fp64 per rank)."""
     plan = make_plan(PlanInputs(NUM_CLASSES, worker.EMBEDDING_SIZE, 2, MICRO_BATCH)).method("model_parallel")
     expected = plan.communication
-    clipping = wire.all_reduce_bytes(8, 2)
+    agreement = wire.all_gather_bytes(2 * 8, 2)
     for rec in records(trained, f"train_z{stage}_{dtype}"):
         sent = {kind: traffic["bytes_sent"] for kind, traffic in rec["communication"].items()}
-        assert sent == {"all_gather": TRAIN_STEPS * (expected.feature_all_gather + expected.label_all_gather),
-                        "all_reduce": TRAIN_STEPS * (expected.softmax + clipping),
+        assert sent == {"all_gather": TRAIN_STEPS * (expected.feature_all_gather + expected.label_all_gather
+                                                     + agreement),
+                        "all_reduce": TRAIN_STEPS * expected.softmax,
                         "all_to_all": TRAIN_STEPS * expected.feature_gradient}
 
 
@@ -491,3 +492,60 @@ def test_readme_switching_snippet_runs_under_the_launcher(tmp_path):
     assert_succeeded(result)
     tag = (tmp_path / "checkpoints" / "latest").read_text().strip()
     assert len(list((tmp_path / "checkpoints" / tag).glob("hybridfc_head_*.pt"))) == 2
+
+
+NAN_STEPS = [2, 5, 6]
+
+
+@pytest.fixture(scope="module")
+def nan_runs(tmp_path_factory) -> Path:
+    """One launch: at every ZeRO stage, fp32 and bf16, rank 1 feeds a NaN at NAN_STEPS."""
+    directory = tmp_path_factory.mktemp("nan")
+    runs = [{"name": f"nan_z{stage}_{dtype}", "config": ds_config(stage, dtype), "steps": 9,
+             "nan_rank": 1, "nan_steps": NAN_STEPS} for stage, dtype in MATRIX]
+    runs += [{"name": f"nan_z{stage}_fp32_unclipped", "config": {**ds_config(stage), "gradient_clipping": 0.0},
+              "steps": 9, "nan_rank": 1, "nan_steps": NAN_STEPS} for stage in (0, 1)]
+    runs += [{"name": f"state_dict_z{stage}", "config": ds_config(stage), "steps": 2, "state_dict_round_trip": True}
+             for stage in (0, 3)]
+    result = launch_worker(directory, runs, timeout=450)
+    (directory / "launcher.log").write_text(result.stdout)
+    assert_succeeded(result)
+    return directory
+
+
+@pytest.mark.parametrize("name", [f"z{stage}_{dtype}" for stage, dtype in MATRIX] + ["z0_fp32_unclipped",
+                                                                                    "z1_fp32_unclipped"])
+def test_a_nan_batch_on_one_rank_skips_the_step_everywhere(nan_runs, name):
+    """Every parameter stays finite, the other steps train, and the counters of backbone and head
+    agree: every step attempted, the NaN steps skipped."""
+    for rec in records(nan_runs, f"nan_{name}"):
+        assert all(torch.isfinite(value).all() for value in rec["backbone"].values())
+        assert all(torch.isfinite(head).all() for head in rec["heads"])
+        assert rec["counters"] == {"global_steps": 9, "skipped_steps": len(NAN_STEPS), "head_steps": 9,
+                                   "head_skipped_steps": len(NAN_STEPS)}
+        assert not torch.equal(rec["heads"][0], rec["heads"][-1])
+
+
+def test_skips_are_logged_with_their_cause(nan_runs):
+    log = (nan_runs / "launcher.log").read_text()
+    for step in NAN_STEPS:
+        assert f"step {step + 1}: skipped for non-finite input on rank(s) [1]" in log
+
+
+def test_persistent_nan_stops_the_run_on_every_rank_naming_the_ranks(tmp_path):
+    config = {**ds_config(0), "hybridfc": {**ds_config(0)["hybridfc"], "max_consecutive_skips": 3}}
+    run = {"name": "nan_forever", "config": config, "steps": 6, "nan_rank": 0, "nan_steps": list(range(1, 6))}
+    result = launch_worker(tmp_path, [run], timeout=FAILURE_TIMEOUT)
+    assert_failed(result, ("NonFiniteError",), "3 steps in a row skipped (steps 2 to 4)",
+                  "non-finite input on rank(s) [0]", "max_consecutive_skips", every_rank=True)
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_engine_state_dict_round_trips_backbone_and_head(nan_runs, stage):
+    for rec in records(nan_runs, f"state_dict_z{stage}"):
+        trip = rec["round_trip"]
+        assert set(trip["state"]) == {"backbone", "head"}
+        assert all(not value.any() for value in trip["zeroed"]["backbone"].values()) and not trip["zeroed"]["head"].any()
+        for name, value in trip["restored"]["backbone"].items():
+            assert torch.equal(value, rec["backbone"][name])
+        assert torch.equal(trip["restored"]["head"], rec["heads"][-1])

@@ -11,7 +11,10 @@
 * ``first_step`` (default 0): the index in the data stream of the first step's batches;
 * ``checkpoint`` with ``save_after`` (save there after that many steps) or ``load`` (true: load
   it before training);
-* ``bad_label_rank``: that rank puts the out-of-range label ``BAD_LABEL`` in its first batch.
+* ``bad_label_rank``: that rank puts the out-of-range label ``BAD_LABEL`` in its first batch;
+* ``nan_rank`` with ``nan_steps``: that rank puts a NaN in its inputs at those steps (0-based);
+* ``state_dict_round_trip``: after training, ``engine.state_dict()`` is taken, zeros are loaded,
+  then the state again; the record keeps the parameters after each load.
 
 The micro-batch of (step, micro-batch, rank) depends on those three numbers alone, not on a
 loader's state, so a resumed run sees the batches the uninterrupted run saw.
@@ -19,8 +22,8 @@ loader's state, so a resumed run sees the batches the uninterrupted run saw.
 A record holds, per micro-batch: the inputs, labels and embeddings (as the backbone produced
 them), the loss, the backbone's lr in effect, and the head shard and the head optimizer's lr
 after ``engine.step()``; and once: the shard's first class, the shard before training, the
-backbone's parameters after training (gathered under ZeRO-3) and what hybridfc sent during the
-steps (``engine.communication_stats()``). An exception is printed as one line
+backbone's parameters after training (gathered under ZeRO-3), what hybridfc sent during the
+steps (``engine.communication_stats()``) and the step counters of backbone and head. An exception is printed as one line
 ``worker rank R: Type: message`` before it ends the process, so a test can tell the ranks apart.
 """
 
@@ -68,6 +71,17 @@ def backbone_parameters(engine) -> dict[str, torch.Tensor]:
         return {name: p.detach().clone().cpu() for name, p in module.named_parameters()}
 
 
+def state_dict_round_trip(engine) -> dict:
+    """The parameters after loading zeros and after loading ``engine.state_dict()`` back."""
+    state = engine.state_dict()
+    zeros = {part: {name: torch.zeros_like(value) for name, value in values.items()} for part, values in state.items()}
+    engine.load_state_dict(zeros)
+    zeroed = {"backbone": backbone_parameters(engine), "head": engine.head.weight.detach().clone()}
+    engine.load_state_dict(state)
+    return {"state": state, "zeroed": zeroed,
+            "restored": {"backbone": backbone_parameters(engine), "head": engine.head.weight.detach().clone()}}
+
+
 def train(args: argparse.Namespace, run: dict, out: Path) -> None:
     run_args = copy.copy(args)
     run_args.deepspeed_config = run["deepspeed_config"]
@@ -88,6 +102,8 @@ def train(args: argparse.Namespace, run: dict, out: Path) -> None:
             x, y = micro_batch(dataset, step, micro, rank, engine.train_micro_batch_size_per_gpu())
             if step == first and run.get("bad_label_rank") == rank:
                 y[0] = BAD_LABEL
+            if step in run.get("nan_steps", ()) and run.get("nan_rank") == rank:
+                x[0, 0] = float("nan")
             loss = engine(x, y)
             engine.backward(loss)
             record["backbone_lrs"].append(engine.get_lr()[0])
@@ -99,8 +115,12 @@ def train(args: argparse.Namespace, run: dict, out: Path) -> None:
             record["head_lrs"].append(engine.head_optimizer.param_groups[0]["lr"])
         if run.get("save_after") == step + 1 - first:
             engine.save_checkpoint(run["checkpoint"])
+    if run.get("state_dict_round_trip"):
+        record["round_trip"] = state_dict_round_trip(engine)
     record.update(embeddings=embeddings, backbone=backbone_parameters(engine),
-                  communication=engine.communication_stats().to_dict())
+                  communication=engine.communication_stats().to_dict(),
+                  counters={"global_steps": engine.global_steps, "skipped_steps": engine.skipped_steps,
+                            "head_steps": engine.head.steps, "head_skipped_steps": engine.head_optimizer.skipped_steps})
     torch.save(record, out / f"{run['name']}_rank{rank}.pt")
 
 
