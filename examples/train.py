@@ -11,13 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
-from pathlib import Path
 
 import deepspeed
 import torch
-import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
@@ -51,15 +48,6 @@ def build_backbone(input_dim: int, hidden: int, embedding_size: int) -> nn.Modul
         nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.ReLU(),
         nn.Linear(hidden, embedding_size), nn.BatchNorm1d(embedding_size),
     )
-
-
-def release_shared_memory() -> None:
-    """Unlink this rank's ``/dev/shm`` buffer of DeepSpeed's CPU all-reduce op (66 MB), which
-    DeepSpeed leaves behind after every CPU run, once every rank is past its last collective."""
-    dist.barrier()
-    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_"
-            f"{os.environ.get('MASTER_PORT')}_{dist.get_rank()}")
-    Path("/dev/shm", name).unlink(missing_ok=True)
 
 
 def load_config(args: argparse.Namespace) -> dict:
@@ -137,7 +125,7 @@ def main() -> None:
         with open(args.result_json, "w") as f:
             json.dump({"top1": top1, "final_loss": loss, "train_seconds": train_seconds,
                        "num_classes": train_set.num_classes, "epochs": args.epochs}, f)
-    release_shared_memory()
+    engine.close()
 
 
 if __name__ == "__main__":

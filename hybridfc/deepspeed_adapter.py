@@ -12,6 +12,8 @@ that hybridfc can skip it, and reports the skip through ``overflow`` as DeepSpee
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any, Callable
 
 import deepspeed
@@ -62,6 +64,13 @@ class DeepSpeedAdapter:
     def loss_scale(self) -> float:
         """The factor DeepSpeed multiplies the loss by before backward (1 without fp16)."""
         return float(self.engine._get_optimizer_loss_scale() or 1.0) if self.fp16 else 1.0
+
+    def release_shared_memory(self) -> None:
+        """Unlink this rank's ``/dev/shm`` buffer of DeepSpeed's CPU all-reduce op (66 MB), which
+        DeepSpeed leaves behind after every CPU run. Only once no rank will use it again."""
+        name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_"
+                f"{os.environ.get('MASTER_PORT')}_{self.engine.global_rank}")
+        Path("/dev/shm", name).unlink(missing_ok=True)
 
     def skip_next_step(self) -> None:
         """Make the engine's next optimizer step a skipped one. Engines whose optimizer checks its

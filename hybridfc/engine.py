@@ -173,6 +173,14 @@ class HybridEngine:
             module.load_state_dict(state["backbone"])
         self.head.load_state_dict(state["head"])
 
+    def close(self) -> None:
+        """End the run: background rebuilds stop (what they were computing is dropped) and, once
+        every rank got here, DeepSpeed's CPU all-reduce buffer in ``/dev/shm`` is unlinked. A script
+        may also end without it; its exit stays clean."""
+        self.head.close()
+        barrier()
+        self._adapter.release_shared_memory()
+
     def _lr_factor(self) -> float:
         if not self._backbone_base_lr:
             return 1.0

@@ -44,6 +44,8 @@ SCRIPT = textwrap.dedent("""
     if ending == "destroy":
         dist.all_reduce(torch.ones(1))
         dist.destroy_process_group()
+    if ending == "close":
+        head.close()
 """)
 
 
@@ -75,7 +77,7 @@ def run_script(path: Path, selection: str, ending: str) -> list[subprocess.Compl
 
 
 @pytest.mark.parametrize("selection", ["knn", "hf"])
-@pytest.mark.parametrize("ending", ["plain", "destroy"])
+@pytest.mark.parametrize("ending", ["plain", "destroy", "close"])
 def test_a_script_ending_mid_rebuild_exits_cleanly(tmp_path, selection, ending):
     path = tmp_path / "ends_mid_rebuild.py"
     path.write_text(SCRIPT)

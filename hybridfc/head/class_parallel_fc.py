@@ -262,6 +262,10 @@ class ClassParallelFC(nn.Module):
         self.steps += 1
         self.selection.step_end(self.steps, self.weight)
 
+    def close(self) -> None:
+        """Stop the selection's background rebuild, if one is in flight (the run is ending)."""
+        self.selection.close()
+
     def communication_stats(self) -> CommunicationStats:
         """What this process sent to other ranks since the previous call (or since the head was
         made): calls, bytes and exposed seconds per collective kind

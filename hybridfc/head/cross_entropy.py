@@ -67,6 +67,8 @@ class _MarginCrossEntropy(torch.autograd.Function):
                 group: ProcessGroup, workspace: Optional[LogitsWorkspace], logit_offset: Optional[torch.Tensor]):
         layout = gathered.layout
         batch = sum(layout.sizes)
+        rows = torch.nonzero(local_target >= 0).squeeze(1)   # a host sync: before the chunks, not among them
+        cols = local_target[rows]
         features = embeddings.new_empty(batch, embeddings.shape[1])
         inv_feature_norm = embeddings.new_empty(batch) if margin.normalize else None
         if workspace is None:
@@ -81,8 +83,6 @@ class _MarginCrossEntropy(torch.autograd.Function):
                 for tile in tiles(start, end):
                     torch.mm(features[tile], weight_t, out=logits[tile])
 
-        rows = torch.nonzero(local_target >= 0).squeeze(1)
-        cols = local_target[rows]
         inv_norm = _inverse_row_norms(weight) if margin.normalize else None
         if inv_norm is not None:
             logits.mul_(inv_norm * margin.scale)

@@ -180,6 +180,9 @@ class ClassSelection:
     def step_end(self, step: int, weight: torch.Tensor) -> None:
         """Called after optimizer step ``step`` (counted from 1) has updated ``weight``."""
 
+    def close(self) -> None:
+        """Stop any background work (the run is ending)."""
+
     def state_dict(self) -> dict[str, Any]:
         return {"positives_only_steps": self.positives_only_steps}
 

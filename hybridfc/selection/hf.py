@@ -66,6 +66,9 @@ class HFSelection(ClassSelection):
     def step_end(self, step: int, weight: torch.Tensor) -> None:
         self.index.step_end(step, weight)
 
+    def close(self) -> None:
+        self.index.close()
+
     def state_dict(self) -> dict[str, Any]:
         self.index.wait()
         current = self.index.current

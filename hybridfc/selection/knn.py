@@ -74,6 +74,9 @@ class KNNSelection(ClassSelection):
     def step_end(self, step: int, weight: torch.Tensor) -> None:
         self.graph.step_end(step, weight)
 
+    def close(self) -> None:
+        self.graph.close()
+
     def state_dict(self) -> dict[str, Any]:
         self.graph.wait()
         pending = self.graph.pending_snapshot()

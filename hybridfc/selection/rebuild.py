@@ -283,3 +283,10 @@ class BackgroundRebuild:
         """Run the build in flight (if any) to its end on every rank, without swapping it in."""
         if self._pending is not None:
             self._finish()
+
+    def close(self) -> None:
+        """Drop the build in flight (if any): it stops at its next exchange and is joined."""
+        build, self._pending = self._pending, None
+        if build is not None:
+            build.cancel()
+            build.join()
