@@ -285,8 +285,8 @@ def _collectives_report(collectives: dict[str, Any], rates: list[str]) -> list[s
 
 def _head_report(head: dict[str, Any], rates: list[str], planned: int) -> list[str]:
     lines = ["head alone (10,000 classes, d = 128, 128 per rank): per step",
-              f"{'link':10s}{'wire MB':>10s}{'layer MB':>10s}{'plan MB':>10s}{'layer:wire':>12s}{'plan:layer':>12s}"
-              f"{'step ms':>10s}{'exposed ms':>12s}"]
+             f"{'link':10s}{'wire MB':>10s}{'layer MB':>10s}{'plan MB':>10s}{'layer:wire':>12s}{'plan:layer':>12s}"
+             f"{'step ms':>10s}{'exposed ms':>12s}"]
     for rate in rates:
         r = head[rate]
         lines.append(f"{rate:10s}{_megabytes(r['wire']):>10s}{_megabytes(r['layer']):>10s}{_megabytes(planned):>10s}"

@@ -16,8 +16,9 @@ drawn from ``seed`` and c alone, so runs and checkpoints compare across world si
 
 One forward pass, N ranks, local batch ``b_r``, global batch ``B = Σ b_r``:
 
-1. every rank checks its inputs; the verdicts travel with the batch sizes (one all-gather), so a
-   bad input raises :class:`~hybridfc.head.validation.InputError` on every rank;
+1. every rank checks its inputs on the device; the verdicts travel with the batch sizes (one
+   all-gather, read once on the host), so a bad input raises
+   :class:`~hybridfc.head.validation.InputError` on every rank;
 2. features ``(b_r, d)``, in at least fp32, and labels are all-gathered into ``(B, d)`` and
    ``(B,)``; so the backward reduce-scatter sums the ranks' feature gradients in fp32 too;
 3. the selection picks this rank's active rows ``A_r`` (every row for ``full``; see

@@ -27,7 +27,8 @@ class Problem(IntEnum):
     LABEL_OUT_OF_RANGE = 6
 
 
-def _problem(embeddings: torch.Tensor, labels: torch.Tensor, num_classes: int, width: int):
+def _shape_problem(embeddings: torch.Tensor, labels: torch.Tensor, width: int) -> tuple[Problem, int]:
+    """What the shapes and dtypes alone tell (no value read, so no host synchronisation)."""
     if embeddings.dim() != 2:
         return Problem.EMBEDDINGS_NOT_2D, embeddings.dim()
     if not embeddings.is_floating_point():
@@ -38,19 +39,27 @@ def _problem(embeddings: torch.Tensor, labels: torch.Tensor, num_classes: int, w
         return Problem.LABELS_NOT_INTEGER, 0
     if labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
         return Problem.LABELS_SHAPE, labels.numel()
-    bad = (labels < 0) | (labels >= num_classes)
-    if bool(bad.any()):
-        return Problem.LABEL_OUT_OF_RANGE, int(labels[bad][0])
     return Problem.NONE, 0
 
 
 def check_inputs(embeddings: torch.Tensor, labels: torch.Tensor, num_classes: int, width: int) -> torch.Tensor:
-    """This rank's verdict ``[batch_size, problem, detail, non_finite]`` as int64 ``(4,)``."""
-    problem, detail = _problem(embeddings, labels, num_classes, width)
-    ok = problem == Problem.NONE
-    rows = embeddings.shape[0] if ok else 0
-    non_finite = ok and not bool(torch.isfinite(embeddings).all())
-    return torch.tensor([rows, int(problem), detail, int(non_finite)], dtype=torch.int64)
+    """This rank's verdict ``[batch_size, problem, detail, non_finite]``, int64 ``(4,)`` on the
+    labels' device. The value checks (labels in range, embeddings finite) stay on the device: the
+    verdict is read once, after the exchange that carries it."""
+    problem, detail = _shape_problem(embeddings, labels, width)
+    if problem != Problem.NONE:
+        return torch.tensor([0, int(problem), detail, 0], dtype=torch.int64, device=labels.device)
+    labels = labels.to(torch.int64)
+    bad = (labels < 0) | (labels >= num_classes)
+    any_bad = bad.any() if labels.numel() else torch.zeros((), dtype=torch.bool, device=labels.device)
+    first_bad = labels[bad.int().argmax()] if labels.numel() else torch.zeros((), dtype=torch.int64,
+                                                                                  device=labels.device)
+    non_finite = ~torch.isfinite(embeddings).all().to(labels.device) & ~any_bad
+    zero = torch.zeros((), dtype=torch.int64, device=labels.device)
+    return torch.stack([torch.where(any_bad, zero, embeddings.shape[0]),
+                        torch.where(any_bad, int(Problem.LABEL_OUT_OF_RANGE), zero),
+                        torch.where(any_bad, first_bad, zero),
+                        non_finite.to(torch.int64)])
 
 
 def describe(problem: int, detail: int, num_classes: int, width: int) -> str:

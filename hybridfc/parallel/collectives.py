@@ -47,8 +47,10 @@ class Pending(Generic[T]):
     """A collective in flight. :meth:`wait` blocks until it is done (timed as exposed
     communication) and returns its result; later calls return the same result."""
 
-    def __init__(self, kind: str, works: Sequence[Any], finish: Callable[[], T]) -> None:
+    def __init__(self, kind: str, works: Sequence[Any], finish: Callable[[], T],
+                 blocked_since: Optional[float] = None) -> None:
         self.kind, self._works, self._finish = kind, works, finish
+        self._blocked_since = blocked_since
         self._result: Optional[T] = None
         self._done = False
 
@@ -56,9 +58,9 @@ class Pending(Generic[T]):
     def ready(cls, result: T) -> "Pending[T]":
         return cls("", (), lambda: result)
 
-    def wait(self, _since: Optional[float] = None) -> T:
+    def wait(self) -> T:
         if not self._done:
-            start = time.perf_counter() if _since is None else _since
+            start = time.perf_counter() if self._blocked_since is None else self._blocked_since
             for work in self._works:
                 work.wait()
             if self._works:
@@ -71,9 +73,10 @@ def _run(kind: str, bytes_sent: int, launch: Callable[[], Sequence[Any]], finish
          async_op: bool) -> "T | Pending[T]":
     """Record the call, launch its work, and wait for it unless ``async_op``."""
     LEDGER.record(kind, calls=1, bytes_sent=bytes_sent)
+    if async_op:
+        return Pending(kind, launch(), finish)
     start = time.perf_counter()
-    pending = Pending(kind, launch(), finish)
-    return pending if async_op else pending.wait(_since=start)
+    return Pending(kind, launch(), finish, blocked_since=start).wait()
 
 
 def _ready(result: T, async_op: bool) -> "T | Pending[T]":
