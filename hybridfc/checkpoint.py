@@ -8,6 +8,10 @@ file and renamed into place, so an interrupted save never damages an earlier che
 Loading checks that the saved shard is the one this rank owns (same ``num_classes``,
 ``embedding_size``, world size and row range) and raises :class:`CheckpointError` naming the
 difference otherwise: a head is never silently re-initialised.
+
+For serving, :func:`export_centres` writes the class rows of all shards as one ``(C, d)`` matrix
+(``hybridfc export CKPT --out centres.npy``) and :func:`load_centres` loads such a matrix into a
+head of any world size.
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 from hybridfc.head.class_parallel_fc import ClassParallelFC
 from hybridfc.head.optimizer import HeadOptimizer
@@ -92,3 +98,73 @@ def load_head(head: ClassParallelFC, optimizer: "HeadOptimizer | None", tag_dir:
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
         optimizer.skipped_steps = state["skipped_steps"]
+
+
+EXPORT_DTYPES = {"fp32": np.float32, "fp16": np.float16}
+
+
+def tag_directory(checkpoint: "str | os.PathLike") -> Path:
+    """A checkpoint's tag directory: ``checkpoint`` itself when it holds head shards, else the tag
+    its ``latest`` file names."""
+    path = Path(checkpoint)
+    if any(path.glob("hybridfc_head_rank*_of_*.pt")):
+        return path
+    latest = path / "latest"
+    if latest.is_file():
+        return path / latest.read_text().strip()
+    raise CheckpointError(f"hybridfc: {path} is neither a checkpoint tag with head shards nor a checkpoint "
+                          "directory with a 'latest' file")
+
+
+def _shard_files(tag_dir: Path) -> list[Path]:
+    """Every rank's shard file, in rank order, or a :class:`CheckpointError` naming what is missing."""
+    found = sorted(tag_dir.glob("hybridfc_head_rank*_of_*.pt"))
+    if not found:
+        raise CheckpointError(f"hybridfc: {tag_dir} holds no head shards")
+    world_size = int(found[0].stem.rsplit("_of_", 1)[1])
+    expected = [shard_file(tag_dir, rank, world_size) for rank in range(world_size)]
+    missing = [p.name for p in expected if not p.is_file()]
+    if missing or len(found) != world_size:
+        raise CheckpointError(f"hybridfc: {tag_dir} does not hold one head shard per rank of {world_size}: "
+                              f"missing {missing}, found {[p.name for p in found]}")
+    return expected
+
+
+def export_centres(checkpoint: "str | os.PathLike", out: "str | os.PathLike", dtype: str = "fp32",
+                   normalize: bool = False) -> Path:
+    """Write the head's class rows of a checkpoint as one ``(C, d)`` ``.npy`` matrix in class order.
+
+    ``checkpoint``: a tag directory or a save directory with ``latest``. ``dtype``: ``fp32`` or
+    ``fp16``; ``normalize``: L2-normalise each row (as the angular margins score them). One shard is
+    read at a time, and the file appears under ``out`` only once complete. Returns its path.
+    """
+    if dtype not in EXPORT_DTYPES:
+        raise ValueError(f"hybridfc: export dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}")
+    files = _shard_files(tag_directory(checkpoint))
+    out, rows = Path(out), None
+    partial = out.with_name(out.name + ".partial")
+    for path in files:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        shard, weight = state["shard"], state["weight"].float()
+        if rows is None:
+            rows = np.lib.format.open_memmap(partial, mode="w+", dtype=EXPORT_DTYPES[dtype],
+                                             shape=(shard["num_classes"], shard["embedding_size"]))
+        if normalize:
+            weight = F.normalize(weight, dim=1)
+        rows[shard["class_start"]: shard["class_start"] + shard["num_local"]] = weight.numpy()
+    rows.flush()
+    del rows
+    os.replace(partial, out)
+    return out
+
+
+@torch.no_grad()
+def load_centres(head: ClassParallelFC, path: "str | os.PathLike") -> None:
+    """Set this rank's rows of ``head`` from a ``(C, d)`` matrix in class order (``.npy``, as
+    :func:`export_centres` writes), whatever the world size it was trained with."""
+    centres = np.load(path, mmap_mode="r")
+    if centres.shape != (head.num_classes, head.embedding_size):
+        raise CheckpointError(f"hybridfc: {path} holds a {tuple(centres.shape)} matrix; this head needs "
+                              f"({head.num_classes}, {head.embedding_size}) (num_classes, embedding_size)")
+    rows = torch.from_numpy(np.ascontiguousarray(centres[head.class_start: head.class_start + head.num_local]))
+    head.weight.copy_(rows.to(device=head.weight.device, dtype=head.weight.dtype))

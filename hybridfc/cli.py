@@ -1,11 +1,14 @@
-"""The ``hybridfc`` console command; ``hybridfc plan`` prints the head's capacity plan.
+"""The ``hybridfc`` console command: ``plan`` prints the head's capacity plan, ``export`` writes a
+checkpoint's class centres for serving.
 
     hybridfc plan --num-classes 10000000 --embedding-size 512 --world-size 64 \\
                   --local-batch 64 --budget 0.1
     hybridfc plan --embedding-size 512 --world-size 64 --local-batch 64 --budget 0.1 --memory-gib 80
     hybridfc plan ... --json
+    hybridfc export checkpoints --out centres.npy --dtype fp16 --normalize
 
-The plan's arithmetic, and what each figure counts, is in :mod:`hybridfc.plan`.
+The plan's arithmetic, and what each figure counts, is in :mod:`hybridfc.plan`; the export is
+:func:`hybridfc.checkpoint.export_centres`.
 """
 
 from __future__ import annotations
@@ -95,10 +98,34 @@ def _add_plan_parser(commands: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run_plan, subparser=p)
 
 
+def _add_export_parser(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "export", help="a checkpoint's class centres as one (C, d) .npy matrix",
+        description="Write the head's class rows of a checkpoint, all shards, as one (C, d) .npy "
+                    "matrix in class order; hybridfc.checkpoint.load_centres loads it into a head of "
+                    "any world size.")
+    p.add_argument("checkpoint", help="a checkpoint directory (its 'latest' tag) or a tag directory")
+    p.add_argument("--out", required=True, help="the .npy file to write")
+    p.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="of the matrix (default fp32)")
+    p.add_argument("--normalize", action="store_true", help="L2-normalise every row")
+    p.set_defaults(run=run_export, subparser=p)
+
+
+def run_export(args: argparse.Namespace) -> str:
+    from hybridfc.checkpoint import CheckpointError, export_centres
+
+    try:
+        path = export_centres(args.checkpoint, args.out, args.dtype, args.normalize)
+    except CheckpointError as exc:
+        raise ValueError(str(exc)) from None
+    return f"wrote {path}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hybridfc", description="hybridfc tools")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_plan_parser(commands)
+    _add_export_parser(commands)
     return parser
 
 
