@@ -2,8 +2,13 @@
 
 Layout: DeepSpeed writes ``<save_dir>/<tag>/…`` and ``<save_dir>/latest``; each rank of the
 head's group writes ``<save_dir>/<tag>/hybridfc_head_rank{r:05d}_of_{N:05d}.pt`` holding its
-rows, their optimizer state and the shard's description. A shard is written to a temporary
-file and renamed into place, so an interrupted save never damages an earlier checkpoint.
+rows, their optimizer state and the shard's description.
+
+A save is complete or invisible (:func:`publish`): every rank writes into the staging directory
+``<save_dir>/<tag>.partial`` (head shards fsynced), then one rank fsyncs it, renames it to
+``<tag>`` and only then points ``latest`` at it (a temporary file, fsynced, renamed). A save
+interrupted at any stage leaves the previous checkpoint, and ``latest``, as they were.
+:data:`SAVE_STAGE_HOOK` lets tests stop a rank at each stage.
 
 Loading checks that the saved shard is the one this rank owns (same ``num_classes``,
 ``embedding_size``, world size and row range) and raises :class:`CheckpointError` naming the
@@ -18,7 +23,8 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+import shutil
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -30,6 +36,66 @@ from hybridfc.head.optimizer import HeadOptimizer
 
 class CheckpointError(RuntimeError):
     """A checkpoint's head does not match the head it is loaded into, or is missing."""
+
+
+SAVE_STAGE_HOOK: Optional[Callable[[str], None]] = None
+"""Called with each stage a save reaches (``"head_written"``, ``"backbone_written"``,
+``"renamed"``, ``"latest_written"``): fault injection for tests."""
+
+STAGING_SUFFIX = ".partial"
+
+
+def reached(stage: str) -> None:
+    """Report a save's stage to :data:`SAVE_STAGE_HOOK`, if one is set."""
+    if SAVE_STAGE_HOOK is not None:
+        SAVE_STAGE_HOOK(stage)
+
+
+def staging_tag(tag: str) -> str:
+    """The directory name a save of ``tag`` is written under until it is complete."""
+    return tag + STAGING_SUFFIX
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's or a directory's entries to the disk."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _fsync_tree(directory: Path) -> None:
+    for path in sorted(directory.rglob("*")) + [directory]:
+        _fsync(path)
+
+
+def publish(save_dir: "str | os.PathLike", tag: str, save_latest: bool = True) -> Path:
+    """Make the complete staging directory of ``tag`` the checkpoint ``tag`` (one rank calls it):
+    fsync, rename over any older ``tag``, then, with ``save_latest``, point ``latest`` at it."""
+    save_dir = Path(save_dir)
+    staging, final = save_dir / staging_tag(tag), save_dir / tag
+    _fsync_tree(staging)
+    if final.exists():
+        retired = save_dir / (tag + ".replaced")
+        shutil.rmtree(retired, ignore_errors=True)
+        os.replace(final, retired)
+        os.replace(staging, final)
+        shutil.rmtree(retired)
+    else:
+        os.replace(staging, final)
+    _fsync(save_dir)
+    reached("renamed")
+    if save_latest:
+        latest = save_dir / "latest.tmp"
+        with open(latest, "w") as f:
+            f.write(tag)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(latest, save_dir / "latest")
+        _fsync(save_dir)
+        reached("latest_written")
+    return final
 
 
 def shard_file(tag_dir: "str | os.PathLike", rank: int, world_size: int) -> Path:
@@ -60,9 +126,10 @@ def save_head(head: ClassParallelFC, optimizer: HeadOptimizer, tag_dir: "str | o
         "steps": head.steps,
         "selection": head.selection.state_dict(),
     }
-    tmp = path.with_suffix(".pt.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with open(path, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
     return path
 
 

@@ -39,6 +39,7 @@ import argparse
 import copy
 import logging
 import os
+import shutil
 from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import deepspeed
@@ -46,7 +47,7 @@ import torch
 from deepspeed.utils import groups
 from torch import nn
 
-from hybridfc.checkpoint import check_head_files, load_head, save_head
+from hybridfc.checkpoint import check_head_files, load_head, publish, reached, save_head, staging_tag
 from hybridfc.config import (ConfigError, EvaluationConfig, HybridFCConfig, config_fingerprint, load_ds_config,
                              split_ds_config)
 from hybridfc.data.loader import DistributedLoader
@@ -237,16 +238,23 @@ class HybridEngine:
 
     def save_checkpoint(self, save_dir: str, tag: Optional[str] = None, client_state: Optional[dict] = None,
                         save_latest: bool = True, **kwargs: Any) -> bool:
-        """Save the backbone (DeepSpeed) and the head's shards under ``save_dir/tag``.
-
-        The head is written first: DeepSpeed's ``latest`` file only moves to a tag whose head
-        shards are complete.
-        """
+        """Save the backbone (DeepSpeed) and the head's shards as ``save_dir/tag``, complete or not
+        at all: written under ``<tag>.partial``, renamed when every rank is done, ``latest`` moved
+        last (:func:`hybridfc.checkpoint.publish`)."""
         tag = str(tag) if tag is not None else f"global_step{self.backbone.global_steps}"
-        save_head(self.head, self.head_optimizer, os.path.join(save_dir, tag))
-        barrier(self.head.group)
-        return self.backbone.save_checkpoint(save_dir, tag=tag, client_state=client_state or {},
-                                             save_latest=save_latest, **kwargs)
+        staging = os.path.join(save_dir, staging_tag(tag))
+        first = self.backbone.global_rank == 0
+        run_on_every_rank(lambda: shutil.rmtree(staging, ignore_errors=True) if first else None,
+                          "clearing an interrupted save")
+        run_on_every_rank(lambda: save_head(self.head, self.head_optimizer, staging), "saving the head",
+                          self.head.group)
+        reached("head_written")
+        saved = self.backbone.save_checkpoint(save_dir, tag=staging_tag(tag), client_state=client_state or {},
+                                              save_latest=False, **kwargs)
+        barrier()
+        reached("backbone_written")
+        run_on_every_rank(lambda: publish(save_dir, tag, save_latest) if first else None, "publishing the checkpoint")
+        return saved
 
     def load_checkpoint(self, load_dir: str, tag: Optional[str] = None, **kwargs: Any):
         """Load the backbone (DeepSpeed) and the head's shards; DeepSpeed's return value.

@@ -549,3 +549,36 @@ def test_engine_state_dict_round_trips_backbone_and_head(nan_runs, stage):
         for name, value in trip["restored"]["backbone"].items():
             assert torch.equal(value, rec["backbone"][name])
         assert torch.equal(trip["restored"]["head"], rec["heads"][-1])
+
+
+SAVE_STAGES = {"head_written": 1, "backbone_written": 0, "renamed": 0, "latest_written": 0}   # stage: rank killed
+
+
+@pytest.fixture(scope="module")
+def interrupted_saves(tmp_path_factory) -> Path:
+    """For each stage of a save, a launch that saves after step 1 and is killed (SIGKILL on one
+    rank) in its save after step 3; then one launch that resumes from each checkpoint's latest."""
+    directory = tmp_path_factory.mktemp("interrupted")
+    for stage, rank in SAVE_STAGES.items():
+        run = {"name": f"killed_{stage}", "config": ds_config(0), "steps": 3, "save_after": [1, 3],
+               "checkpoint": str(directory / stage), "kill_stage": stage, "kill_rank": rank}
+        result = launch_worker(directory, [run], timeout=120)
+        assert result.returncode != 0, f"the launch killed at {stage} exited 0:\n{tail(result.stdout)}"
+    runs = [{"name": f"resumed_{stage}", "config": ds_config(0), "steps": 1, "load": True,
+             "checkpoint": str(directory / stage)} for stage in SAVE_STAGES]
+    assert_succeeded(launch_worker(directory, runs, timeout=240))
+    return directory
+
+
+@pytest.mark.parametrize("stage", list(SAVE_STAGES))
+def test_a_save_killed_at_any_stage_leaves_a_loadable_checkpoint(interrupted_saves, stage):
+    """Killed before ``latest`` moved, the previous checkpoint is the one loaded (the new tag is
+    invisible or complete); killed after, the new one, complete."""
+    checkpoint = interrupted_saves / stage
+    expected = "global_step3" if stage == "latest_written" else "global_step1"
+    assert (checkpoint / "latest").read_text() == expected
+    if stage in ("head_written", "backbone_written"):
+        assert not (checkpoint / "global_step3").exists()
+    assert len(list((checkpoint / expected).glob("hybridfc_head_*.pt"))) == 2
+    for rec in records(interrupted_saves, f"resumed_{stage}"):
+        assert len(rec["losses"]) == 1 and torch.isfinite(rec["losses"][0])

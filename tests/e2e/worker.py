@@ -9,8 +9,10 @@
   ``args.deepspeed_config``, the way a user's ``--deepspeed_config`` reaches it;
 * ``steps``: optimizer steps, each of ``gradient_accumulation_steps`` micro-batches;
 * ``first_step`` (default 0): the index in the data stream of the first step's batches;
-* ``checkpoint`` with ``save_after`` (save there after that many steps) or ``load`` (true: load
-  it before training);
+* ``checkpoint`` with ``save_after`` (save there after that many steps; a list: after each) or
+  ``load`` (true: load it before training);
+* ``kill_stage`` with ``kill_rank``: during the last save, that rank is killed (SIGKILL) when the
+  save reaches that stage (:data:`hybridfc.checkpoint.SAVE_STAGE_HOOK`);
 * ``bad_label_rank``: that rank puts the out-of-range label ``BAD_LABEL`` in its first batch;
 * ``nan_rank`` with ``nan_steps``: that rank puts a NaN in its inputs at those steps (0-based);
 * ``state_dict_round_trip``: after training, ``engine.state_dict()`` is taken, zeros are loaded,
@@ -33,6 +35,7 @@ import argparse
 import copy
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -41,6 +44,7 @@ import torch
 from torch import nn
 
 import hybridfc
+import hybridfc.checkpoint
 from hybridfc.data import SyntheticClasses
 
 INPUT_DIM = 16
@@ -69,6 +73,15 @@ def backbone_parameters(engine) -> dict[str, torch.Tensor]:
     module = engine.backbone.module
     with deepspeed.zero.GatheredParameters(list(module.parameters())):
         return {name: p.detach().clone().cpu() for name, p in module.named_parameters()}
+
+
+def arm_kill(stage: str, kill_rank: int, rank: int) -> None:
+    """Kill this process, the way ``kill -9`` does, when a save reaches ``stage`` on ``kill_rank``."""
+    def hook(reached: str) -> None:
+        if reached == stage and rank == kill_rank:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    hybridfc.checkpoint.SAVE_STAGE_HOOK = hook
 
 
 def state_dict_round_trip(engine) -> dict:
@@ -113,7 +126,11 @@ def train(args: argparse.Namespace, run: dict, out: Path) -> None:
             record["losses"].append(loss.detach().clone())
             record["heads"].append(engine.head.weight.detach().clone())
             record["head_lrs"].append(engine.head_optimizer.param_groups[0]["lr"])
-        if run.get("save_after") == step + 1 - first:
+        saves = run.get("save_after")
+        saves = saves if isinstance(saves, list) else [saves]
+        if step + 1 - first in saves:
+            if run.get("kill_stage") and step + 1 - first == max(saves):
+                arm_kill(run["kill_stage"], run["kill_rank"], rank)
             engine.save_checkpoint(run["checkpoint"])
     if run.get("state_dict_round_trip"):
         record["round_trip"] = state_dict_round_trip(engine)
