@@ -22,8 +22,9 @@ head of any world size.
 from __future__ import annotations
 
 import os
-from pathlib import Path
+import random
 import shutil
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -113,8 +114,10 @@ def _description(head: ClassParallelFC) -> dict[str, int]:
     }
 
 
-def save_head(head: ClassParallelFC, optimizer: HeadOptimizer, tag_dir: "str | os.PathLike") -> Path:
-    """Write this rank's shard, its optimizer state and counters; returns the file written."""
+def save_head(head: ClassParallelFC, optimizer: HeadOptimizer, tag_dir: "str | os.PathLike",
+              run_state: Optional[dict[str, Any]] = None) -> Path:
+    """Write this rank's shard, its optimizer state and counters, and ``run_state`` (this rank's
+    part of the run beyond the head: the loader's position, RNG states); returns the file written."""
     path = shard_file(tag_dir, head.rank, head.world_size)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {
@@ -125,6 +128,7 @@ def save_head(head: ClassParallelFC, optimizer: HeadOptimizer, tag_dir: "str | o
         "skipped_steps": optimizer.skipped_steps,
         "steps": head.steps,
         "selection": head.selection.state_dict(),
+        "run_state": run_state or {},
     }
     with open(path, "wb") as f:
         torch.save(state, f)
@@ -148,10 +152,11 @@ def check_head_files(head: ClassParallelFC, tag_dir: "str | os.PathLike") -> Pat
     )
 
 
-def load_head(head: ClassParallelFC, optimizer: "HeadOptimizer | None", tag_dir: "str | os.PathLike") -> None:
-    """Restore this rank's shard (and optimizer state, when given) from ``tag_dir``."""
+def load_head(head: ClassParallelFC, optimizer: "HeadOptimizer | None", tag_dir: "str | os.PathLike") -> dict:
+    """Restore this rank's shard (and optimizer state, when given) from ``tag_dir``; returns the
+    ``run_state`` saved with it."""
     path = check_head_files(head, tag_dir)
-    state: dict[str, Any] = torch.load(path, map_location=head.weight.device, weights_only=True)
+    state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
     expected = _description(head)
     mismatched = {k: (v, expected[k]) for k, v in state["shard"].items() if expected.get(k) != v}
     if mismatched:
@@ -165,6 +170,26 @@ def load_head(head: ClassParallelFC, optimizer: "HeadOptimizer | None", tag_dir:
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
         optimizer.skipped_steps = state["skipped_steps"]
+    return state.get("run_state", {})
+
+
+def rng_states() -> dict[str, Any]:
+    """This process's random generators: torch (CPU and every CUDA device), numpy, Python."""
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss),
+            "python": random.getstate()}
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    """Put back what :func:`rng_states` returned."""
+    torch.set_rng_state(states["torch"])
+    if states["cuda"]:
+        torch.cuda.set_rng_state_all(states["cuda"])
+    kind, keys, position, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
+    random.setstate(states["python"])
 
 
 EXPORT_DTYPES = {"fp32": np.float32, "fp16": np.float16}

@@ -41,10 +41,10 @@ MEMORY_ROWS = (
     ("total", "total memory per rank = max(A, B)"),
 )
 COMMUNICATION_ROWS = (
-    ("feature_all_gather", "feature all-gather (B x d {features})"),
+    ("feature_all_gather", "feature all-gather (B x d fp32)"),
     ("label_all_gather", "labels + batch sizes all-gather (int64)"),
     ("softmax", "softmax all-reduces (3 fp32 per sample of B)"),
-    ("feature_gradient", "feature-gradient reduce-scatter (B x d {features})"),
+    ("feature_gradient", "feature-gradient reduce-scatter (B x d fp32)"),
     ("selection_lookup", "knn neighbour lists all-reduce (B x k int64)"),
     ("weight_gradient_sync", "weight-gradient all-reduce (C x d {storage})"),
     ("total", "total communication per rank"),

@@ -24,7 +24,8 @@ How the head follows the backbone:
 * learning rate: the head's lr is its configured lr times the ratio of the backbone's current
   lr to the backbone's configured lr, so DeepSpeed's warm-up and decay schedules apply to both;
 * checkpoints: ``save_checkpoint`` / ``load_checkpoint`` store the head's shards and optimizer
-  state inside DeepSpeed's checkpoint tag directory (see :mod:`hybridfc.checkpoint`);
+  state inside DeepSpeed's checkpoint tag directory (see :mod:`hybridfc.checkpoint`), with the
+  loader's position and each rank's random generators, complete or not at all;
 * communication: ``communication_stats()`` returns what hybridfc sent since its previous call
   (:mod:`hybridfc.parallel.accounting`), and every ``steps_per_print`` steps one log line sums it up.
 
@@ -47,7 +48,8 @@ import torch
 from deepspeed.utils import groups
 from torch import nn
 
-from hybridfc.checkpoint import check_head_files, load_head, publish, reached, save_head, staging_tag
+from hybridfc.checkpoint import (check_head_files, load_head, publish, reached, rng_states, save_head, set_rng_states,
+                                 staging_tag)
 from hybridfc.config import (ConfigError, EvaluationConfig, HybridFCConfig, config_fingerprint, load_ds_config,
                              split_ds_config)
 from hybridfc.data.loader import DistributedLoader
@@ -57,6 +59,7 @@ from hybridfc.head.class_parallel_fc import ClassParallelFC
 from hybridfc.head.optimizer import HeadOptimizer, build_head_optimizer
 from hybridfc.log import log_dist
 from hybridfc.parallel.accounting import CommunicationStats, StatsCursor
+from hybridfc.parallel.chunks import TILE_ROWS, ChunkLayout
 from hybridfc.parallel.collectives import all_gather_vector, barrier, run_on_every_rank
 from hybridfc.parallel.groups import ProcessGroup, collective_device, group_rank, group_size
 from hybridfc.step import TrainingStep
@@ -81,6 +84,9 @@ class HybridEngine:
         backbone: the ``deepspeed.DeepSpeedEngine`` wrapping the backbone.
         head: the class-parallel head (this rank's shard).
         head_optimizer: the head's optimizer.
+        loader: the training loader :func:`initialize` made (None without ``training_data``); its
+            position in the epoch is saved and restored with the checkpoints, with this rank's
+            random generators, so a resumed run continues the same sample sequence.
         last_evaluation, last_evaluated_step: the latest :meth:`evaluate` result and its step.
 
     The DeepSpeed attributes in :data:`FORWARDED` are reached through the facade
@@ -89,8 +95,9 @@ class HybridEngine:
 
     def __init__(self, backbone: deepspeed.DeepSpeedEngine, head: ClassParallelFC, head_optimizer: HeadOptimizer,
                  backbone_base_lr: Optional[float], evaluation: Optional[EvaluationConfig] = None,
-                 max_consecutive_skips: int = 10) -> None:
+                 max_consecutive_skips: int = 10, loader: Optional[DistributedLoader] = None) -> None:
         self.backbone = backbone
+        self.loader = loader
         self.head = head
         self.head_optimizer = head_optimizer
         self.evaluation = evaluation or EvaluationConfig()
@@ -246,7 +253,8 @@ class HybridEngine:
         first = self.backbone.global_rank == 0
         run_on_every_rank(lambda: shutil.rmtree(staging, ignore_errors=True) if first else None,
                           "clearing an interrupted save")
-        run_on_every_rank(lambda: save_head(self.head, self.head_optimizer, staging), "saving the head",
+        run_state = {"rng": rng_states(), "loader": None if self.loader is None else self.loader.state_dict()}
+        run_on_every_rank(lambda: save_head(self.head, self.head_optimizer, staging, run_state), "saving the head",
                           self.head.group)
         reached("head_written")
         saved = self.backbone.save_checkpoint(save_dir, tag=staging_tag(tag), client_state=client_state or {},
@@ -268,8 +276,14 @@ class HybridEngine:
         run_on_every_rank(lambda: check_head_files(self.head, tag_dir), "finding the head's shard", self.head.group)
         load_path, client_state = self.backbone.load_checkpoint(load_dir, tag=tag, **kwargs)
         restore_optimizer = kwargs.get("load_optimizer_states", True) and not kwargs.get("load_module_only", False)
-        run_on_every_rank(lambda: load_head(self.head, self.head_optimizer if restore_optimizer else None, tag_dir),
-                          "restoring the head", self.head.group)
+        run_state = run_on_every_rank(
+            lambda: load_head(self.head, self.head_optimizer if restore_optimizer else None, tag_dir),
+            "restoring the head", self.head.group)
+        self._logged_step = self.backbone.global_steps
+        if run_state:
+            set_rng_states(run_state["rng"])
+            if self.loader is not None and run_state["loader"] is not None:
+                self.loader.load_state_dict(run_state["loader"])
         return load_path, client_state
 
 
@@ -300,11 +314,17 @@ def _check_enough_classes(cfg: HybridFCConfig, mpu: Any) -> None:
 
 
 def check_chunks(cfg: HybridFCConfig, micro_batch: int) -> None:
-    """A micro-batch cannot be cut into more chunks than it has samples."""
-    if cfg.communication.chunks > micro_batch:
-        raise ConfigError(f"hybridfc.communication.chunks: {cfg.communication.chunks} chunks is more than the "
+    """A micro-batch cannot be cut into more chunks than it has samples; chunks take whole tiles
+    of rows, so a small micro-batch runs fewer chunks than asked (logged)."""
+    chunks = cfg.communication.chunks
+    if chunks > micro_batch:
+        raise ConfigError(f"hybridfc.communication.chunks: {chunks} chunks is more than the "
                           f"{micro_batch} samples of a micro-batch (train_micro_batch_size_per_gpu); "
                           f"use at most {micro_batch}")
+    runs = ChunkLayout.of([micro_batch], chunks).chunks
+    if runs < chunks:
+        log_dist(f"hybridfc.communication.chunks: a micro-batch of {micro_batch} rows is {runs} tiles of "
+                 f"{TILE_ROWS}, so {runs} chunks run, not {chunks}", level=logging.WARNING)
 
 
 def _read_ds_config(args: Optional[argparse.Namespace], config: Any, config_params: Any) -> dict:
@@ -357,13 +377,13 @@ def initialize(args: Optional[argparse.Namespace] = None, model: Optional[torch.
                            seed=cfg.seed, device=backbone.device, selection=cfg.selection.model_dump(),
                            storage_dtype=cfg.storage_dtype, communication=cfg.communication.model_dump())
     head_optimizer = build_head_optimizer(head, cfg.optimizer.model_dump(), cfg.gradient_clipping)
-    engine = HybridEngine(backbone, head, head_optimizer, _backbone_base_lr(ds_config, optimizer), cfg.evaluation,
-                          cfg.max_consecutive_skips)
-    log_dist(f"hybridfc head: {cfg.num_classes} classes x {cfg.embedding_size} over {group_size(group)} ranks "
-             f"({head.num_local} rows on rank 0), margin {cfg.margin.model_dump()}, "
-             f"selection {cfg.selection.model_dump()}, {head.selection.budget} active rows per step")
     loader = None
     if training_data is not None:
         loader = DistributedLoader(training_data, backbone.train_micro_batch_size_per_gpu(), rank=group_rank(group),
                                    world_size=group_size(group), collate_fn=collate_fn, seed=cfg.seed)
+    engine = HybridEngine(backbone, head, head_optimizer, _backbone_base_lr(ds_config, optimizer), cfg.evaluation,
+                          cfg.max_consecutive_skips, loader)
+    log_dist(f"hybridfc head: {cfg.num_classes} classes x {cfg.embedding_size} over {group_size(group)} ranks "
+             f"({head.num_local} rows on rank 0), margin {cfg.margin.model_dump()}, "
+             f"selection {cfg.selection.model_dump()}, {head.selection.budget} active rows per step")
     return engine, ds_optimizer, loader, ds_scheduler

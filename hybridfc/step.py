@@ -11,9 +11,14 @@ At every gradient-accumulation boundary :meth:`TrainingStep.finish` runs on ever
    some rank (fp32 and bf16; under fp16 that is an overflow, which DeepSpeed's loss scale
    handles), or the head's gradient norm is not finite;
 4. **step**: DeepSpeed's step, told to skip where it would not find out by itself
-   (:meth:`DeepSpeedAdapter.skip_next_step`); a skipped step is counted in DeepSpeed's
-   ``skipped_steps``, leaves the lr schedule where it was and makes ``was_step_applied()`` False.
-   Then the head's: an update clipped with the agreed norm, or a skip;
+   (:meth:`DeepSpeedAdapter.skip_next_step`: a plain optimizer, ZeRO-0 in fp32); the fp16, bf16
+   and ZeRO optimizers find the same non-finite gradients in their own overflow checks (on by
+   default in DeepSpeed 0.19). A skipped step is counted in DeepSpeed's ``skipped_steps``, leaves
+   the lr schedule where it was and makes ``was_step_applied()`` False. Then the head's: an update
+   clipped with the agreed norm, or a skip. Should DeepSpeed apply a step hybridfc found
+   non-finite (its overflow checks switched off, or a non-finite head gradient alone, possible
+   with an fp16-stored head under fp16), the run stops with :class:`NonFiniteError` rather than
+   train on with backbone and head out of step;
 5. **reset**: the head's gradient and step state, the watch.
 
 ``global_steps`` counts every attempted step, and so does ``head.steps`` (the selection's
@@ -99,8 +104,9 @@ class TrainingStep:
                  max_consecutive_skips: int) -> None:
         self.backbone, self.head, self.head_optimizer = backbone, head, head_optimizer
         self.max_consecutive_skips = max_consecutive_skips
-        self.watch = GradientWatch(backbone.module)
+        self.watch = None if backbone.fp16 else GradientWatch(backbone.module)
         self.consecutive_skips = 0
+        self._first_skipped_step = 0
         self._head_base_lr = head_optimizer.param_groups[0]["lr"]
 
     def finish(self, loss_scale: float, lr_factor: float) -> bool:
@@ -137,10 +143,10 @@ class TrainingStep:
 
     def _agree(self) -> Verdict:
         """One all-gather: each rank's backbone-gradient flag and head-gradient square norm."""
-        mine = [float(self.watch.take()), self.head_optimizer.local_square_norm()]
+        mine = [float(self.watch is not None and self.watch.take()), self.head_optimizer.local_square_norm()]
         group = self.head.group
         table = all_gather_vector(torch.tensor(mine, dtype=torch.float64, device=collective_device(group)), group)
-        gradient_ranks = [] if self.backbone.fp16 else torch.nonzero(table[:, 0]).squeeze(1).tolist()
+        gradient_ranks = torch.nonzero(table[:, 0]).squeeze(1).tolist()
         return Verdict(sorted(self.head.non_finite_inputs), self.head.non_finite_loss, gradient_ranks,
                        math.sqrt(float(table[:, 1].sum())))
 
@@ -158,8 +164,9 @@ class TrainingStep:
         if not counts:
             return
         self.consecutive_skips += 1
+        if self.consecutive_skips == 1:
+            self._first_skipped_step = step
         if self.max_consecutive_skips and self.consecutive_skips >= self.max_consecutive_skips:
-            first = step - self.consecutive_skips + 1
-            raise NonFiniteError(f"hybridfc: {self.consecutive_skips} steps in a row skipped (steps {first} to {step}), "
-                                 f"the last for {cause}; stopping (hybridfc.max_consecutive_skips = "
-                                 f"{self.max_consecutive_skips})")
+            raise NonFiniteError(f"hybridfc: {self.consecutive_skips} steps in a row skipped (steps "
+                                 f"{self._first_skipped_step} to {step}), the last for {cause}; stopping "
+                                 f"(hybridfc.max_consecutive_skips = {self.max_consecutive_skips})")

@@ -134,14 +134,16 @@ def test_the_ledger_counts_calls_and_the_bytes_each_backend_moves(world_size):
             assert result["blocked"] >= 0.2, "a rank waiting for a late peer is blocked in wait()"
 
 
-def test_a_background_thread_counts_bytes_but_no_exposed_time():
+def test_the_ledger_adds_up_records_from_several_threads():
     ledger = Ledger()
-    worker = threading.Thread(target=lambda: ledger.record("all_gather", 1, 100, 5.0))
-    worker.start()
-    worker.join()
-    ledger.record("all_gather", 1, 50, 0.25)
+    workers = [threading.Thread(target=lambda: [ledger.record("all_gather", 1, 100, 0.5) for _ in range(200)])
+               for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
     traffic = ledger.totals()["all_gather"]
-    assert (traffic.calls, traffic.bytes_sent, traffic.exposed_seconds) == (2, 150, 0.25)
+    assert (traffic.calls, traffic.bytes_sent, traffic.exposed_seconds) == (800, 80_000, 400.0)
 
 
 SELECTIONS = {"full": {"type": "full"},

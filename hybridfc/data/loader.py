@@ -8,6 +8,11 @@ yield the same number of batches. When the last step would leave some rank empty
 than ``world_size`` samples), it is merged into the step before, whose local batches then
 hold ``batch_size`` or ``batch_size + 1`` samples. The uneven last batch is kept.
 
+The loader knows how far into its epoch it is, in samples of the epoch's permutation
+(:meth:`DistributedLoader.state_dict`): a loader given that state continues the same global
+order from the next sample, on any number of ranks and local batch size, and
+``hybridfc.HybridEngine`` saves and restores it with its checkpoints.
+
 Example::
 
     from hybridfc.data import DistributedLoader, SyntheticClasses
@@ -105,6 +110,8 @@ class DistributedLoader:
         self._bounds = step_bounds(len(dataset), world_size * batch_size, world_size)
         self._epoch = 0
         self._started = False
+        self._consumed = 0
+        self._resume_at = 0
 
     @property
     def batch_size(self) -> int:
@@ -122,9 +129,25 @@ class DistributedLoader:
         return len(range(self.rank, len(self.dataset), self.world_size))
 
     def set_epoch(self, epoch: int) -> None:
-        """Make the next ``iter()`` run epoch ``epoch``."""
+        """Make the next ``iter()`` run epoch ``epoch`` from its start."""
         self._epoch = epoch
         self._started = False
+        self._resume_at = 0
+
+    def state_dict(self) -> dict[str, int]:
+        """Where the loader is: the epoch, and the samples of its permutation handed out so far
+        (over all ranks, the batch just yielded included)."""
+        return {"epoch": self._epoch, "samples": self._consumed, "num_samples": len(self.dataset), "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Make the next ``iter()`` continue from ``state``: the rest of that epoch, or the next
+        epoch when it was used up."""
+        if state["num_samples"] != len(self.dataset) or state["seed"] != self.seed:
+            raise ValueError(f"hybridfc: the saved loader position is for {state['num_samples']} samples and seed "
+                             f"{state['seed']}, this loader has {len(self.dataset)} and seed {self.seed}")
+        finished = state["samples"] >= len(self.dataset)
+        self.set_epoch(state["epoch"] + finished)
+        self._resume_at = 0 if finished else state["samples"]
 
     def __len__(self) -> int:
         """Batches per rank per epoch, equal on all ranks."""
@@ -133,17 +156,29 @@ class DistributedLoader:
     def __iter__(self) -> Iterator[Any]:
         if self._started:
             self._epoch += 1
+            self._resume_at = 0
         self._started = True
-        batches = _RankBatches(self._permutation(), self._bounds, self.rank, self.world_size)
+        skip = self._resume_at
+        bounds = self._bounds if not skip else [
+            (start + skip, end + skip)
+            for start, end in step_bounds(len(self.dataset) - skip, self.world_size * self._batch_size,
+                                          self.world_size)]
         loader = DataLoader(
             self.dataset,
-            batch_sampler=batches,
+            batch_sampler=_RankBatches(self._permutation(), bounds, self.rank, self.world_size),
             num_workers=self.num_workers,
             collate_fn=self.collate_fn,
             pin_memory=self.pin_memory,
             persistent_workers=False,
         )
-        return iter(loader)
+        self._consumed = skip
+        return self._counted(iter(loader), bounds)
+
+    def _counted(self, batches: Iterator[Any], bounds: Sequence[tuple[int, int]]) -> Iterator[Any]:
+        """The batches, counting the samples handed out before each is yielded."""
+        for (_, end), batch in zip(bounds, batches):
+            self._consumed = end
+            yield batch
 
     def _permutation(self) -> torch.Tensor:
         """All indices (n,) int64 in this epoch's order."""

@@ -64,7 +64,7 @@ from hybridfc.log import log_dist
 from hybridfc.parallel.accounting import CommunicationStats, StatsCursor
 from hybridfc.parallel.chunks import ChunkedGather, ChunkLayout
 from hybridfc.parallel.collectives import all_gather_vector, gather_padded
-from hybridfc.parallel.groups import ProcessGroup, group_rank, group_size, shard_range
+from hybridfc.parallel.groups import ProcessGroup, collective_device, group_rank, group_size, shard_range
 from hybridfc.parallel.mappings import scale_gradient
 from hybridfc.selection import Selection, Shard, build_selection
 
@@ -233,7 +233,7 @@ class ClassParallelFC(nn.Module):
         """All-gather every rank's batch size and input verdict; raise on any bad input. Returns
         the batch sizes and the ranks whose embeddings are not finite."""
         verdict = check_inputs(embeddings, labels, self.num_classes, self.embedding_size)
-        verdicts = all_gather_vector(verdict.to(self.weight.device), self.group).cpu()
+        verdicts = all_gather_vector(verdict.to(collective_device(self.group)), self.group).cpu()
         raise_if_any_bad(verdicts, self.num_classes, self.embedding_size)
         return verdicts[:, 0].tolist(), torch.nonzero(verdicts[:, 3]).squeeze(1).tolist()
 

@@ -78,9 +78,10 @@ class _MarginCrossEntropy(torch.autograd.Function):
         weight_t = weight.t()
         for chunk in range(layout.chunks):
             for (start, end), part in zip(layout.blocks(chunk), _rank_parts(gathered.wait(chunk), layout, chunk)):
-                _prepare_features_(features[start:end], part, None if inv_feature_norm is None
-                                   else inv_feature_norm[start:end])
                 for tile in tiles(start, end):
+                    rows_in_part = slice(tile.start - start, tile.stop - start)
+                    _prepare_features_(features[tile], part[rows_in_part],
+                                       None if inv_feature_norm is None else inv_feature_norm[tile])
                     torch.mm(features[tile], weight_t, out=logits[tile])
 
         inv_norm = _inverse_row_norms(weight) if margin.normalize else None
@@ -152,9 +153,10 @@ def _chunk_feature_gradient(grad_logits: torch.Tensor, weight: torch.Tensor, fea
     offset = 0
     for start, end in layout.blocks(chunk):
         for tile in tiles(start, end):
-            torch.mm(grad_logits[tile], weight, out=out[tile.start - start + offset: tile.stop - start + offset])
-        if inv_feature_norm is not None:
-            _normalize_backward_(out[offset: offset + end - start], features[start:end], inv_feature_norm[start:end])
+            part = out[tile.start - start + offset: tile.stop - start + offset]
+            torch.mm(grad_logits[tile], weight, out=part)
+            if inv_feature_norm is not None:
+                _normalize_backward_(part, features[tile], inv_feature_norm[tile])
         offset += end - start
     return out
 

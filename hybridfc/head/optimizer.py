@@ -48,6 +48,7 @@ import torch
 from hybridfc.head.class_parallel_fc import ClassParallelFC
 from hybridfc.head.row_clock import RowClock
 from hybridfc.parallel.collectives import all_reduce
+from hybridfc.parallel.groups import collective_device
 
 _BLOCK_BYTES = 1 << 20
 
@@ -80,7 +81,7 @@ class HeadOptimizer(torch.optim.Optimizer):
         then :meth:`update`. Returns whether an update was applied."""
         if self.gradient_clipping <= 0:
             return self.update(0.0)
-        square = torch.tensor([self.local_square_norm()], dtype=torch.float64, device=self.head.weight.device)
+        square = torch.tensor([self.local_square_norm()], dtype=torch.float64, device=collective_device(self.head.group))
         return self.update(math.sqrt(float(all_reduce(square, "sum", self.head.group))))
 
     @torch.no_grad()

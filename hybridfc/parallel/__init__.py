@@ -8,7 +8,7 @@ module            what it holds
 ``groups``        group size and rank, backend, the sharding rule
 ``collectives``   sync and async collectives, raising on every rank
 ``chunks``        the local batch in chunks: their layout, their exchanges in flight
-``mappings``      the collectives as autograd functions (the head's feature exchange)
+``mappings``      collectives as autograd functions (``gather_rows``, ``scale_gradient``)
 ``accounting``    calls, bytes and exposed seconds per collective kind
 ``wire``          the bytes each collective puts on the wire (shared with ``hybridfc plan``)
 ================  ==============================================================

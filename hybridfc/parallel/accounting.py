@@ -4,10 +4,10 @@ Every collective of :mod:`hybridfc.parallel.collectives` records itself in the p
 :data:`LEDGER`: one call, the bytes this rank sends as the backend really moves them
 (:mod:`hybridfc.parallel.wire`), and the seconds the training thread spent blocked in it,
 inside a synchronous collective or in ``wait()`` on an asynchronous one. That last figure is
-the *exposed* communication: time a step could not hide behind compute. Collectives of a
-background thread (a selection's rebuild) count their calls and bytes but no exposed time:
-they delay no step. On CUDA a collective blocks the host only until it is enqueued, so there
-the exposed time is host time, not the stream's.
+the *exposed* communication: time a step could not hide behind compute. Every collective runs on
+a thread of the training step (the training loop's, or autograd's for a backward pass); no
+background thread talks to other ranks. On CUDA a collective blocks the host only until it is
+enqueued, so there the exposed time is host time, not the stream's.
 
 Readers keep their own place in the ledger:
 
@@ -89,8 +89,6 @@ class Ledger:
         self._by_kind: dict[str, Traffic] = {}
 
     def record(self, kind: str, calls: int = 0, bytes_sent: int = 0, exposed_seconds: float = 0.0) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            exposed_seconds = 0.0
         with self._lock:
             self._by_kind[kind] = self._by_kind.get(kind, Traffic()) + Traffic(calls, bytes_sent, exposed_seconds)
 

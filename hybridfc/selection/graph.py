@@ -35,7 +35,7 @@ from typing import Optional
 import torch
 
 from hybridfc.parallel.collectives import all_gather, ring_shift
-from hybridfc.parallel.groups import ProcessGroup, group_rank, group_size, shard_range
+from hybridfc.parallel.groups import ProcessGroup, collective_device, group_rank, group_size, shard_range
 from hybridfc.selection.build_steps import BuildSteps, Exchange, run_inline
 from hybridfc.selection.exact import exact_search
 from hybridfc.selection.index import (GRAPH_EXACT_MAX_ROWS, RECALL_QUERIES, ShardIndex, choose_index_kind,
@@ -97,7 +97,16 @@ def knn_graph_steps(centres: torch.Tensor, class_start: int, num_classes: int, k
 
 
 def _shift(tensors: list[torch.Tensor], group: ProcessGroup) -> Exchange:
-    return lambda: ring_shift(tensors, group)
+    """The ring shift of ``tensors``, sent from the group's device (NCCL moves only CUDA tensors)
+    and handed back where they were."""
+    device = collective_device(group)
+    return lambda: [received.to(t.device) for received, t in
+                    zip(ring_shift([t.to(device) for t in tensors], group), tensors)]
+
+
+def _gathered(tensor: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    """:func:`all_gather` of ``tensor`` from the group's device, handed back where it was."""
+    return all_gather(tensor.to(collective_device(group)), group).to(tensor.device)
 
 
 def fit_shard_search(index: ShardIndex, centres: torch.Tensor, num_classes: int, k: int,
@@ -122,7 +131,7 @@ def fit_shard_search_steps(index: ShardIndex, centres: torch.Tensor, num_classes
     local = torch.randperm(sizes[rank], generator=generator)[:share].sort().values
     queries, own = centres[local.to(centres.device)].float(), local
     if world_size > 1:
-        queries, all_rows = yield lambda: (all_gather(queries, group), all_gather(local, group))
+        queries, all_rows = yield lambda: (_gathered(queries, group), _gathered(local, group))
         own = torch.cat([rows if r == rank else torch.full_like(rows, -1)
                          for r, rows in enumerate(all_rows.view(world_size, -1))])
     return index.widen_to_recall(queries, own, k, min_recall), queries.shape[0]

@@ -70,7 +70,6 @@ class HFSelection(ClassSelection):
         self.index.close()
 
     def state_dict(self) -> dict[str, Any]:
-        self.index.wait()
         current = self.index.current
         return {**super().state_dict(), "centres": None if current is None else current.centres,
                 "built_from_step": self.index.built_from_step, "pending": self.index.pending_snapshot()}

@@ -78,7 +78,6 @@ class KNNSelection(ClassSelection):
         self.graph.close()
 
     def state_dict(self) -> dict[str, Any]:
-        self.graph.wait()
         pending = self.graph.pending_snapshot()
         return {**super().state_dict(), "graph": self.graph.current, "built_from_step": self.graph.built_from_step,
                 "pending": pending}

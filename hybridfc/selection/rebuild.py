@@ -21,7 +21,9 @@ inside a collective. A build that fails raises at the next step boundary on ever
 error on the rank where it failed, a :class:`~hybridfc.parallel.collectives.RankError` naming that
 rank on the others.
 
-A build still running at its swap step on some rank is *late*. With ``late="postpone"`` (the
+A build needs a step boundary for each of its exchanges (a knn graph on N ranks: N, and one more
+for an approximate index's measurement), so ``rebuild_delay`` should exceed that count as well
+as the build's computing time. A build still running at its swap step on some rank is *late*. With ``late="postpone"`` (the
 default) no step waits for it: it is swapped in at the first step boundary at which it is done on
 every rank; the run is then reproducible only as long as no build is late. With ``late="wait"``
 the swap step waits for the build (running its remaining exchanges) and the run stays
@@ -91,6 +93,7 @@ class _Build(threading.Thread):
         self.seconds = 0.0
         self.launched = time.perf_counter()
         self.state = State.COMPUTING
+        self.exchanges = 0
         self._request: Optional[Exchange] = None
         self._reply: Any = None
         self._handed_over = threading.Event()
@@ -141,6 +144,7 @@ class _Build(threading.Thread):
         except BaseException:
             self.cancel()
             raise
+        self.exchanges += 1
         self._replied.set()
 
     def cancel(self) -> None:
@@ -226,25 +230,29 @@ class BackgroundRebuild:
         self._pending, self._pending_step = _Build(self.builder, rows), step
         self._pending.start()
 
-    def _states(self) -> list[State]:
-        """Every rank's build state; raises on every rank if a build failed there."""
+    def _states(self) -> list[tuple[State, int]]:
+        """Every rank's build state and exchanges run so far; raises on every rank if a build
+        failed there, or if the ranks' builds wait for different exchanges."""
         build = self._pending
-        error = None
-        if build.state == State.DONE and build.error is not None:
+        state, error = build.state, None   # read once: the thread sets error before DONE
+        if state == State.DONE and build.error is not None:
             error = RuntimeError(f"hybridfc: the {self.name} rebuild from step {self._pending_step} failed: "
                                  f"{type(build.error).__name__}: {build.error}")
             error.__cause__ = build.error
         try:
-            rows = exchange_or_raise((int(build.state),), error, f"the {self.name} rebuild from step "
-                                     f"{self._pending_step}", self.group)
+            rows = exchange_or_raise((int(state), build.exchanges), error,
+                                     f"the {self.name} rebuild from step {self._pending_step}", self.group)
+            if len({exchanges for _, exchanges in rows}) > 1 and all(s == State.WAITING for s, _ in rows):
+                raise RuntimeError(f"hybridfc: the {self.name} rebuilds of the ranks wait for different exchanges "
+                                   f"(exchanges run so far, by rank: {[exchanges for _, exchanges in rows]})")
         except BaseException:
             self._pending = None
             raise
-        return [State(row[0]) for row in rows]
+        return [(State(s), exchanges) for s, exchanges in rows]
 
     def _advance(self) -> bool:
         """Run the exchange every rank's build waits for, if they all do; True when all are done."""
-        states = self._states()
+        states = [state for state, _ in self._states()]
         if all(state == State.WAITING for state in states):
             self._pending.run_exchange()
         return all(state == State.DONE for state in states)
@@ -271,8 +279,9 @@ class BackgroundRebuild:
         late = (self.late == "wait" and wait > _NOTICEABLE_WAIT_S) or late_steps > 0
         if late:
             seconds_per_step = (started - build.launched) / max(1, step - self._pending_step)
-            needed = math.ceil(1.2 * build.seconds / max(seconds_per_step, 1e-9))
-            message += f"; a rebuild_delay of about {needed} steps (now {self.delay}) would hide the build"
+            needed = max(math.ceil(1.2 * build.seconds / max(seconds_per_step, 1e-9)), build.exchanges + 1)
+            message += (f"; a rebuild_delay of about {needed} steps (now {self.delay}) would hide the build "
+                        f"(it computes for {build.seconds:.2f} s and runs {build.exchanges} exchanges, one per step)")
         log_dist(message, level=logging.WARNING if late else logging.INFO)
 
     def pending_snapshot(self) -> Optional[tuple[torch.Tensor, int]]:

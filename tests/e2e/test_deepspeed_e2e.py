@@ -582,3 +582,37 @@ def test_a_save_killed_at_any_stage_leaves_a_loadable_checkpoint(interrupted_sav
     assert len(list((checkpoint / expected).glob("hybridfc_head_*.pt"))) == 2
     for rec in records(interrupted_saves, f"resumed_{stage}"):
         assert len(rec["losses"]) == 1 and torch.isfinite(rec["losses"][0])
+
+
+LOADER_STEPS, LOADER_SAVE_AFTER = 20, 10   # 8 steps per epoch: the resumed half crosses an epoch's end
+
+
+@pytest.fixture(scope="module")
+def loader_runs(tmp_path_factory) -> Path:
+    """With hybridfc's loader, for ``full`` and ``knn``: LOADER_STEPS steps straight; the first
+    LOADER_SAVE_AFTER and a save; then (a new launch) a resume for the rest."""
+    directory = tmp_path_factory.mktemp("loader")
+    sections = {"full": {}, "knn": SELECTIONS["knn"]}
+    runs = []
+    for name, section in sections.items():
+        config = ds_config(0, **section)
+        runs += [{"name": f"straight_{name}", "config": config, "steps": LOADER_STEPS, "loader": True},
+                 {"name": f"first_{name}", "config": config, "steps": LOADER_SAVE_AFTER, "loader": True,
+                  "save_after": LOADER_SAVE_AFTER, "checkpoint": str(directory / f"checkpoint_{name}")}]
+    assert_succeeded(launch_worker(directory, runs, timeout=300))
+    resumed = [{"name": f"resumed_{name}", "config": ds_config(0, **section), "loader": True, "load": True,
+                "steps": LOADER_STEPS - LOADER_SAVE_AFTER, "checkpoint": str(directory / f"checkpoint_{name}")}
+               for name, section in sections.items()]
+    assert_succeeded(launch_worker(directory, resumed, timeout=300))
+    return directory
+
+
+@pytest.mark.parametrize("name", ["full", "knn"])
+def test_save_and_resume_continue_the_uninterrupted_run_bit_for_bit(loader_runs, name):
+    """The same samples in the same order after the resume, across an epoch's end: the same
+    losses, head shards and backbone, bit for bit (CPU, fp32)."""
+    for straight, resumed in zip(records(loader_runs, f"straight_{name}"), records(loader_runs, f"resumed_{name}")):
+        assert torch.equal(torch.stack(straight["losses"][LOADER_SAVE_AFTER:]), torch.stack(resumed["losses"]))
+        assert torch.equal(straight["heads"][-1], resumed["heads"][-1])
+        for key, value in straight["backbone"].items():
+            assert torch.equal(value, resumed["backbone"][key]), key

@@ -9,6 +9,9 @@
   ``args.deepspeed_config``, the way a user's ``--deepspeed_config`` reaches it;
 * ``steps``: optimizer steps, each of ``gradient_accumulation_steps`` micro-batches;
 * ``first_step`` (default 0): the index in the data stream of the first step's batches;
+* ``loader`` (true): the batches come from hybridfc's own loader over a small dataset
+  (``LOADER_SAMPLES_PER_CLASS``), epoch after epoch, instead of from the step numbers; a run that
+  loads a checkpoint continues where the loader was;
 * ``checkpoint`` with ``save_after`` (save there after that many steps; a list: after each) or
   ``load`` (true: load it before training);
 * ``kill_stage`` with ``kill_rank``: during the last save, that rank is killed (SIGKILL) when the
@@ -51,6 +54,7 @@ INPUT_DIM = 16
 HIDDEN = 32
 EMBEDDING_SIZE = 16
 SAMPLES_PER_CLASS = 64
+LOADER_SAMPLES_PER_CLASS = 2
 DATA_SEED = 7
 MODEL_SEED = 11
 BAD_LABEL = 1_000_000
@@ -66,6 +70,17 @@ def micro_batch(dataset: SyntheticClasses, step: int, micro: int, rank: int, bat
     """``(x (b, INPUT_DIM) float32, y (b,) int64)`` of (step, micro-batch, rank)."""
     generator = torch.Generator().manual_seed(DATA_SEED * 1_000_003 + step * 1_009 + micro * 31 + rank)
     return dataset.batch(torch.randint(len(dataset), (batch_size,), generator=generator))
+
+
+def run_args_classes(args: argparse.Namespace) -> int:
+    """``hybridfc.num_classes`` of the run's ds_config."""
+    return json.loads(Path(args.deepspeed_config).read_text())["hybridfc"]["num_classes"]
+
+
+def endless(loader):
+    """The loader's batches, epoch after epoch."""
+    while True:
+        yield from loader
 
 
 def backbone_parameters(engine) -> dict[str, torch.Tensor]:
@@ -101,18 +116,26 @@ def train(args: argparse.Namespace, run: dict, out: Path) -> None:
     backbone = build_backbone()
     embeddings: list[torch.Tensor] = []
     backbone.register_forward_hook(lambda module, inputs, output: embeddings.append(output.detach().clone()))
-    engine, _, _, _ = hybridfc.initialize(args=run_args, model=backbone, model_parameters=backbone.parameters())
+    loader_data = None
+    if run.get("loader"):
+        loader_data = SyntheticClasses(run_args_classes(run_args), LOADER_SAMPLES_PER_CLASS, INPUT_DIM, seed=DATA_SEED)
+    engine, _, loader, _ = hybridfc.initialize(args=run_args, model=backbone, model_parameters=backbone.parameters(),
+                                               training_data=loader_data)
     rank = torch.distributed.get_rank()
     if run.get("load"):
         engine.load_checkpoint(run["checkpoint"])
     engine.communication_stats()
     dataset = SyntheticClasses(engine.head.num_classes, SAMPLES_PER_CLASS, INPUT_DIM, seed=DATA_SEED)
+    stream = endless(loader) if loader is not None else None
     record = {"class_start": engine.head.class_start, "initial_head": engine.head.weight.detach().clone(),
               "inputs": [], "labels": [], "losses": [], "backbone_lrs": [], "heads": [], "head_lrs": []}
     first = run.get("first_step", 0)
     for step in range(first, first + run["steps"]):
         for micro in range(engine.gradient_accumulation_steps()):
-            x, y = micro_batch(dataset, step, micro, rank, engine.train_micro_batch_size_per_gpu())
+            if stream is not None:
+                x, y = next(stream)
+            else:
+                x, y = micro_batch(dataset, step, micro, rank, engine.train_micro_batch_size_per_gpu())
             if step == first and run.get("bad_label_rank") == rank:
                 y[0] = BAD_LABEL
             if step in run.get("nan_steps", ()) and run.get("nan_rank") == rank:
