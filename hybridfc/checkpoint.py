@@ -104,10 +104,16 @@ def shard_file(tag_dir: "str | os.PathLike", rank: int, world_size: int) -> Path
     return Path(tag_dir) / f"hybridfc_head_rank{rank:05d}_of_{world_size:05d}.pt"
 
 
-def _description(head: ClassParallelFC) -> dict[str, int]:
+LAYOUT_VERSION = 1
+"""Version of the shard files' layout; a shard of another version is refused."""
+
+
+def _description(head: ClassParallelFC) -> dict[str, Any]:
     return {
+        "layout": LAYOUT_VERSION,
         "num_classes": head.num_classes,
         "embedding_size": head.embedding_size,
+        "storage_dtype": str(head.weight.dtype).removeprefix("torch."),
         "world_size": head.world_size,
         "class_start": head.class_start,
         "num_local": head.num_local,
@@ -152,16 +158,36 @@ def check_head_files(head: ClassParallelFC, tag_dir: "str | os.PathLike") -> Pat
     )
 
 
+def read_head(head: ClassParallelFC, tag_dir: "str | os.PathLike") -> dict[str, Any]:
+    """This rank's shard file of ``tag_dir``, read and checked against ``head``: a missing,
+    truncated or corrupt file, or one of another layout, ``num_classes``, ``embedding_size``,
+    storage dtype or shard is a :class:`CheckpointError` naming the file and what differs."""
+    path = check_head_files(head, tag_dir)
+    try:
+        state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"hybridfc: head shard {path} cannot be read, it is truncated or corrupt "
+                              f"({type(exc).__name__}: {exc})") from None
+    expected = _description(head)
+    saved = {"layout": 0, **state["shard"]}
+    if "storage_dtype" not in saved:
+        saved["storage_dtype"] = str(state["weight"].dtype).removeprefix("torch.")
+    mismatched = {k: (v, expected[k]) for k, v in saved.items() if expected.get(k) != v}
+    if mismatched:
+        details = ", ".join(f"{k}: saved {was}, this head {ours}" for k, (was, ours) in mismatched.items())
+        raise CheckpointError(f"hybridfc: head shard {path} does not match this head ({details})")
+    return state
+
+
 def load_head(head: ClassParallelFC, optimizer: "HeadOptimizer | None", tag_dir: "str | os.PathLike") -> dict:
     """Restore this rank's shard (and optimizer state, when given) from ``tag_dir``; returns the
     ``run_state`` saved with it."""
-    path = check_head_files(head, tag_dir)
-    state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
-    expected = _description(head)
-    mismatched = {k: (v, expected[k]) for k, v in state["shard"].items() if expected.get(k) != v}
-    if mismatched:
-        details = ", ".join(f"{k}: saved {saved}, this head {ours}" for k, (saved, ours) in mismatched.items())
-        raise CheckpointError(f"hybridfc: head shard {path} does not match this head ({details})")
+    return apply_head(head, optimizer, read_head(head, tag_dir))
+
+
+def apply_head(head: ClassParallelFC, optimizer: "HeadOptimizer | None", state: dict[str, Any]) -> dict:
+    """Put what :func:`read_head` returned into ``head`` (and ``optimizer``, when given); returns
+    the ``run_state`` saved with it."""
     with torch.no_grad():
         head.weight.copy_(state["weight"])
     head.non_finite_batches = state["non_finite_batches"]

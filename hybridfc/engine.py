@@ -48,7 +48,7 @@ import torch
 from deepspeed.utils import groups
 from torch import nn
 
-from hybridfc.checkpoint import (check_head_files, load_head, publish, reached, rng_states, save_head, set_rng_states,
+from hybridfc.checkpoint import (apply_head, publish, reached, read_head, rng_states, save_head, set_rng_states,
                                  staging_tag)
 from hybridfc.config import (ConfigError, EvaluationConfig, HybridFCConfig, config_fingerprint, load_ds_config,
                              split_ds_config)
@@ -273,11 +273,11 @@ class HybridEngine:
         if tag is None:
             return self.backbone.load_checkpoint(load_dir, tag=None, **kwargs)
         tag_dir = os.path.join(load_dir, str(tag))
-        run_on_every_rank(lambda: check_head_files(self.head, tag_dir), "finding the head's shard", self.head.group)
+        state = run_on_every_rank(lambda: read_head(self.head, tag_dir), "reading the head's shard", self.head.group)
         load_path, client_state = self.backbone.load_checkpoint(load_dir, tag=tag, **kwargs)
         restore_optimizer = kwargs.get("load_optimizer_states", True) and not kwargs.get("load_module_only", False)
         run_state = run_on_every_rank(
-            lambda: load_head(self.head, self.head_optimizer if restore_optimizer else None, tag_dir),
+            lambda: apply_head(self.head, self.head_optimizer if restore_optimizer else None, state),
             "restoring the head", self.head.group)
         self._logged_step = self.backbone.global_steps
         if run_state:
