@@ -21,6 +21,7 @@ head of any world size.
 
 from __future__ import annotations
 
+import copy
 import os
 import random
 import shutil
@@ -32,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from hybridfc.head.class_parallel_fc import ClassParallelFC
-from hybridfc.head.optimizer import HeadOptimizer
+from hybridfc.head.optimizer import ROW_STATE, HeadOptimizer
 
 
 class CheckpointError(RuntimeError):
@@ -143,26 +144,33 @@ def save_head(head: ClassParallelFC, optimizer: HeadOptimizer, tag_dir: "str | o
     return path
 
 
-def check_head_files(head: ClassParallelFC, tag_dir: "str | os.PathLike") -> Path:
-    """This rank's shard file in ``tag_dir``, or a :class:`CheckpointError` that says what is there."""
-    path = shard_file(tag_dir, head.rank, head.world_size)
-    if path.is_file():
-        return path
-    found = sorted(p.name for p in Path(tag_dir).glob("hybridfc_head_rank*_of_*.pt"))
-    if not found:
-        raise CheckpointError(f"hybridfc: checkpoint {tag_dir} holds no head shards; it cannot restore the head")
-    raise CheckpointError(
-        f"hybridfc: checkpoint {tag_dir} has no head shard for rank {head.rank} of {head.world_size} "
-        f"(found {found[0]} … {found[-1]}); it was saved with another world size, and loading it "
-        "into a different world size is not supported yet"
-    )
+SHARD_FIELDS = ("world_size", "class_start", "num_local")
+"""The fields of a shard's description that depend on the number of ranks."""
+
+
+def saved_world_size(tag_dir: "str | os.PathLike") -> int:
+    """The number of ranks whose head shards ``tag_dir`` holds (all of them, or an error)."""
+    return len(_shard_files(Path(tag_dir)))
 
 
 def read_head(head: ClassParallelFC, tag_dir: "str | os.PathLike") -> dict[str, Any]:
-    """This rank's shard file of ``tag_dir``, read and checked against ``head``: a missing,
-    truncated or corrupt file, or one of another layout, ``num_classes``, ``embedding_size``,
-    storage dtype or shard is a :class:`CheckpointError` naming the file and what differs."""
-    path = check_head_files(head, tag_dir)
+    """This rank's part of the head in ``tag_dir``, read and checked against ``head``.
+
+    Saved on as many ranks: this rank's shard file. Saved on another number: the rows this rank
+    owns now, with their optimizer state (momentum, Adam moments and per-row step counts, row
+    clocks), cut from every saved shard that holds some of them; the selection's graph or index
+    is rebuilt from the rows at the first step, and the random generators are not restored. A
+    missing, truncated or corrupt file, or one of another layout, ``num_classes``,
+    ``embedding_size`` or storage dtype, is a :class:`CheckpointError` naming the file and what
+    differs."""
+    files = _shard_files(Path(tag_dir))
+    if len(files) == head.world_size:
+        return _checked(files[head.rank], head, ignore=())
+    return _resharded(head, files)
+
+
+def _checked(path: Path, head: ClassParallelFC, ignore: tuple[str, ...]) -> dict[str, Any]:
+    """A shard file, read, its description compared with ``head``'s (but the fields ``ignore``)."""
     try:
         state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -172,11 +180,31 @@ def read_head(head: ClassParallelFC, tag_dir: "str | os.PathLike") -> dict[str, 
     saved = {"layout": 0, **state["shard"]}
     if "storage_dtype" not in saved:
         saved["storage_dtype"] = str(state["weight"].dtype).removeprefix("torch.")
-    mismatched = {k: (v, expected[k]) for k, v in saved.items() if expected.get(k) != v}
+    mismatched = {k: (v, expected[k]) for k, v in saved.items() if k not in ignore and expected.get(k) != v}
     if mismatched:
         details = ", ".join(f"{k}: saved {was}, this head {ours}" for k, (was, ours) in mismatched.items())
         raise CheckpointError(f"hybridfc: head shard {path} does not match this head ({details})")
     return state
+
+
+def _resharded(head: ClassParallelFC, files: list[Path]) -> dict[str, Any]:
+    """The state of ``head``'s rows, cut from the shards of another number of ranks."""
+    first, last = head.class_start, head.class_start + head.num_local
+    pieces, common = [], None
+    for path in files:
+        state = _checked(path, head, ignore=SHARD_FIELDS)
+        common = common or state
+        start, count = state["shard"]["class_start"], state["shard"]["num_local"]
+        rows = slice(max(first, start) - start, min(last, start + count) - start)
+        if rows.start < rows.stop:
+            pieces.append((state, rows))
+    optimizer = copy.deepcopy(common["optimizer"])
+    for name in optimizer["state"].get(0, {}):
+        if name in ROW_STATE:
+            optimizer["state"][0][name] = torch.cat([s["optimizer"]["state"][0][name][rows] for s, rows in pieces])
+    return {**common, "shard": _description(head), "optimizer": optimizer, "selection": None,
+            "weight": torch.cat([s["weight"][rows] for s, rows in pieces]),
+            "run_state": {**common.get("run_state", {}), "rng": None}}
 
 
 def load_head(head: ClassParallelFC, optimizer: "HeadOptimizer | None", tag_dir: "str | os.PathLike") -> dict:
@@ -192,7 +220,8 @@ def apply_head(head: ClassParallelFC, optimizer: "HeadOptimizer | None", state: 
         head.weight.copy_(state["weight"])
     head.non_finite_batches = state["non_finite_batches"]
     head.steps = state["steps"]
-    head.selection.load_state_dict(state["selection"])
+    if state["selection"] is not None:
+        head.selection.load_state_dict(state["selection"])
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
         optimizer.skipped_steps = state["skipped_steps"]

@@ -48,8 +48,8 @@ import torch
 from deepspeed.utils import groups
 from torch import nn
 
-from hybridfc.checkpoint import (apply_head, publish, reached, read_head, rng_states, save_head, set_rng_states,
-                                 staging_tag)
+from hybridfc.checkpoint import (CheckpointError, apply_head, publish, reached, read_head, rng_states, save_head,
+                                 saved_world_size, set_rng_states, staging_tag)
 from hybridfc.config import (ConfigError, EvaluationConfig, HybridFCConfig, config_fingerprint, load_ds_config,
                              split_ds_config)
 from hybridfc.data.loader import DistributedLoader
@@ -189,6 +189,18 @@ class HybridEngine:
         barrier()
         self._adapter.release_shared_memory()
 
+    def _read_head(self, tag_dir: str, module_only: bool) -> dict[str, Any]:
+        """The head's part of a checkpoint; on another number of ranks only where DeepSpeed can
+        follow (ZeRO-0 keeps the optimizer state whole; ZeRO 1–3 partition it by rank)."""
+        saved, stage = saved_world_size(tag_dir), self.backbone.zero_optimization_stage()
+        if saved != self.head.world_size and stage > 0 and not module_only:
+            raise CheckpointError(f"hybridfc: checkpoint {tag_dir} was saved on {saved} ranks, this run has "
+                                  f"{self.head.world_size}: the head can be resharded, but DeepSpeed's ZeRO-{stage} "
+                                  f"optimizer state is partitioned by rank; convert it with DeepSpeed's universal "
+                                  f"checkpoint (deepspeed.checkpoint.ds_to_universal), or load the weights only "
+                                  f"(load_module_only=True)")
+        return read_head(self.head, tag_dir)
+
     def _lr_factor(self) -> float:
         if not self._backbone_base_lr:
             return 1.0
@@ -273,7 +285,8 @@ class HybridEngine:
         if tag is None:
             return self.backbone.load_checkpoint(load_dir, tag=None, **kwargs)
         tag_dir = os.path.join(load_dir, str(tag))
-        state = run_on_every_rank(lambda: read_head(self.head, tag_dir), "reading the head's shard", self.head.group)
+        state = run_on_every_rank(lambda: self._read_head(tag_dir, kwargs.get("load_module_only", False)),
+                                  "reading the head's shard", self.head.group)
         load_path, client_state = self.backbone.load_checkpoint(load_dir, tag=tag, **kwargs)
         restore_optimizer = kwargs.get("load_optimizer_states", True) and not kwargs.get("load_module_only", False)
         run_state = run_on_every_rank(
@@ -281,7 +294,8 @@ class HybridEngine:
             "restoring the head", self.head.group)
         self._logged_step = self.backbone.global_steps
         if run_state:
-            set_rng_states(run_state["rng"])
+            if run_state["rng"] is not None:
+                set_rng_states(run_state["rng"])
             if self.loader is not None and run_state["loader"] is not None:
                 self.loader.load_state_dict(run_state["loader"])
         return load_path, client_state

@@ -52,6 +52,10 @@ from hybridfc.parallel.groups import collective_device
 
 _BLOCK_BYTES = 1 << 20
 
+ROW_STATE = ("momentum_buffer", "exp_avg", "exp_avg_sq", "row_last_step", "row_steps")
+"""The optimizer state entries that hold one value (or row) per class row of the shard; the
+others (a row clock's step count and log-shrink history) are the same on every rank."""
+
 
 class HeadOptimizer(torch.optim.Optimizer):
     """Base of the head optimizers: clipping over all shards, skipped steps, dense or sparse rows.

@@ -109,11 +109,11 @@ def remove_shared_memory(port: int) -> None:
         path.unlink(missing_ok=True)
 
 
-def launch(script: Path, *args: object, timeout: float, cwd: Path = REPO) -> subprocess.CompletedProcess:
+def launch(script: Path, *args: object, timeout: float, cwd: Path = REPO, ranks: int = 2) -> subprocess.CompletedProcess:
     """``deepspeed --num_gpus 2 script args…`` on CPU, in ``cwd``; the whole process tree is killed
     on timeout."""
     port = free_port()
-    command = [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(port), str(script), *map(str, args)]
+    command = [str(DEEPSPEED), "--num_gpus", str(ranks), "--master_port", str(port), str(script), *map(str, args)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           start_new_session=True) as process:
@@ -128,7 +128,7 @@ def launch(script: Path, *args: object, timeout: float, cwd: Path = REPO) -> sub
     return subprocess.CompletedProcess(command, process.returncode, output)
 
 
-def launch_worker(directory: Path, runs: list[dict], timeout: float) -> subprocess.CompletedProcess:
+def launch_worker(directory: Path, runs: list[dict], timeout: float, ranks: int = 2) -> subprocess.CompletedProcess:
     """Launch the worker on ``runs``; a run's ``"config"`` dict is written to ``<name>.json`` first."""
     directory.mkdir(parents=True, exist_ok=True)
     specs = []
@@ -141,7 +141,7 @@ def launch_worker(directory: Path, runs: list[dict], timeout: float) -> subproce
         specs.append(spec)
     runs_file = directory / f"runs_{runs[0]['name']}.json"
     runs_file.write_text(json.dumps(specs))
-    return launch(WORKER, "--runs", runs_file, "--out", directory, timeout=timeout)
+    return launch(WORKER, "--runs", runs_file, "--out", directory, timeout=timeout, ranks=ranks)
 
 
 def assert_succeeded(result: subprocess.CompletedProcess) -> None:
@@ -616,3 +616,35 @@ def test_save_and_resume_continue_the_uninterrupted_run_bit_for_bit(loader_runs,
         assert torch.equal(straight["heads"][-1], resumed["heads"][-1])
         for key, value in straight["backbone"].items():
             assert torch.equal(value, resumed["backbone"][key]), key
+
+
+def saved_head_rows(checkpoint: Path) -> torch.Tensor:
+    """The whole head of a checkpoint's latest tag: every shard's rows in rank order."""
+    tag = checkpoint / (checkpoint / "latest").read_text().strip()
+    return torch.cat([torch.load(path, weights_only=True)["weight"] for path in sorted(tag.glob("hybridfc_head_*.pt"))])
+
+
+def test_a_checkpoint_of_2_ranks_resumes_on_1_and_one_of_1_on_2(trained, tmp_path):
+    """ZeRO-0 through the launcher: the head is resharded, DeepSpeed loads its whole state, and
+    training goes on."""
+    config = ds_config(optimizer="AdamW")
+    two = trained / "checkpoint_z0_fp32"
+    assert_succeeded(launch_worker(tmp_path, [{"name": "two_on_one", "config": config, "steps": 1, "load": True,
+                                               "checkpoint": str(two)}], timeout=120, ranks=1))
+    assert torch.equal(torch.load(tmp_path / "two_on_one_rank0.pt")["initial_head"], saved_head_rows(two))
+    one = tmp_path / "checkpoint_one"
+    assert_succeeded(launch_worker(tmp_path, [{"name": "saved_on_one", "config": config, "steps": 2, "save_after": 2,
+                                               "checkpoint": str(one)}], timeout=120, ranks=1))
+    assert_succeeded(launch_worker(tmp_path, [{"name": "one_on_two", "config": config, "steps": 1, "load": True,
+                                               "checkpoint": str(one)}], timeout=120))
+    loaded = torch.cat([rec["initial_head"] for rec in records(tmp_path, "one_on_two")])
+    assert torch.equal(loaded, saved_head_rows(one))
+
+
+def test_another_rank_count_at_zero_1_names_the_universal_checkpoint(trained, tmp_path):
+    run = {"name": "z1_on_one", "config": ds_config(1, "bf16", optimizer="AdamW"), "steps": 1, "load": True,
+           "checkpoint": str(trained / "checkpoint_z1_bf16")}
+    result = launch_worker(tmp_path, [run], timeout=FAILURE_TIMEOUT, ranks=1)
+    assert result.returncode != 0
+    assert re.search(r"worker rank 0: CheckpointError: .*saved on 2 ranks, this run has 1.*ZeRO-1.*universal "
+                     r"checkpoint", result.stdout), tail(result.stdout)
