@@ -19,8 +19,9 @@ def _save_worker(rank: int, world_size: int, tag_dir: str) -> None:
     save_head(head, build_head_optimizer(head, {"type": "sgd"}), tag_dir)
 
 
-def _read_worker(rank: int, world_size: int, tag_dir: str, classes: int, storage_dtype: str) -> str:
-    head = ClassParallelFC(classes, WIDTH, storage_dtype=storage_dtype)
+def _read_worker(rank: int, world_size: int, tag_dir: str, classes: int, storage_dtype: str,
+                 width: int = WIDTH) -> str:
+    head = ClassParallelFC(classes, width, storage_dtype=storage_dtype)
     try:
         run_on_every_rank(lambda: read_head(head, tag_dir), "reading the head's shard", None)
     except Exception as exc:
@@ -57,12 +58,13 @@ def test_a_damaged_shard_is_an_error_on_every_rank_naming_the_file(saved, how):
     assert "hybridfc_head_rank00001_of_00002.pt cannot be read, it is truncated or corrupt" in outcomes[1]
 
 
-@pytest.mark.parametrize("classes, storage_dtype, difference", [
-    (CLASSES + 2, "fp32", f"num_classes: saved {CLASSES}, this head {CLASSES + 2}"),
-    (CLASSES, "bf16", "storage_dtype: saved float32, this head bfloat16"),
+@pytest.mark.parametrize("classes, storage_dtype, width, difference", [
+    (CLASSES + 2, "fp32", WIDTH, f"num_classes: saved {CLASSES}, this head {CLASSES + 2}"),
+    (CLASSES, "bf16", WIDTH, "storage_dtype: saved float32, this head bfloat16"),
+    (CLASSES, "fp32", WIDTH + 1, f"embedding_size: saved {WIDTH}, this head {WIDTH + 1}"),
 ])
-def test_a_shard_of_another_head_is_an_error_naming_the_field(saved, classes, storage_dtype, difference):
-    for outcome in run_distributed(_read_worker, 2, args=(str(saved), classes, storage_dtype)):
+def test_a_shard_of_another_head_is_an_error_naming_the_field(saved, classes, storage_dtype, width, difference):
+    for outcome in run_distributed(_read_worker, 2, args=(str(saved), classes, storage_dtype, width)):
         assert outcome.startswith("CheckpointError: hybridfc: head shard ") and difference in outcome
         assert "does not match this head" in outcome
 

@@ -16,8 +16,9 @@ from hybridfc.head.optimizer import ROW_STATE
 CLASSES, WIDTH, STEPS = 37, 6, 3
 WORLD_SIZES = (1, 2, 3, 4)
 OPTIMIZERS = {"sgd": {"type": "sgd", "params": {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}},
-              "adam": {"type": "adam", "params": {"lr": 0.01}}}
-DTYPES = ("fp32", "bf16")
+              "adam": {"type": "adam", "params": {"lr": 0.01}},
+              "adamw": {"type": "adamw", "params": {"lr": 0.01}}}
+DTYPES = ("fp32", "bf16", "fp16")
 VARIANTS = [(optimizer, dtype) for optimizer in OPTIMIZERS for dtype in DTYPES]
 
 
