@@ -4,7 +4,6 @@ every rank naming the file and the difference, never a silent re-initialisation.
 from __future__ import annotations
 
 import pytest
-import torch
 
 from distributed import run_distributed
 from hybridfc import ClassParallelFC, build_head_optimizer

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from distributed import RankFailed, run_distributed
+from distributed import run_distributed
 from hybridfc import ClassParallelFC
 from hybridfc.parallel import (RankError, StatsCursor, all_gather, all_gather_vector, all_reduce, barrier,
                                exchange_or_raise, gather_padded, reduce_scatter_padded, ring_shift, run_on_every_rank,
