@@ -190,10 +190,11 @@ def _checked(path: Path, head: ClassParallelFC, ignore: tuple[str, ...]) -> dict
 def _resharded(head: ClassParallelFC, files: list[Path]) -> dict[str, Any]:
     """The state of ``head``'s rows, cut from the shards of another number of ranks."""
     first, last = head.class_start, head.class_start + head.num_local
-    pieces, common = [], None
+    pieces, common, residuals = [], None, []
     for path in files:
         state = _checked(path, head, ignore=SHARD_FIELDS)
         common = common or state
+        residuals.append(state.get("run_state", {}).get("grad_topk"))
         start, count = state["shard"]["class_start"], state["shard"]["num_local"]
         rows = slice(max(first, start) - start, min(last, start + count) - start)
         if rows.start < rows.stop:
@@ -204,7 +205,17 @@ def _resharded(head: ClassParallelFC, files: list[Path]) -> dict[str, Any]:
             optimizer["state"][0][name] = torch.cat([s["optimizer"]["state"][0][name][rows] for s, rows in pieces])
     return {**common, "shard": _description(head), "optimizer": optimizer, "selection": None,
             "weight": torch.cat([s["weight"][rows] for s, rows in pieces]),
-            "run_state": {**common.get("run_state", {}), "rng": None}}
+            "run_state": {**common.get("run_state", {}), "rng": None, "grad_topk": _mean_residual(residuals)}}
+
+
+def _mean_residual(states: list[Optional[dict[str, Any]]]) -> Optional[dict[str, Any]]:
+    """The grad_topk state every rank of a new rank count starts from: the mean of the saved
+    ranks' residuals (and momenta), which keeps what the ranks still owe the average."""
+    if any(state is None for state in states):
+        return None
+    mean = {name: None if states[0][name] is None else torch.stack([s[name] for s in states]).mean(0)
+            for name in ("residual", "velocity")}
+    return {**mean, "steps": states[0]["steps"]}
 
 
 def load_head(head: ClassParallelFC, optimizer: "HeadOptimizer | None", tag_dir: "str | os.PathLike") -> dict:

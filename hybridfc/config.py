@@ -16,7 +16,8 @@ required)::
                     "params": {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}},
       "gradient_clipping": 0.0,
       "evaluation": {"interval": 0, "top_k": [1]},
-      "communication": {"chunks": 1},
+      "communication": {"chunks": 1, "grad_topk": null, "grad_topk_warmup_steps": 0,
+                        "grad_topk_value_dtype": "fp32", "grad_topk_momentum_correction": false},
       "max_consecutive_skips": 10
     }
 
@@ -68,6 +69,13 @@ accuracy every ``interval`` optimizer steps (0: never), computed by
 :meth:`hybridfc.HybridEngine.evaluate` over the shards. ``communication.chunks`` (default 1)
 splits each rank's micro-batch into that many chunks, whose feature exchange overlaps the
 head's compute (:mod:`hybridfc.head.cross_entropy`); at most ``train_micro_batch_size_per_gpu``.
+``communication.grad_topk`` (default null: DeepSpeed's dense reduction) in (0, 1] replaces the
+reduction of the backbone's gradient by an all-gather of each rank's top ``grad_topk`` share of
+entries as (index, value) pairs, what is not sent kept for the next step (error feedback;
+ZeRO 0 and 1, bf16 or fp32: :mod:`hybridfc.compression`); ``grad_topk_warmup_steps`` decays the
+share from 1 to ``grad_topk`` over that many steps, ``grad_topk_value_dtype`` is the values' dtype
+on the wire (indices are int32), ``grad_topk_momentum_correction`` applies the momentum of a
+momentum-SGD backbone optimizer before compression (DGC) and runs that optimizer without it.
 ``max_consecutive_skips`` (default 10; 0: never) stops the run with an error on every rank after
 that many optimizer steps in a row were skipped for non-finite values (:mod:`hybridfc.step`).
 
@@ -275,9 +283,14 @@ class EvaluationConfig(_Section):
 
 
 class CommunicationConfig(_Section):
-    """How the head's exchanges run: ``chunks`` pieces of the local batch, pipelined."""
+    """How the exchanges run: the head's in ``chunks`` pieces of the local batch, pipelined; the
+    backbone's gradient dense (DeepSpeed's reduction) or as its top ``grad_topk`` share."""
 
     chunks: StrictInt = Field(1, ge=1)
+    grad_topk: Optional[Number] = Field(None, gt=0, le=1)
+    grad_topk_warmup_steps: StrictInt = Field(0, ge=0)
+    grad_topk_value_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    grad_topk_momentum_correction: StrictBool = False
 
 
 class SGDParams(_Section):

@@ -8,6 +8,15 @@ gradients they hold (a non-finite gradient on one rank is non-finite on every ra
 reduction); a plain torch optimizer (ZeRO-0 in fp32) has no such check and would apply a NaN.
 :meth:`DeepSpeedAdapter.skip_next_step` closes that gap: it wraps such an optimizer's ``step`` so
 that hybridfc can skip it, and reports the skip through ``overflow`` as DeepSpeed expects.
+
+DeepSpeed has no hook to replace its gradient reduction either. The engine reduces the
+backbone's gradients at the end of backward only while ``enable_backward_allreduce`` is true
+(as 1-bit Adam used it): :meth:`DeepSpeedAdapter.take_over_reduction` switches it off, and at
+each accumulation boundary hybridfc reduces ``param.grad`` itself. At ZeRO-0 the optimizer reads
+``param.grad``; at ZeRO-1 :meth:`DeepSpeedAdapter.gradients_reduced` has the ZeRO optimizer cut its
+partition out of the reduced gradients, with no communication (as its own epilogue does, then
+its ``finalize_gradient_accumulation_boundary``). ZeRO 2 and 3 reduce inside backward hooks and keep
+only a partition of the gradient: they cannot be taken over.
 """
 
 from __future__ import annotations
@@ -19,6 +28,9 @@ from typing import Any, Callable
 import deepspeed
 import torch
 from torch import nn
+
+from hybridfc.config import ConfigError
+from hybridfc.log import log_dist
 
 
 class _SkippableStep:
@@ -77,3 +89,61 @@ class DeepSpeedAdapter:
         gradients find the same non-finite values themselves and skip without being told."""
         if self._skippable is not None:
             self._skippable.skip = True
+
+    def take_over_reduction(self, momentum_correction: bool) -> float:
+        """Stop DeepSpeed from reducing the backbone's gradients (:meth:`gradients` are then this
+        rank's own until hybridfc reduces them); with ``momentum_correction`` the optimizer's
+        momentum is taken out of it and returned, to be applied before compression (else 0)."""
+        stage = self.engine.zero_optimization_stage()
+        if stage > 1:
+            raise ConfigError(f"hybridfc.communication.grad_topk: ZeRO stage {stage} reduces gradients inside "
+                              f"backward and keeps only a partition of them; grad_topk takes ZeRO stages 0 and 1")
+        if self.fp16:
+            raise ConfigError("hybridfc.communication.grad_topk: fp16 with loss scaling is not supported; "
+                              "use bf16 or fp32")
+        if getattr(self.engine.optimizer, "use_grad_accum_attribute", False):
+            raise ConfigError("hybridfc.communication.grad_topk: ZeRO-1 with a separate gradient accumulation dtype "
+                              "(data_types.grad_accum_dtype) is not supported; leave grad_accum_dtype unset")
+        self.engine.enable_backward_allreduce = False
+        return self._take_momentum() if momentum_correction else 0.0
+
+    def _take_momentum(self) -> float:
+        groups = self.engine.optimizer.param_groups
+        momenta = {group.get("momentum", 0.0) for group in groups}
+        if len(momenta) != 1 or not next(iter(momenta)):
+            raise ConfigError(f"hybridfc.communication.grad_topk_momentum_correction: needs a momentum-SGD backbone "
+                              f"optimizer with one momentum > 0 (its param groups have momentum {sorted(momenta)})")
+        for group in groups:
+            group["momentum"] = 0.0
+        momentum = float(next(iter(momenta)))
+        log_dist(f"grad_topk momentum correction: momentum {momentum} applied before compression, the backbone's "
+                 f"optimizer runs without it")
+        return momentum
+
+    def gradients(self) -> list[torch.Tensor]:
+        """This rank's gradient tensors of the backbone, in parameter order (zeros where backward
+        made none, so that every rank has the same entries)."""
+        grads = []
+        for parameter in self.module.parameters():
+            if not parameter.requires_grad or parameter.numel() == 0:
+                continue
+            if parameter.grad is None:
+                parameter.grad = torch.zeros_like(parameter)
+            grads.append(parameter.grad)
+        return grads
+
+    def gradient_numel(self) -> int:
+        """The entries of :meth:`gradients`."""
+        return sum(p.numel() for p in self.module.parameters() if p.requires_grad)
+
+    def gradients_reduced(self) -> None:
+        """Tell the optimizer that :meth:`gradients` hold the reduced gradients. ZeRO-1 takes its
+        partition of them as its own reduction's epilogue would (DeepSpeed 0.19: the gradients of
+        the parameters in its partition, then their flat partition)."""
+        if self.engine.zero_optimization_stage() != 1:
+            return
+        optimizer = self.engine.optimizer
+        for group, parameters in enumerate(optimizer.params_in_partition):
+            optimizer.all_grad_tensors[group] = optimizer.get_all_grad_tensors(
+                parameters, dtype=optimizer.gradient_accumulation_dtype)
+        optimizer.finalize_gradient_accumulation_boundary()

@@ -26,6 +26,8 @@ How the head follows the backbone:
 * checkpoints: ``save_checkpoint`` / ``load_checkpoint`` store the head's shards and optimizer
   state inside DeepSpeed's checkpoint tag directory (see :mod:`hybridfc.checkpoint`), with the
   loader's position and each rank's random generators, complete or not at all;
+* the backbone's gradients: DeepSpeed's reduction, or with ``communication.grad_topk`` each rank's
+  top-k entries with error feedback (:mod:`hybridfc.compression`), the residuals saved in checkpoints;
 * communication: ``communication_stats()`` returns what hybridfc sent since its previous call
   (:mod:`hybridfc.parallel.accounting`), and every ``steps_per_print`` steps one log line sums it up.
 
@@ -50,8 +52,9 @@ from torch import nn
 
 from hybridfc.checkpoint import (CheckpointError, apply_head, publish, reached, read_head, rng_states, save_head,
                                  saved_world_size, set_rng_states, staging_tag)
-from hybridfc.config import (ConfigError, EvaluationConfig, HybridFCConfig, config_fingerprint, load_ds_config,
-                             split_ds_config)
+from hybridfc.compression.error_feedback import TopKGradientReducer
+from hybridfc.config import (CommunicationConfig, ConfigError, EvaluationConfig, HybridFCConfig, config_fingerprint,
+                             load_ds_config, split_ds_config)
 from hybridfc.data.loader import DistributedLoader
 from hybridfc.deepspeed_adapter import DeepSpeedAdapter
 from hybridfc.eval.topk import accuracies, topk_correct
@@ -95,7 +98,8 @@ class HybridEngine:
 
     def __init__(self, backbone: deepspeed.DeepSpeedEngine, head: ClassParallelFC, head_optimizer: HeadOptimizer,
                  backbone_base_lr: Optional[float], evaluation: Optional[EvaluationConfig] = None,
-                 max_consecutive_skips: int = 10, loader: Optional[DistributedLoader] = None) -> None:
+                 max_consecutive_skips: int = 10, loader: Optional[DistributedLoader] = None,
+                 communication: Optional[CommunicationConfig] = None) -> None:
         self.backbone = backbone
         self.loader = loader
         self.head = head
@@ -104,12 +108,27 @@ class HybridEngine:
         self.last_evaluation: dict[int, float] = {}
         self.last_evaluated_step = -1
         self._adapter = DeepSpeedAdapter(backbone)
-        self._step = TrainingStep(self._adapter, head, head_optimizer, max_consecutive_skips)
+        self.gradient_reducer = self._gradient_reducer(communication or CommunicationConfig())
+        self._step = TrainingStep(self._adapter, head, head_optimizer, max_consecutive_skips, self.gradient_reducer)
         self._backbone_base_lr = backbone_base_lr
         self._loss_scale = 1.0
         self._communication = StatsCursor()
         self._communication_logged = StatsCursor()
         self._logged_step = backbone.global_steps
+
+    def _gradient_reducer(self, communication: CommunicationConfig) -> Optional[TopKGradientReducer]:
+        """The top-k reduction of the backbone's gradients, where ``grad_topk`` asks for it."""
+        if communication.grad_topk is None:
+            return None
+        momentum = self._adapter.take_over_reduction(communication.grad_topk_momentum_correction)
+        numel = self._adapter.gradient_numel()
+        reducer = TopKGradientReducer(numel, communication.grad_topk, communication.grad_topk_warmup_steps,
+                                      communication.grad_topk_value_dtype, momentum, self.head.group,
+                                      self.backbone.device)
+        log_dist(f"backbone gradients: top {communication.grad_topk:g} of {numel} entries per rank and step "
+                 f"({reducer.pairs()} pairs now, {communication.grad_topk_value_dtype} values, warm-up "
+                 f"{communication.grad_topk_warmup_steps} steps), error feedback; DeepSpeed's reduction is off")
+        return reducer
 
     def __getattr__(self, name: str) -> Any:
         if name in FORWARDED:
@@ -209,7 +228,8 @@ class HybridEngine:
     def communication_stats(self) -> CommunicationStats:
         """What hybridfc sent to other ranks since the previous call: calls, bytes and exposed
         seconds per collective kind (:mod:`hybridfc.parallel.accounting`). DeepSpeed's own
-        reduction of the backbone's gradients is not in it."""
+        reduction of the backbone's gradients is not in it; with ``grad_topk`` hybridfc's is
+        (``sparse_all_reduce``, or ``all_reduce`` where it sends dense)."""
         return self._communication.take()
 
     def _log_communication(self) -> None:
@@ -265,7 +285,8 @@ class HybridEngine:
         first = self.backbone.global_rank == 0
         run_on_every_rank(lambda: shutil.rmtree(staging, ignore_errors=True) if first else None,
                           "clearing an interrupted save")
-        run_state = {"rng": rng_states(), "loader": None if self.loader is None else self.loader.state_dict()}
+        run_state = {"rng": rng_states(), "loader": None if self.loader is None else self.loader.state_dict(),
+                     "grad_topk": None if self.gradient_reducer is None else self.gradient_reducer.state_dict()}
         run_on_every_rank(lambda: save_head(self.head, self.head_optimizer, staging, run_state), "saving the head",
                           self.head.group)
         reached("head_written")
@@ -298,6 +319,8 @@ class HybridEngine:
                 set_rng_states(run_state["rng"])
             if self.loader is not None and run_state["loader"] is not None:
                 self.loader.load_state_dict(run_state["loader"])
+            if self.gradient_reducer is not None and run_state.get("grad_topk") is not None:
+                self.gradient_reducer.load_state_dict(run_state["grad_topk"])
         return load_path, client_state
 
 
@@ -396,7 +419,7 @@ def initialize(args: Optional[argparse.Namespace] = None, model: Optional[torch.
         loader = DistributedLoader(training_data, backbone.train_micro_batch_size_per_gpu(), rank=group_rank(group),
                                    world_size=group_size(group), collate_fn=collate_fn, seed=cfg.seed)
     engine = HybridEngine(backbone, head, head_optimizer, _backbone_base_lr(ds_config, optimizer), cfg.evaluation,
-                          cfg.max_consecutive_skips, loader)
+                          cfg.max_consecutive_skips, loader, cfg.communication)
     log_dist(f"hybridfc head: {cfg.num_classes} classes x {cfg.embedding_size} over {group_size(group)} ranks "
              f"({head.num_local} rows on rank 0), margin {cfg.margin.model_dump()}, "
              f"selection {cfg.selection.model_dump()}, {head.selection.budget} active rows per step")

@@ -10,7 +10,10 @@ At every gradient-accumulation boundary :meth:`TrainingStep.finish` runs on ever
    head saw it in its forward pass, on every rank alike), a backbone gradient was not finite on
    some rank (fp32 and bf16; under fp16 that is an overflow, which DeepSpeed's loss scale
    handles), or the head's gradient norm is not finite;
-4. **step**: DeepSpeed's step, told to skip where it would not find out by itself
+4. **reduce** (with ``grad_topk``, :mod:`hybridfc.compression`): the backbone's gradients are
+   averaged from each rank's top-k entries, the rest kept in the rank's residual; a step to be
+   skipped leaves the residual as it was and makes the gradients NaN on every rank;
+5. **step**: DeepSpeed's step, told to skip where it would not find out by itself
    (:meth:`DeepSpeedAdapter.skip_next_step`: a plain optimizer, ZeRO-0 in fp32); the fp16, bf16
    and ZeRO optimizers find the same non-finite gradients in their own overflow checks (on by
    default in DeepSpeed 0.19). A skipped step is counted in DeepSpeed's ``skipped_steps``, leaves
@@ -19,7 +22,7 @@ At every gradient-accumulation boundary :meth:`TrainingStep.finish` runs on ever
    non-finite (its overflow checks switched off, or a non-finite head gradient alone, possible
    with an fp16-stored head under fp16), the run stops with :class:`NonFiniteError` rather than
    train on with backbone and head out of step;
-5. **reset**: the head's gradient and step state, the watch.
+6. **reset**: the head's gradient and step state, the watch.
 
 ``global_steps`` counts every attempted step, and so does ``head.steps`` (the selection's
 schedule); ``skipped_steps`` and ``head_optimizer.skipped_steps`` count the skipped ones, each
@@ -38,6 +41,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from hybridfc.compression.error_feedback import TopKGradientReducer
 from hybridfc.deepspeed_adapter import DeepSpeedAdapter
 from hybridfc.head.class_parallel_fc import ClassParallelFC
 from hybridfc.head.optimizer import HeadOptimizer
@@ -101,8 +105,9 @@ class TrainingStep:
     """Decides and takes each optimizer step for backbone and head (module docstring)."""
 
     def __init__(self, backbone: DeepSpeedAdapter, head: ClassParallelFC, head_optimizer: HeadOptimizer,
-                 max_consecutive_skips: int) -> None:
+                 max_consecutive_skips: int, reducer: Optional[TopKGradientReducer] = None) -> None:
         self.backbone, self.head, self.head_optimizer = backbone, head, head_optimizer
+        self.reducer = reducer
         self.max_consecutive_skips = max_consecutive_skips
         self.watch = None if backbone.fp16 else GradientWatch(backbone.module)
         self.consecutive_skips = 0
@@ -115,6 +120,8 @@ class TrainingStep:
         verdict = self._agree()
         cause = verdict.cause()
         scale_before = self.backbone.loss_scale()
+        if self.reducer is not None:
+            self._reduce_backbone_gradients(applies=cause is None)
         if cause is not None:
             self.backbone.skip_next_step()
         self.backbone.engine.step()
@@ -135,6 +142,14 @@ class TrainingStep:
             overflow_lowered_scale = cause is None and self.backbone.loss_scale() < scale_before
             self._skipped(cause or self._deepspeed_cause(scale_before), counts=not overflow_lowered_scale)
         return applied
+
+    def _reduce_backbone_gradients(self, applies: bool) -> None:
+        gradients = self.backbone.gradients()
+        if applies:
+            self.reducer.reduce(gradients)
+        else:
+            self.reducer.poison(gradients)
+        self.backbone.gradients_reduced()
 
     def _unscale_head_gradient(self, loss_scale: float) -> None:
         _, grad = self.head.gradient()

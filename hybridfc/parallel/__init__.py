@@ -18,7 +18,7 @@ from hybridfc.parallel.accounting import LEDGER, CommunicationStats, StatsCursor
 from hybridfc.parallel.chunks import ChunkedGather, ChunkLayout, scatter_chunk
 from hybridfc.parallel.collectives import (Pending, RankError, all_gather, all_gather_vector, all_reduce, barrier,
                                            exchange_or_raise, gather_padded, reduce_scatter_padded, ring_shift,
-                                           run_on_every_rank)
+                                           run_on_every_rank, sparse_sum)
 from hybridfc.parallel.groups import backend_of, collective_device, group_rank, group_size, is_distributed, shard_range
 from hybridfc.parallel.mappings import gather_rows, scale_gradient
 
@@ -49,4 +49,5 @@ __all__ = [
     "scale_gradient",
     "scatter_chunk",
     "shard_range",
+    "sparse_sum",
 ]

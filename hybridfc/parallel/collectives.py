@@ -20,6 +20,7 @@ function                       what every rank gets
 :func:`gather_padded`          ``(Σ sizes, ...)``: uneven row counts, padded on the wire
 :func:`reduce_scatter_padded`  its own rows of the sum over ranks of a ``(Σ sizes, ...)`` tensor
 :func:`all_gather_vector`      ``(N, k)``: one small vector per rank
+:func:`sparse_sum`             the dense sum of every rank's ``k`` (index, value) pairs
 :func:`ring_shift`             the tensors of rank ``r − 1`` (point to point)
 :func:`barrier`                nothing; returns when every rank has called it
 :func:`exchange_or_raise`      a small integer table, or an error on every rank if any failed
@@ -114,6 +115,31 @@ def all_gather(tensor: torch.Tensor, group: ProcessGroup = None,
 def all_gather_vector(values: torch.Tensor, group: ProcessGroup = None) -> torch.Tensor:
     """One small vector per rank: ``(k,)`` -> ``(N, k)``, a new tensor."""
     return all_gather(values.reshape(-1).clone(), group).view(group_size(group), -1)
+
+
+def sparse_sum(indices: torch.Tensor, values: torch.Tensor, numel: int,
+               group: ProcessGroup = None) -> torch.Tensor:
+    """A sparse all-reduce: every rank's pairs ``indices (k,)`` (int32, distinct within a rank),
+    ``values (k,)``, the same ``k`` on every rank, summed into a dense ``(numel,)`` float32.
+
+    One all-gather of the pairs; each rank's values are added in rank order, so every rank gets
+    the same bits (one rank alone: its pairs scattered into zeros).
+    """
+    world_size = group_size(group)
+    if world_size == 1:
+        gathered_indices, gathered_values = indices.unsqueeze(0), values.unsqueeze(0)
+    else:
+        flat_indices, flat_values = indices.new_empty(world_size * indices.numel()), values.new_empty(
+            world_size * values.numel())
+        _run("sparse_all_reduce", wire.all_gather_bytes(_nbytes(indices) + _nbytes(values), world_size),
+             lambda: [dist.all_gather_into_tensor(flat_indices, indices.contiguous(), group=group, async_op=True),
+                      dist.all_gather_into_tensor(flat_values, values.contiguous(), group=group, async_op=True)],
+             lambda: None, async_op=False)
+        gathered_indices, gathered_values = flat_indices.view(world_size, -1), flat_values.view(world_size, -1)
+    total = torch.zeros(numel, dtype=torch.float32, device=values.device)
+    for rank_indices, rank_values in zip(gathered_indices, gathered_values):
+        total.index_add_(0, rank_indices, rank_values.float())
+    return total
 
 
 def _valid_rows(sizes: Sequence[int], padded: int, device: torch.device) -> torch.Tensor:

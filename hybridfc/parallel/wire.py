@@ -16,6 +16,9 @@ reduce-scatter      gloo: as an all-reduce     gloo reduces the whole tensor eve
 scatter-sum         (N−1)/N · S                what the layer runs for a reduce-scatter: an
                                                all-to-all and a local sum on gloo, NCCL's
                                                reduce-scatter otherwise
+sparse all-reduce   (N−1) · k · (4 + v)        an all-gather of k (int32 index, value) pairs
+                                               of v bytes each: R·N·(4+v)/8 times a ring
+                                               all-reduce of n = k/R fp32 values
 send                S                          point to point
 ==================  =========================  ================================================
 
@@ -52,3 +55,14 @@ def reduce_scatter_bytes(nbytes: int, world_size: int, backend: str) -> int:
 def scatter_sum_bytes(nbytes: int, world_size: int) -> int:
     """The layer's reduce-scatter of an ``nbytes`` input (all-to-all + local sum on gloo)."""
     return all_to_all_bytes(nbytes, world_size)
+
+
+def sparse_all_reduce_bytes(pairs: int, value_bytes: int, world_size: int) -> int:
+    """An all-gather of ``pairs`` (int32 index, value of ``value_bytes``) per rank."""
+    return all_gather_bytes(pairs * (4 + value_bytes), world_size)
+
+
+def sparse_pays(pairs: int, numel: int, value_bytes: int, world_size: int) -> bool:
+    """Whether sending ``pairs`` of ``numel`` fp32 values as pairs costs fewer bytes than a ring
+    all-reduce of all of them (it stops paying at a density of 8 / ((4 + v) · N))."""
+    return sparse_all_reduce_bytes(pairs, value_bytes, world_size) < all_reduce_bytes(4 * numel, world_size)
