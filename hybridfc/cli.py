@@ -4,6 +4,7 @@ checkpoint's class centres for serving.
     hybridfc plan --num-classes 10000000 --embedding-size 512 --world-size 64 \\
                   --local-batch 64 --budget 0.1
     hybridfc plan --embedding-size 512 --world-size 64 --local-batch 64 --budget 0.1 --memory-gib 80
+    hybridfc plan ... --backbone-params 8800000 --grad-topk 0.01
     hybridfc plan ... --json
     hybridfc export checkpoints --out centres.npy --dtype fp16 --normalize
 
@@ -14,13 +15,14 @@ The plan's arithmetic, and what each figure counts, is in :mod:`hybridfc.plan`; 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import sys
 from typing import Optional, Sequence
 
-from hybridfc.plan import (DTYPE_BYTES, OPTIMIZER_STATES, SELECTIONS, Budget, Plan, PlanInputs, make_plan,
-                           max_num_classes)
+from hybridfc.plan import (DTYPE_BYTES, OPTIMIZER_STATES, SELECTIONS, Budget, GradientExchange, Plan, PlanInputs,
+                           backbone_gradient_exchange, make_plan, max_num_classes)
 
 GIB = 2**30
 UNITS = "units: B = byte, KiB = 2^10 B, MiB = 2^20 B, GiB = 2^30 B (every figure; --json gives bytes)"
@@ -92,6 +94,12 @@ def _add_plan_parser(commands: argparse._SubParsersAction) -> None:
                    help="sgd: momentum SGD, 1 state tensor; adam: 2 (default sgd)")
     p.add_argument("--k", type=int, default=32,
                    help="knn: neighbours per class, whose lists of the batch's labels travel each step (default 32)")
+    p.add_argument("--backbone-params", type=int,
+                   help="also plan the backbone's gradient exchange: its trainable parameters")
+    p.add_argument("--grad-topk", type=_positive_float, default=0.01,
+                   help="with --backbone-params: the share of gradient entries sent (default 0.01)")
+    p.add_argument("--grad-topk-value-dtype", choices=tuple(DTYPE_BYTES), default="fp32",
+                   help="with --backbone-params: the values' dtype on the wire (default fp32)")
     p.add_argument("--memory-gib", type=_positive_float,
                    help="also answer: the largest C whose chosen method fits this many GiB per rank")
     p.add_argument("--json", action="store_true", help="machine-readable output, in bytes")
@@ -205,13 +213,34 @@ def render(plan: Plan, fits: Optional[int] = None, memory_gib: Optional[float] =
     return "\n".join(lines)
 
 
+def render_gradient_exchange(exchange: GradientExchange) -> str:
+    """The backbone's gradient exchange, dense and top-k, and where top-k stops paying."""
+    pairs = f"(int32, {exchange.value_dtype}) pairs"
+    sparse = exchange.topk != exchange.dense
+    lines = [f"backbone gradient, {exchange.parameters:,} parameters over N = {exchange.world_size} ranks "
+             f"(bytes one rank sends per step)",
+             _row("  dense ring all-reduce (DeepSpeed)", [format_bytes(exchange.dense)]),
+             _row(f"  grad_topk {exchange.density:g} as {pairs}", [format_bytes(exchange.topk)])
+             + (f"  {exchange.saving:.1f}x fewer" if sparse else "  (does not pay: hybridfc sends dense)"),
+             f"  top-k pays below a density of {exchange.break_even_density:.4g} with {exchange.value_dtype} values "
+             f"on {exchange.world_size} ranks (8 / ((4 + value bytes) x N))"]
+    return "\n".join(lines)
+
+
 def run_plan(args: argparse.Namespace) -> str:
     inputs, fits = _resolve(args)
     plan = make_plan(inputs)
+    exchange = None
+    if args.backbone_params is not None:
+        exchange = backbone_gradient_exchange(args.backbone_params, args.world_size, args.grad_topk,
+                                              args.grad_topk_value_dtype)
     if args.json:
+        extra = {} if exchange is None else {"backbone_gradient": {**dataclasses.asdict(exchange),
+                                                                   "saving": exchange.saving}}
         return json.dumps({"units": "bytes", **plan.to_dict(), "max_num_classes": fits,
-                           "memory_gib": args.memory_gib}, indent=2)
-    return render(plan, fits, args.memory_gib)
+                           "memory_gib": args.memory_gib, **extra}, indent=2)
+    text = render(plan, fits, args.memory_gib)
+    return text if exchange is None else f"{text}\n\n{render_gradient_exchange(exchange)}"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
