@@ -52,7 +52,7 @@ from torch import nn
 
 from hybridfc.checkpoint import (CheckpointError, apply_head, publish, reached, read_head, rng_states, save_head,
                                  saved_world_size, set_rng_states, staging_tag)
-from hybridfc.compression.error_feedback import TopKGradientReducer
+from hybridfc.compression.error_feedback import VALUE_DTYPES, TopKGradientReducer
 from hybridfc.config import (CommunicationConfig, ConfigError, EvaluationConfig, HybridFCConfig, config_fingerprint,
                              load_ds_config, split_ds_config)
 from hybridfc.data.loader import DistributedLoader
@@ -123,7 +123,7 @@ class HybridEngine:
         momentum = self._adapter.take_over_reduction(communication.grad_topk_momentum_correction)
         numel = self._adapter.gradient_numel()
         reducer = TopKGradientReducer(numel, communication.grad_topk, communication.grad_topk_warmup_steps,
-                                      communication.grad_topk_value_dtype, momentum, self.head.group,
+                                      VALUE_DTYPES[communication.grad_topk_value_dtype], momentum, self.head.group,
                                       self.backbone.device)
         log_dist(f"backbone gradients: top {communication.grad_topk:g} of {numel} entries per rank and step "
                  f"({reducer.pairs()} pairs now, {communication.grad_topk_value_dtype} values, warm-up "

@@ -10,7 +10,8 @@ of the ranks' residuals is the sum of the dense averaged gradients.
 The share of entries sent starts at 1 and decays to ``grad_topk`` over
 ``grad_topk_warmup_steps`` (:func:`~hybridfc.compression.topk.density_at`); where pairs would
 cost more bytes than a dense ring all-reduce (a density of 8 / ((4 + v) · N) and above, v the
-value's bytes, N the ranks), the residual is all-reduced whole and emptied.
+value's bytes, N the ranks), the residual is all-reduced whole and emptied; so is it on one rank,
+which sends nothing either way.
 
 With ``momentum`` (Deep Gradient Compression's momentum correction) the momentum is applied here,
 before compression: ``u ← m·u + g``, ``residual ← residual + u``, and the entries sent are
@@ -42,25 +43,25 @@ class TopKGradientReducer:
         numel: the entries of all the gradients together (the same on every rank).
         density: the share of entries sent once warmed up, in (0, 1].
         warmup_steps: steps over which the share decays from 1 to ``density`` (0: none).
-        value_dtype: ``"fp32"``, ``"bf16"`` or ``"fp16"``: the values' dtype on the wire.
+        value_dtype: the values' dtype on the wire (the config's names: :data:`VALUE_DTYPES`).
         momentum: the momentum of momentum correction (0: off).
         group: the data-parallel group.
-        device: where the residual lives (the gradients' device).
+        device, dtype: of the residual (the gradients' device; float32, float64 for tests).
 
     Attributes:
-        residual: ``(numel,)`` float32, what this rank has not sent (unscaled).
-        velocity: ``(numel,)`` float32 momentum of momentum correction, or None.
+        residual: ``(numel,)``, what this rank has not sent (unscaled).
+        velocity: ``(numel,)``, the momentum of momentum correction, or None.
         steps: the exchanges done, which set the warm-up's density.
     """
 
-    def __init__(self, numel: int, density: float, warmup_steps: int = 0, value_dtype: str = "fp32",
-                 momentum: float = 0.0, group: ProcessGroup = None, device: "torch.device | str" = "cpu") -> None:
+    def __init__(self, numel: int, density: float, warmup_steps: int = 0, value_dtype: torch.dtype = torch.float32,
+                 momentum: float = 0.0, group: ProcessGroup = None, device: "torch.device | str" = "cpu",
+                 dtype: torch.dtype = torch.float32) -> None:
         if numel >= 2**31:
             raise ValueError(f"grad_topk sends int32 indices: {numel} gradient entries are too many")
         self.numel, self.density, self.warmup_steps = numel, density, warmup_steps
-        self.value_dtype = VALUE_DTYPES[value_dtype]
-        self.momentum, self.group = momentum, group
-        self.residual = torch.zeros(numel, dtype=torch.float32, device=device)
+        self.value_dtype, self.momentum, self.group = value_dtype, momentum, group
+        self.residual = torch.zeros(numel, dtype=dtype, device=device)
         self.velocity = torch.zeros_like(self.residual) if momentum else None
         self.steps = 0
 
@@ -82,9 +83,9 @@ class TopKGradientReducer:
         else:
             indices = largest_magnitudes(self.residual, k)
             values = self.residual[indices].to(self.value_dtype)
-            self.residual[indices] -= values.float()
+            self.residual[indices] -= values.to(self.residual.dtype)
             self._mask_momentum(indices)
-            average = sparse_sum(indices.to(torch.int32), values, self.numel, self.group)
+            average = sparse_sum(indices.to(torch.int32), values, self.numel, self.group, self.residual.dtype)
         average.mul_(1.0 / group_size(self.group))
         _unflatten_into(average, gradients)
         self.steps += 1

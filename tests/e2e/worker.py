@@ -27,7 +27,7 @@ loader's state, so a resumed run sees the batches the uninterrupted run saw.
 A record holds, per micro-batch: the inputs, labels and embeddings (as the backbone produced
 them), the loss, the backbone's lr in effect, and the head shard and the head optimizer's lr
 after ``engine.step()``; and once: the shard's first class, the shard before training, the
-backbone's parameters after training (gathered under ZeRO-3), what hybridfc sent during the
+backbone's parameters after training (gathered under ZeRO-3), the grad_topk residual (or None), what hybridfc sent during the
 steps (``engine.communication_stats()``) and the step counters of backbone and head. An exception is printed as one line
 ``worker rank R: Type: message`` before it ends the process, so a test can tell the ranks apart.
 """
@@ -157,7 +157,9 @@ def train(args: argparse.Namespace, run: dict, out: Path) -> None:
             engine.save_checkpoint(run["checkpoint"])
     if run.get("state_dict_round_trip"):
         record["round_trip"] = state_dict_round_trip(engine)
+    reducer = engine.gradient_reducer
     record.update(embeddings=embeddings, backbone=backbone_parameters(engine),
+                  grad_topk=None if reducer is None else reducer.state_dict(),
                   communication=engine.communication_stats().to_dict(),
                   counters={"global_steps": engine.global_steps, "skipped_steps": engine.skipped_steps,
                             "head_steps": engine.head.steps, "head_skipped_steps": engine.head_optimizer.skipped_steps})
