@@ -14,6 +14,7 @@ import pytest
 
 from hybridfc.config import (
     ArcFaceMargin,
+    CommunicationConfig,
     CombinedMargin,
     ConfigError,
     CosFaceMargin,
@@ -44,7 +45,8 @@ FULL = {
     "optimizer": {"type": "adamw", "params": {"lr": 0.2, "betas": [0.8, 0.99], "eps": 1e-6, "weight_decay": 1e-4}},
     "gradient_clipping": 5.0,
     "evaluation": {"interval": 100, "top_k": [1, 5]},
-    "communication": {"chunks": 4},
+    "communication": {"chunks": 4, "grad_topk": 0.01, "grad_topk_warmup_steps": 200, "grad_topk_value_dtype": "bf16",
+                      "grad_topk_momentum_correction": True},
     "max_consecutive_skips": 5,
 }
 
@@ -242,7 +244,7 @@ def test_every_problem_is_reported_one_per_line() -> None:
         "selection": {"type": "knn", "k": 0},
         "optimizer": {"params": {"lr": "fast", "momentum": 2}},
         "gradient_clipping": -1,
-        "communication": {"chunks": 0, "grad_topk": 0.01},
+        "communication": {"chunks": 0, "grad_topk": 0},
     }
     lines = problems(bad)
     keys = [line.split(":", 1)[0] for line in lines]
@@ -415,3 +417,4 @@ def test_readme_documents_every_key_of_the_section():
     assert set(HybridFCConfig.model_fields) <= rows
     for model in (PartialSelection, KNNSelection, HFSelection):
         assert {f"selection.{key}" for key in model.model_fields if key != "type"} <= rows, model.__name__
+    assert {f"communication.{key}" for key in CommunicationConfig.model_fields} <= rows
