@@ -1,0 +1,269 @@
+"""Top-k sparsified backbone gradients (``communication.grad_topk``) against DeepSpeed's dense
+reduction: bytes on the wire, step time on a shaped link, and the main job's accuracy.
+
+Three parts:
+
+* ``link``: two ranks, each in its own network namespace (``netlink.NetLink``), train the
+  8.8M-parameter MLP of ``bench_communication.py`` with the main job's head (``ds_configs/cpu.json``:
+  10,000 classes, d = 128, 128 samples per rank, cosface; ZeRO-0 fp32). Four engines live in each
+  rank, the same backbone under DeepSpeed's dense reduction and under grad_topk 0.1 / 0.01 / 0.001
+  (no warm-up: the steps measured are the steps after it); their steps are interleaved (dense,
+  0.1, 0.01, 0.001, dense, …), so a slow moment of the machine hits them all. Per engine and link
+  rate: the bytes this rank's veth sent per step (head traffic, indices, TCP/IP framing included),
+  what the layer counted, and the median step time.
+* ``bytes4``: the same on four hosts, bytes only (four ranks on two cores make times meaningless).
+* ``convergence``: the main job (``examples/train.py``, its 0.36M-parameter MLP, 2,500 steps)
+  dense and with grad_topk 0.01, seeds 0, 1, 2, under the deepspeed launcher; held-out top-1.
+
+    python benchmarks/bench_grad_topk.py                         # about 25 minutes on 2 cores
+    python benchmarks/bench_grad_topk.py --parts link --steps 10 --rates 1gbit   # a quick look
+
+Needs root for ``link`` and ``bytes4`` (network namespaces); without, those parts say why and are
+skipped. Results: ``--out`` (JSON) and the tables printed; ``benchmarks/RESULTS.md`` keeps them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import netlink  # noqa: E402
+from bench_communication import INPUT_DIM, _backbone, _synchronised_counter  # noqa: E402
+
+DENSITIES = (0.1, 0.01, 0.001)
+HIDDEN, LAYERS = 2048, 3
+RATES = ("none", "1gbit")
+CONVERGENCE_DENSITY = 0.01
+SEEDS = (0, 1, 2)
+PARTS = ("link", "bytes4", "convergence")
+
+
+# --- inside a rank -------------------------------------------------------------------------------
+
+def _config(density: float | None) -> dict[str, Any]:
+    """The main job's ds_config, without its schedule and evaluation, dense or with ``density``."""
+    from hybridfc.config import load_ds_config
+
+    config = load_ds_config(str(REPO / "ds_configs" / "cpu.json"))
+    config.pop("scheduler")
+    config["hybridfc"].pop("evaluation")
+    if density is not None:
+        config["hybridfc"]["communication"] = {"grad_topk": density, "grad_topk_warmup_steps": 0}
+    return config
+
+
+def _engines(densities: tuple[float | None, ...]) -> dict[str, Callable[[], None]]:
+    """A training step per engine: the same backbone, dense (None) or at each density."""
+    import torch
+
+    import hybridfc
+    from hybridfc.data import SyntheticClasses
+    from hybridfc.parallel import group_rank
+
+    steps = {}
+    for density in densities:
+        config = _config(density)
+        torch.manual_seed(0)
+        backbone = _backbone(HIDDEN, LAYERS, config["hybridfc"]["embedding_size"])
+        engine, _, _, _ = hybridfc.initialize(model=backbone, model_parameters=backbone.parameters(),
+                                              config=copy.deepcopy(config))
+        data = SyntheticClasses(config["hybridfc"]["num_classes"], 16, INPUT_DIM, seed=0)
+        generator = torch.Generator().manual_seed(group_rank())
+
+        def step(engine=engine, data=data, generator=generator, batch=config["train_micro_batch_size_per_gpu"]) -> None:
+            x, y = data.batch(torch.randint(len(data), (batch,), generator=generator))
+            engine.backward(engine(x, y))
+            engine.step()
+
+        steps["dense" if density is None else f"{density:g}"] = step
+    return steps
+
+
+def _wire_bytes(step: Callable[[], None], repeats: int) -> dict[str, float]:
+    """Wire and layer bytes per step of ``step``."""
+    from hybridfc.parallel import StatsCursor
+
+    cursor = StatsCursor()
+    start = _synchronised_counter()
+    for _ in range(repeats):
+        step()
+    wire = (_synchronised_counter() - start) / repeats
+    return {"wire": wire, "layer": cursor.take().total.bytes_sent / repeats}
+
+
+def _interleaved_seconds(steps: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
+    """Median seconds per step of each engine, the engines' steps interleaved."""
+    seconds: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            began = time.perf_counter()
+            step()
+            seconds[name].append(time.perf_counter() - began)
+    return {name: statistics.median(values) for name, values in seconds.items()}
+
+
+def rank_job(part: str, rates: list[str], steps: int, out: str) -> None:
+    """``link`` or ``bytes4`` on one rank; rank 0 writes the results to ``out``."""
+    import deepspeed
+    import torch
+
+    torch.set_num_threads(1)
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    engines = _engines((None, *DENSITIES) if part == "link" else (None, CONVERGENCE_DENSITY))
+    parameters = sum(p.numel() for p in _backbone(HIDDEN, LAYERS, 128).parameters())
+    results: dict[str, Any] = {"parameters": parameters, "world_size": torch.distributed.get_world_size()}
+    for rate in rates if part == "link" else ["none"]:
+        netlink.shape(None if rate == "none" else rate)
+        for step in engines.values():
+            step()
+            step()
+        measured = {name: _wire_bytes(step, 3 if part == "bytes4" else 5) for name, step in engines.items()}
+        if part == "link":
+            for name, seconds in _interleaved_seconds(engines, steps).items():
+                measured[name]["seconds"] = seconds
+        results[rate] = measured
+    netlink.shape(None)
+    if torch.distributed.get_rank() == 0:
+        Path(out).write_text(json.dumps(results, indent=1))
+    torch.distributed.barrier()
+
+
+# --- the parent ----------------------------------------------------------------------------------
+
+def _run_on_link(part: str, hosts: int, rates: list[str], steps: int) -> dict[str, Any] | None:
+    available, reason = netlink.namespaces_available()
+    if not available:
+        print(f"bench_grad_topk {part}: skipped, network namespaces cannot be made here: {reason}")
+        return None
+    with tempfile.TemporaryDirectory() as tmp, netlink.NetLink(hosts=hosts) as link:
+        raw = os.path.join(tmp, "results.json")
+        command = [sys.executable, __file__, "--rank-job", part, "--rates", ",".join(rates), "--steps", str(steps),
+                   "--out", raw]
+        env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+        for rank, done in enumerate(link.run_ranks(command, world_size=hosts, timeout=3600, env=env)):
+            if done.returncode:
+                raise RuntimeError(f"rank {rank} failed:\n{done.stdout}\n{done.stderr}")
+        return json.loads(Path(raw).read_text())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _main_job(density: float | None, seed: int, directory: Path) -> dict[str, float]:
+    """One run of the main job under the deepspeed launcher; its result JSON."""
+    config = json.loads((REPO / "ds_configs" / "cpu.json").read_text())
+    if density is not None:
+        config["hybridfc"]["communication"] = {"grad_topk": density}
+    name = f"{'dense' if density is None else density}_seed{seed}"
+    config_path, result_path = directory / f"{name}.json", directory / f"{name}_result.json"
+    config_path.write_text(json.dumps(config))
+    command = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()),
+               str(REPO / "examples" / "train.py"), "--deepspeed_config", str(config_path), "--seed", str(seed),
+               "--result-json", str(result_path)]
+    done = subprocess.run(command, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True)
+    if done.returncode:
+        raise RuntimeError(f"main job {name} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return json.loads(result_path.read_text())
+
+
+def convergence() -> dict[str, Any]:
+    results: dict[str, Any] = {"dense": {}, f"{CONVERGENCE_DENSITY:g}": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in SEEDS:
+            for density in (None, CONVERGENCE_DENSITY):
+                name = "dense" if density is None else f"{density:g}"
+                results[name][seed] = _main_job(density, seed, Path(tmp))
+                print(f"  main job {name}, seed {seed}: held-out top-1 {results[name][seed]['top1']:.4f}", flush=True)
+    return results
+
+
+def _mb(nbytes: float) -> str:
+    return f"{nbytes / 1e6:.3f}"
+
+
+def link_report(link: dict[str, Any], rates: list[str]) -> str:
+    from hybridfc.plan import backbone_gradient_exchange
+
+    lines = [f"8.8M MLP ({link['parameters'] / 1e6:.2f}M parameters) + the main job's head, 2 ranks, ZeRO-0 fp32: "
+             "per rank and step",
+             f"{'link':8s}{'gradient':>10s}{'wire MB':>10s}{'layer MB':>10s}{'plan MB':>10s}{'dense:wire':>12s}"
+             f"{'step ms':>10s}{'vs dense':>10s}"]
+    for rate in rates:
+        measured = link[rate]
+        dense = measured["dense"]
+        for name, r in measured.items():
+            plan = backbone_gradient_exchange(link["parameters"], 2, float(name)).topk if name != "dense" else \
+                backbone_gradient_exchange(link["parameters"], 2, 1.0).dense
+            lines.append(f"{rate:8s}{name:>10s}{_mb(r['wire']):>10s}{_mb(r['layer']):>10s}{_mb(plan):>10s}"
+                         f"{dense['wire'] / r['wire']:>12.1f}{r['seconds'] * 1e3:>10.1f}"
+                         f"{r['seconds'] / dense['seconds']:>10.2f}")
+    return "\n".join(lines)
+
+
+def bytes4_report(result: dict[str, Any]) -> str:
+    measured = result["none"]
+    dense, sparse = measured["dense"], measured[f"{CONVERGENCE_DENSITY:g}"]
+    return (f"{result['world_size']} ranks, bytes only: dense {_mb(dense['wire'])} MB, grad_topk "
+            f"{CONVERGENCE_DENSITY:g} {_mb(sparse['wire'])} MB per rank and step on the wire: "
+            f"{dense['wire'] / sparse['wire']:.1f}x fewer")
+
+
+def convergence_report(results: dict[str, Any]) -> str:
+    lines = ["main job (examples/train.py, ds_configs/cpu.json, 2,500 steps), held-out top-1"]
+    means = {}
+    for name, runs in results.items():
+        values = [runs[seed]["top1"] for seed in sorted(runs, key=int)]
+        means[name] = statistics.mean(values)
+        lines.append(f"  {name:>6s}: " + ", ".join(f"{v:.4f}" for v in values) + f"  mean {means[name]:.4f}")
+    sparse = f"{CONVERGENCE_DENSITY:g}"
+    lines.append(f"  grad_topk {sparse} - dense: {100 * (means[sparse] - means['dense']):+.2f} points")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma separated: {', '.join(PARTS)}")
+    parser.add_argument("--rates", default=",".join(RATES), help="link rates for 'link' ('none': unshaped)")
+    parser.add_argument("--steps", type=int, default=50, help="interleaved steps per engine and rate")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "grad_topk.json"), help="results (JSON)")
+    parser.add_argument("--rank-job", choices=("link", "bytes4"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    rates = args.rates.split(",")
+    if args.rank_job:
+        rank_job(args.rank_job, rates, args.steps, args.out)
+        return 0
+    parts = args.parts.split(",")
+    results: dict[str, Any] = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
+    if "link" in parts and (link := _run_on_link("link", 2, rates, args.steps)) is not None:
+        results["link"] = link
+        print(link_report(link, rates), flush=True)
+    if "bytes4" in parts and (four := _run_on_link("bytes4", 4, ["none"], args.steps)) is not None:
+        results["bytes4"] = four
+        print(bytes4_report(four), flush=True)
+    if "convergence" in parts:
+        results["convergence"] = convergence()
+        print(convergence_report(results["convergence"]), flush=True)
+    results["machine"] = {"cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d")}
+    Path(args.out).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
