@@ -13,7 +13,8 @@ Three parts:
   what the layer counted, and the median step time.
 * ``bytes4``: the same on four hosts, bytes only (four ranks on two cores make times meaningless).
 * ``convergence``: the main job (``examples/train.py``, its 0.36M-parameter MLP, 2,500 steps)
-  dense and with grad_topk 0.01, seeds 0, 1, 2, under the deepspeed launcher; held-out top-1.
+  dense and with grad_topk 0.01 (fp32 values, bf16 values, a 250-step warm-up: ``--variants``),
+  seeds 0, 1, 2, under the deepspeed launcher; held-out top-1.
 
     python benchmarks/bench_grad_topk.py                         # about 25 minutes on 2 cores
     python benchmarks/bench_grad_topk.py --parts link --steps 10 --rates 1gbit   # a quick look
@@ -48,6 +49,13 @@ HIDDEN, LAYERS = 2048, 3
 RATES = ("none", "1gbit")
 CONVERGENCE_DENSITY = 0.01
 SEEDS = (0, 1, 2)
+VARIANTS = {
+    "dense": None,
+    "0.01": {"grad_topk": 0.01, "grad_topk_warmup_steps": 0, "grad_topk_value_dtype": "fp32"},
+    "0.01 bf16": {"grad_topk": 0.01, "grad_topk_warmup_steps": 0, "grad_topk_value_dtype": "bf16"},
+    "0.01 warm-up 250": {"grad_topk": 0.01, "grad_topk_warmup_steps": 250, "grad_topk_value_dtype": "fp32"},
+}
+"""The main job's ``communication`` section per variant of the convergence part (None: dense)."""
 PARTS = ("link", "bytes4", "convergence")
 
 
@@ -165,12 +173,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _main_job(density: float | None, seed: int, directory: Path) -> dict[str, float]:
+def _main_job(variant: str, seed: int, directory: Path) -> dict[str, float]:
     """One run of the main job under the deepspeed launcher; its result JSON."""
     config = json.loads((REPO / "ds_configs" / "cpu.json").read_text())
-    if density is not None:
-        config["hybridfc"]["communication"] = {"grad_topk": density}
-    name = f"{'dense' if density is None else density}_seed{seed}"
+    if VARIANTS[variant] is not None:
+        config["hybridfc"]["communication"] = VARIANTS[variant]
+    name = f"{variant.replace(' ', '_')}_seed{seed}"
     config_path, result_path = directory / f"{name}.json", directory / f"{name}_result.json"
     config_path.write_text(json.dumps(config))
     command = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()),
@@ -183,14 +191,14 @@ def _main_job(density: float | None, seed: int, directory: Path) -> dict[str, fl
     return json.loads(result_path.read_text())
 
 
-def convergence() -> dict[str, Any]:
-    results: dict[str, Any] = {"dense": {}, f"{CONVERGENCE_DENSITY:g}": {}}
+def convergence(variants: list[str], results: dict[str, Any]) -> dict[str, Any]:
+    """Each variant on each seed (seeds outermost, so a stopped run leaves every variant some)."""
     with tempfile.TemporaryDirectory() as tmp:
         for seed in SEEDS:
-            for density in (None, CONVERGENCE_DENSITY):
-                name = "dense" if density is None else f"{density:g}"
-                results[name][seed] = _main_job(density, seed, Path(tmp))
-                print(f"  main job {name}, seed {seed}: held-out top-1 {results[name][seed]['top1']:.4f}", flush=True)
+            for variant in variants:
+                results.setdefault(variant, {})[str(seed)] = _main_job(variant, seed, Path(tmp))
+                print(f"  main job {variant}, seed {seed}: held-out top-1 {results[variant][str(seed)]['top1']:.4f}",
+                      flush=True)
     return results
 
 
@@ -231,9 +239,9 @@ def convergence_report(results: dict[str, Any]) -> str:
     for name, runs in results.items():
         values = [runs[seed]["top1"] for seed in sorted(runs, key=int)]
         means[name] = statistics.mean(values)
-        lines.append(f"  {name:>6s}: " + ", ".join(f"{v:.4f}" for v in values) + f"  mean {means[name]:.4f}")
-    sparse = f"{CONVERGENCE_DENSITY:g}"
-    lines.append(f"  grad_topk {sparse} - dense: {100 * (means[sparse] - means['dense']):+.2f} points")
+        lines.append(f"  {name:>16s}: " + ", ".join(f"{v:.4f}" for v in values) + f"  mean {means[name]:.4f}")
+    lines += [f"  {name} - dense: {100 * (mean - means['dense']):+.2f} points"
+              for name, mean in means.items() if name != "dense"]
     return "\n".join(lines)
 
 
@@ -243,6 +251,8 @@ def main() -> int:
     parser.add_argument("--rates", default=",".join(RATES), help="link rates for 'link' ('none': unshaped)")
     parser.add_argument("--steps", type=int, default=50, help="interleaved steps per engine and rate")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "grad_topk.json"), help="results (JSON)")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help=f"convergence variants, comma separated: {', '.join(VARIANTS)}")
     parser.add_argument("--rank-job", choices=("link", "bytes4"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     rates = args.rates.split(",")
@@ -258,7 +268,7 @@ def main() -> int:
         results["bytes4"] = four
         print(bytes4_report(four), flush=True)
     if "convergence" in parts:
-        results["convergence"] = convergence()
+        results["convergence"] = convergence(args.variants.split(","), results.get("convergence", {}))
         print(convergence_report(results["convergence"]), flush=True)
     results["machine"] = {"cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d")}
     Path(args.out).write_text(json.dumps(results, indent=1))

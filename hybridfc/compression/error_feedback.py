@@ -64,6 +64,7 @@ class TopKGradientReducer:
         self.residual = torch.zeros(numel, dtype=dtype, device=device)
         self.velocity = torch.zeros_like(self.residual) if momentum else None
         self.steps = 0
+        self._workspace = torch.empty_like(self.residual)
 
     def pairs(self) -> int:
         """The pairs the next exchange sends (``numel`` when it goes dense)."""
@@ -77,15 +78,16 @@ class TopKGradientReducer:
         self._accumulate(gradients)
         k = self.pairs()
         if k == self.numel:
-            average = all_reduce(self.residual.clone(), group=self.group)
+            average = all_reduce(self._workspace.copy_(self.residual), group=self.group)
             self.residual.zero_()
             self._mask_momentum(slice(None))
         else:
-            indices = largest_magnitudes(self.residual, k)
+            indices = largest_magnitudes(self.residual, k, self._workspace)
             values = self.residual[indices].to(self.value_dtype)
             self.residual[indices] -= values.to(self.residual.dtype)
             self._mask_momentum(indices)
-            average = sparse_sum(indices.to(torch.int32), values, self.numel, self.group, self.residual.dtype)
+            average = sparse_sum(indices.to(torch.int32), values, self.numel, self.group, self.residual.dtype,
+                                 out=self._workspace)
         average.mul_(1.0 / group_size(self.group))
         _unflatten_into(average, gradients)
         self.steps += 1

@@ -13,6 +13,7 @@ threshold the k-th largest magnitude is above it, so the result is the exact top
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
@@ -23,13 +24,14 @@ CANDIDATE_MARGIN = 1.3
 """Candidates kept per entry wanted, so that a sample's error rarely leaves fewer than k."""
 
 
-def largest_magnitudes(values: torch.Tensor, k: int) -> torch.Tensor:
+def largest_magnitudes(values: torch.Tensor, k: int, workspace: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The indices ``(k,)`` (int64, in no particular order) of the ``k`` entries of ``values (n,)``
-    with the largest absolute values."""
+    with the largest absolute values. ``workspace`` (like ``values``), if given, holds the
+    magnitudes (a fresh 35 MB tensor costs ~15 ms of page faults per call at n = 8.8M)."""
     n = values.numel()
     if not 0 < k <= n:
         raise ValueError(f"k must be in [1, {n}] (got {k})")
-    magnitudes = values.abs()
+    magnitudes = torch.abs(values, out=workspace) if workspace is not None else values.abs()
     if n <= 2 * SAMPLE_SIZE or k * 4 > n:
         return torch.topk(magnitudes, k, sorted=False).indices
     sample = magnitudes[:: n // SAMPLE_SIZE]

@@ -118,9 +118,10 @@ def all_gather_vector(values: torch.Tensor, group: ProcessGroup = None) -> torch
 
 
 def sparse_sum(indices: torch.Tensor, values: torch.Tensor, numel: int, group: ProcessGroup = None,
-               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+               dtype: torch.dtype = torch.float32, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """A sparse all-reduce: every rank's pairs ``indices (k,)`` (int32, distinct within a rank),
-    ``values (k,)``, the same ``k`` on every rank, summed into a dense ``(numel,)`` of ``dtype``.
+    ``values (k,)``, the same ``k`` on every rank, summed into a dense ``(numel,)`` of ``dtype``
+    (into ``out``, when given, whose values are overwritten).
 
     One all-gather of the pairs; each rank's values are added in rank order, so every rank gets
     the same bits (one rank alone: its pairs scattered into zeros).
@@ -136,7 +137,7 @@ def sparse_sum(indices: torch.Tensor, values: torch.Tensor, numel: int, group: P
                       dist.all_gather_into_tensor(flat_values, values.contiguous(), group=group, async_op=True)],
              lambda: None, async_op=False)
         gathered_indices, gathered_values = flat_indices.view(world_size, -1), flat_values.view(world_size, -1)
-    total = torch.zeros(numel, dtype=dtype, device=values.device)
+    total = out.zero_() if out is not None else torch.zeros(numel, dtype=dtype, device=values.device)
     for rank_indices, rank_values in zip(gathered_indices, gathered_values):
         total.index_add_(0, rank_indices, rank_values.to(dtype))
     return total
