@@ -16,6 +16,7 @@ required)::
                     "params": {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}},
       "gradient_clipping": 0.0,
       "evaluation": {"interval": 0, "top_k": [1]},
+      "warm_start": {"imprint": false},
       "communication": {"chunks": 1, "grad_topk": null, "grad_topk_warmup_steps": 0,
                         "grad_topk_value_dtype": "fp32", "grad_topk_momentum_correction": false},
       "max_consecutive_skips": 10
@@ -69,6 +70,10 @@ accuracy every ``interval`` optimizer steps (0: never), computed by
 :meth:`hybridfc.HybridEngine.evaluate` over the shards. ``communication.chunks`` (default 1)
 splits each rank's micro-batch into that many chunks, whose feature exchange overlaps the
 head's compute (:mod:`hybridfc.head.cross_entropy`); at most ``train_micro_batch_size_per_gpu``.
+``warm_start.imprint`` (default false) sets every class row, before the first optimizer step of a
+run that did not load a checkpoint, to the mean L2-normalised embedding of its training samples
+under the initial backbone (one distributed pass over the training data given to
+``hybridfc.initialize``; :func:`hybridfc.head.imprint.imprint`).
 ``communication.grad_topk`` (default null: DeepSpeed's dense reduction) in (0, 1] replaces the
 reduction of the backbone's gradient by an all-gather of each rank's top ``grad_topk`` share of
 entries as (index, value) pairs, what is not sent kept for the next step (error feedback;
@@ -119,6 +124,7 @@ __all__ = [
     "ConfigError",
     "CosFaceMargin",
     "CommunicationConfig",
+    "WarmStartConfig",
     "EvaluationConfig",
     "FullSelection",
     "HFSelection",
@@ -282,6 +288,13 @@ class EvaluationConfig(_Section):
     top_k: list[Annotated[StrictInt, Field(ge=1)]] = Field(default_factory=lambda: [1], min_length=1)
 
 
+class WarmStartConfig(_Section):
+    """How the head's rows start: ``imprint`` sets each class row to the mean normalised feature
+    of its training samples under the initial backbone, before the first step."""
+
+    imprint: StrictBool = False
+
+
 class CommunicationConfig(_Section):
     """How the exchanges run: the head's in ``chunks`` pieces of the local batch, pipelined; the
     backbone's gradient dense (DeepSpeed's reduction) or as its top ``grad_topk`` share."""
@@ -358,6 +371,7 @@ class HybridFCConfig(_Section):
     optimizer: HeadOptimizerConfig = Field(default_factory=SGDOptimizer)
     gradient_clipping: Number = Field(0.0, ge=0)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    warm_start: WarmStartConfig = Field(default_factory=WarmStartConfig)
     communication: CommunicationConfig = Field(default_factory=CommunicationConfig)
     max_consecutive_skips: StrictInt = Field(10, ge=0)
 

@@ -26,6 +26,8 @@ How the head follows the backbone:
 * checkpoints: ``save_checkpoint`` / ``load_checkpoint`` store the head's shards and optimizer
   state inside DeepSpeed's checkpoint tag directory (see :mod:`hybridfc.checkpoint`), with the
   loader's position and each rank's random generators, complete or not at all;
+* warm start: with ``warm_start.imprint`` the first forward of a fresh run (no checkpoint loaded)
+  sets every class row to the mean normalised embedding of its training samples (:meth:`imprint`);
 * the backbone's gradients: DeepSpeed's reduction, or with ``communication.grad_topk`` each rank's
   top-k entries with error feedback (:mod:`hybridfc.compression`), the residuals saved in checkpoints;
 * communication: ``communication_stats()`` returns what hybridfc sent since its previous call
@@ -53,12 +55,13 @@ from torch import nn
 from hybridfc.checkpoint import (CheckpointError, apply_head, publish, reached, read_head, rng_states, save_head,
                                  saved_world_size, set_rng_states, staging_tag)
 from hybridfc.compression.error_feedback import VALUE_DTYPES, TopKGradientReducer
-from hybridfc.config import (CommunicationConfig, ConfigError, EvaluationConfig, HybridFCConfig, config_fingerprint,
-                             load_ds_config, split_ds_config)
+from hybridfc.config import (CommunicationConfig, ConfigError, EvaluationConfig, HybridFCConfig, WarmStartConfig,
+                             config_fingerprint, load_ds_config, split_ds_config)
 from hybridfc.data.loader import DistributedLoader
 from hybridfc.deepspeed_adapter import DeepSpeedAdapter
 from hybridfc.eval.topk import accuracies, topk_correct
 from hybridfc.head.class_parallel_fc import ClassParallelFC
+from hybridfc.head.imprint import imprint
 from hybridfc.head.optimizer import HeadOptimizer, build_head_optimizer
 from hybridfc.log import log_dist
 from hybridfc.parallel.accounting import CommunicationStats, StatsCursor
@@ -99,7 +102,8 @@ class HybridEngine:
     def __init__(self, backbone: deepspeed.DeepSpeedEngine, head: ClassParallelFC, head_optimizer: HeadOptimizer,
                  backbone_base_lr: Optional[float], evaluation: Optional[EvaluationConfig] = None,
                  max_consecutive_skips: int = 10, loader: Optional[DistributedLoader] = None,
-                 communication: Optional[CommunicationConfig] = None) -> None:
+                 communication: Optional[CommunicationConfig] = None,
+                 warm_start: Optional[WarmStartConfig] = None) -> None:
         self.backbone = backbone
         self.loader = loader
         self.head = head
@@ -115,6 +119,7 @@ class HybridEngine:
         self._communication = StatsCursor()
         self._communication_logged = StatsCursor()
         self._logged_step = backbone.global_steps
+        self._imprint_pending = bool(warm_start and warm_start.imprint) and backbone.global_steps == 0
 
     def _gradient_reducer(self, communication: CommunicationConfig) -> Optional[TopKGradientReducer]:
         """The top-k reduction of the backbone's gradients, where ``grad_topk`` asks for it."""
@@ -140,8 +145,31 @@ class HybridEngine:
         return self.forward(inputs, labels)
 
     def forward(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Loss of this micro-batch (mean over the global batch): ``inputs (b, …)``, ``labels (b,)``."""
+        """Loss of this micro-batch (mean over the global batch): ``inputs (b, …)``, ``labels (b,)``.
+        The first call of a run with ``warm_start.imprint`` imprints the head first."""
+        if self._imprint_pending:
+            self.imprint()
         return self.head(self.embed(inputs), labels.to(self.head.weight.device))
+
+    def imprint(self, batches: Optional[Iterable] = None) -> int:
+        """Warm start: every class row with samples in ``batches`` (this rank's ``(x, y)``; default:
+        one pass over the training data given to :func:`initialize`, in order) becomes the mean
+        L2-normalised embedding of them under the current backbone, in eval mode
+        (:func:`hybridfc.head.imprint.imprint`); on every rank. Returns the rows imprinted."""
+        self._imprint_pending = False
+        if batches is None:
+            if self.loader is None:
+                raise ValueError("engine.imprint(): no training_data was given to hybridfc.initialize; pass the batches")
+            loader = self.loader
+            batches = DistributedLoader(loader.dataset, loader.batch_size, rank=loader.rank,
+                                        world_size=loader.world_size, shuffle=False, num_workers=loader.num_workers,
+                                        collate_fn=loader.collate_fn)
+        was_training = self.backbone.training
+        self.eval()
+        count = imprint(self.head, self.embed, ((x, y.to(self.head.weight.device)) for x, y in batches))
+        self.train(was_training)
+        log_dist(f"warm start: {count} of {self.head.num_classes} class rows imprinted from the backbone's embeddings")
+        return count
 
     def embed(self, inputs: torch.Tensor) -> torch.Tensor:
         """The backbone's embeddings ``(b, d)`` of ``inputs``, cast to the engine's dtype and device."""
@@ -314,6 +342,7 @@ class HybridEngine:
             lambda: apply_head(self.head, self.head_optimizer if restore_optimizer else None, state),
             "restoring the head", self.head.group)
         self._logged_step = self.backbone.global_steps
+        self._imprint_pending = False
         if run_state:
             if run_state["rng"] is not None:
                 set_rng_states(run_state["rng"])
@@ -419,7 +448,7 @@ def initialize(args: Optional[argparse.Namespace] = None, model: Optional[torch.
         loader = DistributedLoader(training_data, backbone.train_micro_batch_size_per_gpu(), rank=group_rank(group),
                                    world_size=group_size(group), collate_fn=collate_fn, seed=cfg.seed)
     engine = HybridEngine(backbone, head, head_optimizer, _backbone_base_lr(ds_config, optimizer), cfg.evaluation,
-                          cfg.max_consecutive_skips, loader, cfg.communication)
+                          cfg.max_consecutive_skips, loader, cfg.communication, cfg.warm_start)
     log_dist(f"hybridfc head: {cfg.num_classes} classes x {cfg.embedding_size} over {group_size(group)} ranks "
              f"({head.num_local} rows on rank 0), margin {cfg.margin.model_dump()}, "
              f"selection {cfg.selection.model_dump()}, {head.selection.budget} active rows per step")

@@ -26,7 +26,8 @@ loader's state, so a resumed run sees the batches the uninterrupted run saw.
 
 A record holds, per micro-batch: the inputs, labels and embeddings (as the backbone produced
 them), the loss, the backbone's lr in effect, and the head shard and the head optimizer's lr
-after ``engine.step()``; and once: the shard's first class, the shard before training, the
+after ``engine.step()``; and once: the shard's first class, the shard before training and as the
+first forward pass saw it (after a warm start), the
 backbone's parameters after training (gathered under ZeRO-3), the grad_topk residual (or None), what hybridfc sent during the
 steps (``engine.communication_stats()``) and the step counters of backbone and head. An exception is printed as one line
 ``worker rank R: Type: message`` before it ends the process, so a test can tell the ranks apart.
@@ -121,6 +122,8 @@ def train(args: argparse.Namespace, run: dict, out: Path) -> None:
         loader_data = SyntheticClasses(run_args_classes(run_args), LOADER_SAMPLES_PER_CLASS, INPUT_DIM, seed=DATA_SEED)
     engine, _, loader, _ = hybridfc.initialize(args=run_args, model=backbone, model_parameters=backbone.parameters(),
                                                training_data=loader_data)
+    heads_at_forward: list[torch.Tensor] = []
+    engine.head.register_forward_pre_hook(lambda head, inputs: heads_at_forward.append(head.weight.detach().clone()))
     rank = torch.distributed.get_rank()
     if run.get("load"):
         engine.load_checkpoint(run["checkpoint"])
@@ -158,7 +161,7 @@ def train(args: argparse.Namespace, run: dict, out: Path) -> None:
     if run.get("state_dict_round_trip"):
         record["round_trip"] = state_dict_round_trip(engine)
     reducer = engine.gradient_reducer
-    record.update(embeddings=embeddings, backbone=backbone_parameters(engine),
+    record.update(embeddings=embeddings, backbone=backbone_parameters(engine), head_at_first_forward=heads_at_forward[0],
                   grad_topk=None if reducer is None else reducer.state_dict(),
                   communication=engine.communication_stats().to_dict(),
                   counters={"global_steps": engine.global_steps, "skipped_steps": engine.skipped_steps,

@@ -1,0 +1,35 @@
+"""``warm_start.imprint`` under the real ``deepspeed`` launcher, 2 CPU ranks: before the first
+step every class row is the mean normalised embedding of its training samples under the
+initial backbone, against a float64 single-process reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import worker
+from hybridfc.data import SyntheticClasses
+from test_deepspeed_e2e import NUM_CLASSES, assert_close_relative, assert_succeeded, ds_config, launch_worker, records
+
+pytestmark = pytest.mark.e2e
+
+
+def reference_rows() -> torch.Tensor:
+    """``(C, d)``: each class's mean normalised embedding over the loader's dataset, float64."""
+    data = SyntheticClasses(NUM_CLASSES, worker.LOADER_SAMPLES_PER_CLASS, worker.INPUT_DIM, seed=worker.DATA_SEED)
+    x, y = data.batch(torch.arange(len(data)))
+    with torch.no_grad():
+        features = F.normalize(worker.build_backbone().double()(x.double()), dim=1)
+    sums = torch.zeros(NUM_CLASSES, features.shape[1], dtype=torch.float64).index_add_(0, y, features)
+    return sums / torch.bincount(y, minlength=NUM_CLASSES).unsqueeze(1)
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_imprinted_rows_are_the_class_means_of_the_normalised_embeddings(tmp_path, stage):
+    run = {"name": "imprint", "config": ds_config(stage, warm_start={"imprint": True}), "steps": 2, "loader": True}
+    assert_succeeded(launch_worker(tmp_path, [run], timeout=120))
+    recs = records(tmp_path, "imprint")
+    rows = torch.cat([rec["head_at_first_forward"] for rec in recs])
+    assert_close_relative(rows, reference_rows(), "imprinted rows")
+    assert not torch.equal(rows, torch.cat([rec["initial_head"] for rec in recs]))
