@@ -48,6 +48,7 @@ FULL = {
     "communication": {"chunks": 4, "grad_topk": 0.01, "grad_topk_warmup_steps": 200, "grad_topk_value_dtype": "bf16",
                       "grad_topk_momentum_correction": True},
     "max_consecutive_skips": 5,
+    "warm_start": {"imprint": True},
 }
 
 
@@ -210,7 +211,8 @@ def test_bad_value_names_key_value_and_allowed(bad: dict[str, Any], expected: st
          "hybridfc.margin.m4: unknown key; allowed keys: m1, m2, m3, scale, type"),
         (section(num_clases=10),
          "hybridfc.num_clases: unknown key; allowed keys: communication, embedding_size, evaluation, "
-         "gradient_clipping, margin, max_consecutive_skips, num_classes, optimizer, seed, selection, storage_dtype"),
+         "gradient_clipping, margin, max_consecutive_skips, num_classes, optimizer, seed, selection, storage_dtype, "
+             "warm_start"),
         (section(selection={"type": "full", "budget": 0.1}),
          "hybridfc.selection.budget: unknown key; allowed keys: type"),
         (sgd(betas=[0.9, 0.99]),
