@@ -17,6 +17,7 @@ required)::
       "gradient_clipping": 0.0,
       "evaluation": {"interval": 0, "top_k": [1]},
       "warm_start": {"imprint": false},
+      "schedule": {"plateau": null},
       "communication": {"chunks": 1, "grad_topk": null, "grad_topk_warmup_steps": 0,
                         "grad_topk_value_dtype": "fp32", "grad_topk_momentum_correction": false},
       "max_consecutive_skips": 10
@@ -74,6 +75,12 @@ head's compute (:mod:`hybridfc.head.cross_entropy`); at most ``train_micro_batch
 run that did not load a checkpoint, to the mean L2-normalised embedding of its training samples
 under the initial backbone (one distributed pass over the training data given to
 ``hybridfc.initialize``; :func:`hybridfc.head.imprint.imprint`).
+``schedule.plateau`` (default null) lowers the learning rate of backbone and head together on a
+plateau of the held-out metric (the first of ``evaluation.top_k``, measured every
+``evaluation.interval`` steps by ``engine.evaluate``): after ``patience`` (2) evaluations in a row
+that do not beat the best by more than ``threshold`` (1e-3, absolute) a multiplier is multiplied by
+``factor`` (0.1), never below ``min_factor`` (1e-3); it multiplies whatever DeepSpeed's scheduler
+sets, and is saved in checkpoints.
 ``communication.grad_topk`` (default null: DeepSpeed's dense reduction) in (0, 1] replaces the
 reduction of the backbone's gradient by an all-gather of each rank's top ``grad_topk`` share of
 entries as (index, value) pairs, what is not sent kept for the next step (error feedback;
@@ -124,6 +131,8 @@ __all__ = [
     "ConfigError",
     "CosFaceMargin",
     "CommunicationConfig",
+    "PlateauConfig",
+    "ScheduleConfig",
     "WarmStartConfig",
     "EvaluationConfig",
     "FullSelection",
@@ -288,6 +297,21 @@ class EvaluationConfig(_Section):
     top_k: list[Annotated[StrictInt, Field(ge=1)]] = Field(default_factory=lambda: [1], min_length=1)
 
 
+class PlateauConfig(_Section):
+    """The lr multiplier's drop on a plateau of the held-out metric (:class:`hybridfc.schedule.PlateauLR`)."""
+
+    patience: StrictInt = Field(2, ge=1)
+    factor: Number = Field(0.1, gt=0, lt=1)
+    threshold: Number = Field(1e-3, ge=0)
+    min_factor: Number = Field(1e-3, gt=0, le=1)
+
+
+class ScheduleConfig(_Section):
+    """hybridfc's part of the lr schedule, on top of DeepSpeed's scheduler."""
+
+    plateau: Optional[PlateauConfig] = None
+
+
 class WarmStartConfig(_Section):
     """How the head's rows start: ``imprint`` sets each class row to the mean normalised feature
     of its training samples under the initial backbone, before the first step."""
@@ -372,6 +396,7 @@ class HybridFCConfig(_Section):
     gradient_clipping: Number = Field(0.0, ge=0)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     warm_start: WarmStartConfig = Field(default_factory=WarmStartConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     communication: CommunicationConfig = Field(default_factory=CommunicationConfig)
     max_consecutive_skips: StrictInt = Field(10, ge=0)
 

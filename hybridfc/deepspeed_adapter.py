@@ -9,6 +9,10 @@ reduction); a plain torch optimizer (ZeRO-0 in fp32) has no such check and would
 :meth:`DeepSpeedAdapter.skip_next_step` closes that gap: it wraps such an optimizer's ``step`` so
 that hybridfc can skip it, and reports the skip through ``overflow`` as DeepSpeed expects.
 
+Nor a hook to scale the lr on top of its scheduler: :meth:`DeepSpeedAdapter.scale_lr` wraps the
+optimizer's ``step`` so that the scale applies to the step alone, and the scheduler, which runs
+after it, sees the lr it set.
+
 DeepSpeed has no hook to replace its gradient reduction either. The engine reduces the
 backbone's gradients at the end of backward only while ``enable_backward_allreduce`` is true
 (as 1-bit Adam used it): :meth:`DeepSpeedAdapter.take_over_reduction` switches it off, and at
@@ -49,6 +53,28 @@ class _SkippableStep:
         return None if skip else self.original(*args, **kwargs)
 
 
+class _ScaledLrStep:
+    """Wraps an optimizer's ``step``: every group's lr is multiplied by ``scale`` for the step
+    alone, and put back before DeepSpeed's scheduler runs (which then never sees the scale)."""
+
+    def __init__(self, optimizer: Any) -> None:
+        self.optimizer = optimizer
+        self.original: Callable[..., Any] = optimizer.step
+        self.scale = 1.0
+        optimizer.step = self
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        groups = self.optimizer.param_groups
+        unscaled = [group["lr"] for group in groups]
+        for group, lr in zip(groups, unscaled):
+            group["lr"] = lr * self.scale
+        try:
+            return self.original(*args, **kwargs)
+        finally:
+            for group, lr in zip(groups, unscaled):
+                group["lr"] = lr
+
+
 class DeepSpeedAdapter:
     """The DeepSpeed engine of the backbone, as hybridfc's step uses it.
 
@@ -66,6 +92,7 @@ class DeepSpeedAdapter:
         self._skippable = None
         if optimizer is not None and not hasattr(optimizer, "overflow"):
             self._skippable = _SkippableStep(optimizer)
+        self._scaled: "_ScaledLrStep | None" = None
 
     def compute_dtype(self) -> torch.dtype:
         """The dtype the backbone computes in."""
@@ -83,6 +110,13 @@ class DeepSpeedAdapter:
         name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_"
                 f"{os.environ.get('MASTER_PORT')}_{self.engine.global_rank}")
         Path("/dev/shm", name).unlink(missing_ok=True)
+
+    def scale_lr(self, scale: float) -> None:
+        """Multiply the lr of the backbone's optimizer steps from now on by ``scale`` (on top of
+        what DeepSpeed's scheduler sets)."""
+        if self._scaled is None:
+            self._scaled = _ScaledLrStep(self.engine.optimizer)
+        self._scaled.scale = scale
 
     def skip_next_step(self) -> None:
         """Make the engine's next optimizer step a skipped one. Engines whose optimizer checks its

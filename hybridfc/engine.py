@@ -23,6 +23,8 @@ How the head follows the backbone:
   logged with its cause, the run stopped after ``max_consecutive_skips`` in a row;
 * learning rate: the head's lr is its configured lr times the ratio of the backbone's current
   lr to the backbone's configured lr, so DeepSpeed's warm-up and decay schedules apply to both;
+  with ``schedule.plateau`` both are multiplied by ``lr_scale``, lowered when the held-out metric
+  of :meth:`evaluate` stops improving (:mod:`hybridfc.schedule`), and saved in checkpoints;
 * checkpoints: ``save_checkpoint`` / ``load_checkpoint`` store the head's shards and optimizer
   state inside DeepSpeed's checkpoint tag directory (see :mod:`hybridfc.checkpoint`), with the
   loader's position and each rank's random generators, complete or not at all;
@@ -55,8 +57,8 @@ from torch import nn
 from hybridfc.checkpoint import (CheckpointError, apply_head, publish, reached, read_head, rng_states, save_head,
                                  saved_world_size, set_rng_states, staging_tag)
 from hybridfc.compression.error_feedback import VALUE_DTYPES, TopKGradientReducer
-from hybridfc.config import (CommunicationConfig, ConfigError, EvaluationConfig, HybridFCConfig, WarmStartConfig,
-                             config_fingerprint, load_ds_config, split_ds_config)
+from hybridfc.config import (CommunicationConfig, ConfigError, EvaluationConfig, HybridFCConfig, ScheduleConfig,
+                             WarmStartConfig, config_fingerprint, load_ds_config, split_ds_config)
 from hybridfc.data.loader import DistributedLoader
 from hybridfc.deepspeed_adapter import DeepSpeedAdapter
 from hybridfc.eval.topk import accuracies, topk_correct
@@ -68,6 +70,7 @@ from hybridfc.parallel.accounting import CommunicationStats, StatsCursor
 from hybridfc.parallel.chunks import TILE_ROWS, ChunkLayout
 from hybridfc.parallel.collectives import all_gather_vector, barrier, run_on_every_rank
 from hybridfc.parallel.groups import ProcessGroup, collective_device, group_rank, group_size
+from hybridfc.schedule import PlateauLR
 from hybridfc.step import TrainingStep
 
 
@@ -103,7 +106,7 @@ class HybridEngine:
                  backbone_base_lr: Optional[float], evaluation: Optional[EvaluationConfig] = None,
                  max_consecutive_skips: int = 10, loader: Optional[DistributedLoader] = None,
                  communication: Optional[CommunicationConfig] = None,
-                 warm_start: Optional[WarmStartConfig] = None) -> None:
+                 warm_start: Optional[WarmStartConfig] = None, schedule: Optional[ScheduleConfig] = None) -> None:
         self.backbone = backbone
         self.loader = loader
         self.head = head
@@ -120,6 +123,9 @@ class HybridEngine:
         self._communication_logged = StatsCursor()
         self._logged_step = backbone.global_steps
         self._imprint_pending = bool(warm_start and warm_start.imprint) and backbone.global_steps == 0
+        plateau = schedule.plateau if schedule is not None else None
+        self.plateau = None if plateau is None else PlateauLR("max", plateau.factor, plateau.patience,
+                                                              plateau.threshold, plateau.min_factor)
 
     def _gradient_reducer(self, communication: CommunicationConfig) -> Optional[TopKGradientReducer]:
         """The top-k reduction of the backbone's gradients, where ``grad_topk`` asks for it."""
@@ -189,7 +195,7 @@ class HybridEngine:
         if not self.backbone.is_gradient_accumulation_boundary():
             self.backbone.step()
             return
-        self._step.finish(self._loss_scale, self._lr_factor())
+        self._step.finish(self._loss_scale, self._lr_factor() * self.lr_scale)
         self._log_communication()
 
     def zero_grad(self) -> None:
@@ -248,6 +254,18 @@ class HybridEngine:
                                   f"(load_module_only=True)")
         return read_head(self.head, tag_dir)
 
+    @property
+    def lr_scale(self) -> float:
+        """The multiplier ``schedule.plateau`` puts on the lr of backbone and head (1 without it)."""
+        return 1.0 if self.plateau is None else self.plateau.scale
+
+    def _observe_plateau(self, metric: float) -> None:
+        """Feed the held-out metric to the plateau rule; on a drop, scale the backbone's lr too."""
+        if self.plateau is not None and self.plateau.step(metric):
+            self._adapter.scale_lr(self.plateau.scale)
+            log_dist(f"step {self.backbone.global_steps}: held-out metric at a plateau (best {self.plateau.best:.4f}): "
+                     f"lr multiplier now {self.plateau.scale:g}")
+
     def _lr_factor(self) -> float:
         if not self._backbone_base_lr:
             return 1.0
@@ -293,6 +311,7 @@ class HybridEngine:
         self.last_evaluated_step = self.backbone.global_steps
         summary = ", ".join(f"top-{k} {acc:.4f}" for k, acc in self.last_evaluation.items())
         log_dist(f"step {self.backbone.global_steps}: held-out {summary} on {int(counts[0])} samples")
+        self._observe_plateau(self.last_evaluation[ks[0]])
         return self.last_evaluation
 
     def train(self, mode: bool = True) -> "HybridEngine":
@@ -314,7 +333,8 @@ class HybridEngine:
         run_on_every_rank(lambda: shutil.rmtree(staging, ignore_errors=True) if first else None,
                           "clearing an interrupted save")
         run_state = {"rng": rng_states(), "loader": None if self.loader is None else self.loader.state_dict(),
-                     "grad_topk": None if self.gradient_reducer is None else self.gradient_reducer.state_dict()}
+                     "grad_topk": None if self.gradient_reducer is None else self.gradient_reducer.state_dict(),
+                     "plateau": None if self.plateau is None else self.plateau.state_dict()}
         run_on_every_rank(lambda: save_head(self.head, self.head_optimizer, staging, run_state), "saving the head",
                           self.head.group)
         reached("head_written")
@@ -350,6 +370,9 @@ class HybridEngine:
                 self.loader.load_state_dict(run_state["loader"])
             if self.gradient_reducer is not None and run_state.get("grad_topk") is not None:
                 self.gradient_reducer.load_state_dict(run_state["grad_topk"])
+            if self.plateau is not None and run_state.get("plateau") is not None:
+                self.plateau.load_state_dict(run_state["plateau"])
+                self._adapter.scale_lr(self.plateau.scale)
         return load_path, client_state
 
 
@@ -448,7 +471,7 @@ def initialize(args: Optional[argparse.Namespace] = None, model: Optional[torch.
         loader = DistributedLoader(training_data, backbone.train_micro_batch_size_per_gpu(), rank=group_rank(group),
                                    world_size=group_size(group), collate_fn=collate_fn, seed=cfg.seed)
     engine = HybridEngine(backbone, head, head_optimizer, _backbone_base_lr(ds_config, optimizer), cfg.evaluation,
-                          cfg.max_consecutive_skips, loader, cfg.communication, cfg.warm_start)
+                          cfg.max_consecutive_skips, loader, cfg.communication, cfg.warm_start, cfg.schedule)
     log_dist(f"hybridfc head: {cfg.num_classes} classes x {cfg.embedding_size} over {group_size(group)} ranks "
              f"({head.num_local} rows on rank 0), margin {cfg.margin.model_dump()}, "
              f"selection {cfg.selection.model_dump()}, {head.selection.budget} active rows per step")

@@ -49,6 +49,7 @@ FULL = {
                       "grad_topk_momentum_correction": True},
     "max_consecutive_skips": 5,
     "warm_start": {"imprint": True},
+    "schedule": {"plateau": {"patience": 3, "factor": 0.2, "threshold": 0.01, "min_factor": 0.01}},
 }
 
 
@@ -211,8 +212,8 @@ def test_bad_value_names_key_value_and_allowed(bad: dict[str, Any], expected: st
          "hybridfc.margin.m4: unknown key; allowed keys: m1, m2, m3, scale, type"),
         (section(num_clases=10),
          "hybridfc.num_clases: unknown key; allowed keys: communication, embedding_size, evaluation, "
-         "gradient_clipping, margin, max_consecutive_skips, num_classes, optimizer, seed, selection, storage_dtype, "
-             "warm_start"),
+         "gradient_clipping, margin, max_consecutive_skips, num_classes, optimizer, schedule, seed, selection, "
+             "storage_dtype, warm_start"),
         (section(selection={"type": "full", "budget": 0.1}),
          "hybridfc.selection.budget: unknown key; allowed keys: type"),
         (sgd(betas=[0.9, 0.99]),

@@ -18,6 +18,9 @@
   save reaches that stage (:data:`hybridfc.checkpoint.SAVE_STAGE_HOOK`);
 * ``bad_label_rank``: that rank puts the out-of-range label ``BAD_LABEL`` in its first batch;
 * ``nan_rank`` with ``nan_steps``: that rank puts a NaN in its inputs at those steps (0-based);
+* ``evaluate``: after each step at which ``engine.evaluation_due()``, ``engine.evaluate`` runs on
+  a fixed held-out batch per rank (the record keeps the lr multiplier ``engine.lr_scale`` after
+  each step either way);
 * ``state_dict_round_trip``: after training, ``engine.state_dict()`` is taken, zeros are loaded,
   then the state again; the record keeps the parameters after each load.
 
@@ -59,6 +62,7 @@ LOADER_SAMPLES_PER_CLASS = 2
 DATA_SEED = 7
 MODEL_SEED = 11
 BAD_LABEL = 1_000_000
+HELD_OUT_STEP = 1_000_000
 
 
 def build_backbone() -> nn.Module:
@@ -131,7 +135,9 @@ def train(args: argparse.Namespace, run: dict, out: Path) -> None:
     dataset = SyntheticClasses(engine.head.num_classes, SAMPLES_PER_CLASS, INPUT_DIM, seed=DATA_SEED)
     stream = endless(loader) if loader is not None else None
     record = {"class_start": engine.head.class_start, "initial_head": engine.head.weight.detach().clone(),
-              "inputs": [], "labels": [], "losses": [], "backbone_lrs": [], "heads": [], "head_lrs": []}
+              "inputs": [], "labels": [], "losses": [], "backbone_lrs": [], "heads": [], "head_lrs": [],
+              "lr_scales": []}
+    held_out = micro_batch(dataset, HELD_OUT_STEP, 0, rank, engine.train_micro_batch_size_per_gpu())
     first = run.get("first_step", 0)
     for step in range(first, first + run["steps"]):
         for micro in range(engine.gradient_accumulation_steps()):
@@ -147,6 +153,9 @@ def train(args: argparse.Namespace, run: dict, out: Path) -> None:
             engine.backward(loss)
             record["backbone_lrs"].append(engine.get_lr()[0])
             engine.step()
+            if run.get("evaluate") and engine.evaluation_due():
+                engine.evaluate([held_out])
+            record["lr_scales"].append(engine.lr_scale)
             record["inputs"].append(x)
             record["labels"].append(y)
             record["losses"].append(loss.detach().clone())
