@@ -7,13 +7,15 @@ Three parts:
   8.8M-parameter MLP of ``bench_communication.py`` with the main job's head (``ds_configs/cpu.json``:
   10,000 classes, d = 128, 128 samples per rank, cosface; ZeRO-0 fp32). Four engines live in each
   rank, the same backbone under DeepSpeed's dense reduction and under grad_topk 0.1 / 0.01 / 0.001
-  (no warm-up: the steps measured are the steps after it); their steps are interleaved (dense,
-  0.1, 0.01, 0.001, dense, …), so a slow moment of the machine hits them all. Per engine and link
+  with fp32 values and 0.01 with bf16 values (no warm-up: the steps measured are the steps after
+  it); their steps are interleaved (dense, 0.1, 0.01, …, dense, …), so a slow moment of the
+  machine hits them all. Per engine and link
   rate: the bytes this rank's veth sent per step (head traffic, indices, TCP/IP framing included),
   what the layer counted, and the median step time.
 * ``bytes4``: the same on four hosts, bytes only (four ranks on two cores make times meaningless).
 * ``convergence``: the main job (``examples/train.py``, its 0.36M-parameter MLP, 2,500 steps)
-  dense and with grad_topk 0.01 (fp32 values, bf16 values, a 250-step warm-up: ``--variants``),
+  dense and with grad_topk 0.01 (fp32 or bf16 values, with or without a 250-step warm-up:
+  ``--variants``),
   seeds 0, 1, 2, under the deepspeed launcher; held-out top-1.
 
     python benchmarks/bench_grad_topk.py                         # about 25 minutes on 2 cores
@@ -44,16 +46,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import netlink  # noqa: E402
 from bench_communication import INPUT_DIM, _backbone, _synchronised_counter  # noqa: E402
 
-DENSITIES = (0.1, 0.01, 0.001)
+LINK_VARIANTS = {"dense": None, "0.1": (0.1, "fp32"), "0.01": (0.01, "fp32"), "0.001": (0.001, "fp32"),
+                 "0.01 bf16": (0.01, "bf16")}
+"""The engines of the ``link`` part: (density, value dtype), no warm-up; ``bytes4`` takes dense and
+the two at 0.01."""
+BYTES4_VARIANTS = ("dense", "0.01", "0.01 bf16")
 HIDDEN, LAYERS = 2048, 3
 RATES = ("none", "1gbit")
-CONVERGENCE_DENSITY = 0.01
 SEEDS = (0, 1, 2)
 VARIANTS = {
     "dense": None,
     "0.01": {"grad_topk": 0.01, "grad_topk_warmup_steps": 0, "grad_topk_value_dtype": "fp32"},
     "0.01 bf16": {"grad_topk": 0.01, "grad_topk_warmup_steps": 0, "grad_topk_value_dtype": "bf16"},
     "0.01 warm-up 250": {"grad_topk": 0.01, "grad_topk_warmup_steps": 250, "grad_topk_value_dtype": "fp32"},
+    "0.01 bf16 warm-up 250": {"grad_topk": 0.01, "grad_topk_warmup_steps": 250, "grad_topk_value_dtype": "bf16"},
 }
 """The main job's ``communication`` section per variant of the convergence part (None: dense)."""
 PARTS = ("link", "bytes4", "convergence")
@@ -61,20 +67,23 @@ PARTS = ("link", "bytes4", "convergence")
 
 # --- inside a rank -------------------------------------------------------------------------------
 
-def _config(density: float | None) -> dict[str, Any]:
-    """The main job's ds_config, without its schedule and evaluation, dense or with ``density``."""
+def _config(variant: tuple[float, str] | None) -> dict[str, Any]:
+    """The main job's ds_config, without its schedule and evaluation, dense (None) or with
+    grad_topk (density, value dtype) and no warm-up."""
     from hybridfc.config import load_ds_config
 
     config = load_ds_config(str(REPO / "ds_configs" / "cpu.json"))
     config.pop("scheduler")
     config["hybridfc"].pop("evaluation")
-    if density is not None:
-        config["hybridfc"]["communication"] = {"grad_topk": density, "grad_topk_warmup_steps": 0}
+    if variant is not None:
+        density, value_dtype = variant
+        config["hybridfc"]["communication"] = {"grad_topk": density, "grad_topk_warmup_steps": 0,
+                                               "grad_topk_value_dtype": value_dtype}
     return config
 
 
-def _engines(densities: tuple[float | None, ...]) -> dict[str, Callable[[], None]]:
-    """A training step per engine: the same backbone, dense (None) or at each density."""
+def _engines(names: tuple[str, ...]) -> dict[str, Callable[[], None]]:
+    """A training step per engine: the same backbone, under each of ``LINK_VARIANTS[names]``."""
     import torch
 
     import hybridfc
@@ -82,8 +91,8 @@ def _engines(densities: tuple[float | None, ...]) -> dict[str, Callable[[], None
     from hybridfc.parallel import group_rank
 
     steps = {}
-    for density in densities:
-        config = _config(density)
+    for name in names:
+        config = _config(LINK_VARIANTS[name])
         torch.manual_seed(0)
         backbone = _backbone(HIDDEN, LAYERS, config["hybridfc"]["embedding_size"])
         engine, _, _, _ = hybridfc.initialize(model=backbone, model_parameters=backbone.parameters(),
@@ -96,7 +105,7 @@ def _engines(densities: tuple[float | None, ...]) -> dict[str, Callable[[], None
             engine.backward(engine(x, y))
             engine.step()
 
-        steps["dense" if density is None else f"{density:g}"] = step
+        steps[name] = step
     return steps
 
 
@@ -130,7 +139,7 @@ def rank_job(part: str, rates: list[str], steps: int, out: str) -> None:
 
     torch.set_num_threads(1)
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
-    engines = _engines((None, *DENSITIES) if part == "link" else (None, CONVERGENCE_DENSITY))
+    engines = _engines(tuple(LINK_VARIANTS) if part == "link" else BYTES4_VARIANTS)
     parameters = sum(p.numel() for p in _backbone(HIDDEN, LAYERS, 128).parameters())
     results: dict[str, Any] = {"parameters": parameters, "world_size": torch.distributed.get_world_size()}
     for rate in rates if part == "link" else ["none"]:
@@ -207,8 +216,6 @@ def _mb(nbytes: float) -> str:
 
 
 def link_report(link: dict[str, Any], rates: list[str]) -> str:
-    from hybridfc.plan import backbone_gradient_exchange
-
     lines = [f"8.8M MLP ({link['parameters'] / 1e6:.2f}M parameters) + the main job's head, 2 ranks, ZeRO-0 fp32: "
              "per rank and step",
              f"{'link':8s}{'gradient':>10s}{'wire MB':>10s}{'layer MB':>10s}{'plan MB':>10s}{'dense:wire':>12s}"
@@ -217,20 +224,29 @@ def link_report(link: dict[str, Any], rates: list[str]) -> str:
         measured = link[rate]
         dense = measured["dense"]
         for name, r in measured.items():
-            plan = backbone_gradient_exchange(link["parameters"], 2, float(name)).topk if name != "dense" else \
-                backbone_gradient_exchange(link["parameters"], 2, 1.0).dense
+            plan = _planned(link["parameters"], 2, name)
             lines.append(f"{rate:8s}{name:>10s}{_mb(r['wire']):>10s}{_mb(r['layer']):>10s}{_mb(plan):>10s}"
                          f"{dense['wire'] / r['wire']:>12.1f}{r['seconds'] * 1e3:>10.1f}"
                          f"{r['seconds'] / dense['seconds']:>10.2f}")
     return "\n".join(lines)
 
 
+def _planned(parameters: int, world_size: int, name: str) -> int:
+    """``hybridfc plan``'s bytes for the backbone's gradient under variant ``name``."""
+    from hybridfc.plan import backbone_gradient_exchange
+
+    variant = LINK_VARIANTS[name]
+    exchange = backbone_gradient_exchange(parameters, world_size, *(variant or (1.0, "fp32")))
+    return exchange.dense if variant is None else exchange.topk
+
+
 def bytes4_report(result: dict[str, Any]) -> str:
-    measured = result["none"]
-    dense, sparse = measured["dense"], measured[f"{CONVERGENCE_DENSITY:g}"]
-    return (f"{result['world_size']} ranks, bytes only: dense {_mb(dense['wire'])} MB, grad_topk "
-            f"{CONVERGENCE_DENSITY:g} {_mb(sparse['wire'])} MB per rank and step on the wire: "
-            f"{dense['wire'] / sparse['wire']:.1f}x fewer")
+    measured, world_size = result["none"], result["world_size"]
+    dense = measured["dense"]["wire"]
+    lines = [f"{world_size} ranks, bytes only, per rank and step: wire MB (plan MB for the gradient), dense:wire"]
+    lines += [f"  {name:>10s}: {_mb(r['wire'])} ({_mb(_planned(result['parameters'], world_size, name))}), "
+              f"{dense / r['wire']:.1f}x" for name, r in measured.items()]
+    return "\n".join(lines)
 
 
 def convergence_report(results: dict[str, Any]) -> str:

@@ -98,8 +98,8 @@ def _add_plan_parser(commands: argparse._SubParsersAction) -> None:
                    help="also plan the backbone's gradient exchange: its trainable parameters")
     p.add_argument("--grad-topk", type=_positive_float, default=0.01,
                    help="with --backbone-params: the share of gradient entries sent (default 0.01)")
-    p.add_argument("--grad-topk-value-dtype", choices=tuple(DTYPE_BYTES), default="fp32",
-                   help="with --backbone-params: the values' dtype on the wire (default fp32)")
+    p.add_argument("--grad-topk-value-dtype", choices=tuple(DTYPE_BYTES), default="bf16",
+                   help="with --backbone-params: the values' dtype on the wire (default bf16, as the config's)")
     p.add_argument("--memory-gib", type=_positive_float,
                    help="also answer: the largest C whose chosen method fits this many GiB per rank")
     p.add_argument("--json", action="store_true", help="machine-readable output, in bytes")

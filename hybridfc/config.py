@@ -18,8 +18,8 @@ required)::
       "evaluation": {"interval": 0, "top_k": [1]},
       "warm_start": {"imprint": false},
       "schedule": {"plateau": null},
-      "communication": {"chunks": 1, "grad_topk": null, "grad_topk_warmup_steps": 0,
-                        "grad_topk_value_dtype": "fp32", "grad_topk_momentum_correction": false},
+      "communication": {"chunks": 1, "grad_topk": null, "grad_topk_warmup_steps": 250,
+                        "grad_topk_value_dtype": "bf16", "grad_topk_momentum_correction": false},
       "max_consecutive_skips": 10
     }
 
@@ -325,8 +325,8 @@ class CommunicationConfig(_Section):
 
     chunks: StrictInt = Field(1, ge=1)
     grad_topk: Optional[Number] = Field(None, gt=0, le=1)
-    grad_topk_warmup_steps: StrictInt = Field(0, ge=0)
-    grad_topk_value_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    grad_topk_warmup_steps: StrictInt = Field(250, ge=0)
+    grad_topk_value_dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
     grad_topk_momentum_correction: StrictBool = False
 
 

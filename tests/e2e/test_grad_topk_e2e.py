@@ -28,7 +28,9 @@ NAN_STEP = 4
 
 
 def topk(density: float = DENSITY, **keys: object) -> dict:
-    return {"communication": {"grad_topk": density, **keys}}
+    """grad_topk at ``density`` with fp32 values and no warm-up, unless ``keys`` say otherwise."""
+    return {"communication": {"grad_topk": density, "grad_topk_warmup_steps": 0, "grad_topk_value_dtype": "fp32",
+                              **keys}}
 
 
 @pytest.fixture(scope="module")
