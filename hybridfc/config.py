@@ -16,7 +16,7 @@ required)::
                     "params": {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}},
       "gradient_clipping": 0.0,
       "evaluation": {"interval": 0, "top_k": [1]},
-      "warm_start": {"imprint": false},
+      "warm_start": {"imprint": false, "refresh_interval": 0},
       "schedule": {"plateau": null},
       "communication": {"chunks": 1, "grad_topk": null, "grad_topk_warmup_steps": 250,
                         "grad_topk_value_dtype": "bf16", "grad_topk_momentum_correction": false},
@@ -74,7 +74,9 @@ head's compute (:mod:`hybridfc.head.cross_entropy`); at most ``train_micro_batch
 ``warm_start.imprint`` (default false) sets every class row, before the first optimizer step of a
 run that did not load a checkpoint, to the mean L2-normalised embedding of its training samples
 under the initial backbone (one distributed pass over the training data given to
-``hybridfc.initialize``; :func:`hybridfc.head.imprint.imprint`).
+``hybridfc.initialize``; :func:`hybridfc.head.imprint.imprint`); ``warm_start.refresh_interval``
+(default 0: never) does it again, with the current backbone, after every that many optimizer steps
+(the rows' momentum is forgotten).
 ``schedule.plateau`` (default null) lowers the learning rate of backbone and head together on a
 plateau of the held-out metric (the first of ``evaluation.top_k``, measured every
 ``evaluation.interval`` steps by ``engine.evaluate``): after ``patience`` (2) evaluations in a row
@@ -314,9 +316,11 @@ class ScheduleConfig(_Section):
 
 class WarmStartConfig(_Section):
     """How the head's rows start: ``imprint`` sets each class row to the mean normalised feature
-    of its training samples under the initial backbone, before the first step."""
+    of its training samples under the initial backbone, before the first step;
+    ``refresh_interval`` does it again with the current backbone every that many steps."""
 
     imprint: StrictBool = False
+    refresh_interval: StrictInt = Field(0, ge=0)
 
 
 class CommunicationConfig(_Section):

@@ -29,7 +29,8 @@ How the head follows the backbone:
   state inside DeepSpeed's checkpoint tag directory (see :mod:`hybridfc.checkpoint`), with the
   loader's position and each rank's random generators, complete or not at all;
 * warm start: with ``warm_start.imprint`` the first forward of a fresh run (no checkpoint loaded)
-  sets every class row to the mean normalised embedding of its training samples (:meth:`imprint`);
+  sets every class row to the mean normalised embedding of its training samples (:meth:`imprint`),
+  and ``warm_start.refresh_interval`` does it again every that many steps;
 * the backbone's gradients: DeepSpeed's reduction, or with ``communication.grad_topk`` each rank's
   top-k entries with error feedback (:mod:`hybridfc.compression`), the residuals saved in checkpoints;
 * communication: ``communication_stats()`` returns what hybridfc sent since its previous call
@@ -123,6 +124,7 @@ class HybridEngine:
         self._communication_logged = StatsCursor()
         self._logged_step = backbone.global_steps
         self._imprint_pending = bool(warm_start and warm_start.imprint) and backbone.global_steps == 0
+        self._refresh_interval = warm_start.refresh_interval if warm_start is not None else 0
         plateau = schedule.plateau if schedule is not None else None
         self.plateau = None if plateau is None else PlateauLR("max", plateau.factor, plateau.patience,
                                                               plateau.threshold, plateau.min_factor)
@@ -196,6 +198,9 @@ class HybridEngine:
             self.backbone.step()
             return
         self._step.finish(self._loss_scale, self._lr_factor() * self.lr_scale)
+        if self._refresh_interval and self.backbone.global_steps % self._refresh_interval == 0:
+            self.imprint()
+            self.head_optimizer.forget_momentum()
         self._log_communication()
 
     def zero_grad(self) -> None:

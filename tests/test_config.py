@@ -48,7 +48,7 @@ FULL = {
     "communication": {"chunks": 4, "grad_topk": 0.01, "grad_topk_warmup_steps": 200, "grad_topk_value_dtype": "bf16",
                       "grad_topk_momentum_correction": True},
     "max_consecutive_skips": 5,
-    "warm_start": {"imprint": True},
+    "warm_start": {"imprint": True, "refresh_interval": 500},
     "schedule": {"plateau": {"patience": 3, "factor": 0.2, "threshold": 0.01, "min_factor": 0.01}},
 }
 

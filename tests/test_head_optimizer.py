@@ -221,3 +221,22 @@ def test_bad_optimizer_spec_raises_config_error_naming_the_key(spec, key):
     head = ClassParallelFC(7, WIDTH)
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         build_head_optimizer(head, spec)
+
+
+@pytest.mark.parametrize("spec, kept", [(SPEC, ()), ({"type": "adam", "params": {"lr": 0.01}}, ("exp_avg_sq",))])
+def test_forget_momentum_zeroes_the_first_moment_only(spec, kept):
+    """A warm-start refresh forgets the rows' momentum (SGD's buffer, Adam's ``exp_avg``); Adam's
+    second moment stays."""
+    head = ClassParallelFC(7, WIDTH, margin=MARGIN)
+    optimizer = build_head_optimizer(head, spec)
+    embeddings, labels = torch.randn(5, WIDTH), torch.randint(7, (5,))
+    head(embeddings, labels).backward()
+    optimizer.step()
+    state = optimizer.state[head.weight]
+    before = {name: value.clone() for name, value in state.items()}
+    optimizer.forget_momentum()
+    for name in ("momentum_buffer", "exp_avg"):
+        if name in state:
+            assert float(before[name].abs().max()) > 0 and float(state[name].abs().max()) == 0, name
+    for name in kept:
+        assert torch.equal(state[name], before[name]), name

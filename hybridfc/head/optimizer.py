@@ -122,6 +122,14 @@ class HeadOptimizer(torch.optim.Optimizer):
         _, grad = self.head.gradient()
         return 0.0 if grad is None else float(torch.linalg.vector_norm(grad.double()).square())
 
+    def forget_momentum(self) -> None:
+        """Zero the first-moment state (SGD's momentum, Adam's ``exp_avg``) of every row: after the
+        rows were set anew (a warm-start refresh), the old direction no longer applies."""
+        state = self.state.get(self.head.weight, {})
+        for name in ("momentum_buffer", "exp_avg"):
+            if name in state:
+                state[name].zero_()
+
     def load_state_dict(self, state_dict: dict) -> None:
         """torch casts loaded state to the parameter's dtype; every state tensor keeps the dtype
         it was saved with (int64 step counts, the fp64 log-shrink history)."""
