@@ -128,6 +128,7 @@ class HybridEngine:
         plateau = schedule.plateau if schedule is not None else None
         self.plateau = None if plateau is None else PlateauLR("max", plateau.factor, plateau.patience,
                                                               plateau.threshold, plateau.min_factor)
+        self._plateau_step = -1
 
     def _gradient_reducer(self, communication: CommunicationConfig) -> Optional[TopKGradientReducer]:
         """The top-k reduction of the backbone's gradients, where ``grad_topk`` asks for it."""
@@ -174,8 +175,10 @@ class HybridEngine:
                                         collate_fn=loader.collate_fn)
         was_training = self.backbone.training
         self.eval()
-        count = imprint(self.head, self.embed, ((x, y.to(self.head.weight.device)) for x, y in batches))
-        self.train(was_training)
+        try:
+            count = imprint(self.head, self.embed, ((x, y.to(self.head.weight.device)) for x, y in batches))
+        finally:
+            self.train(was_training)
         log_dist(f"warm start: {count} of {self.head.num_classes} class rows imprinted from the backbone's embeddings")
         return count
 
@@ -264,9 +267,15 @@ class HybridEngine:
         """The multiplier ``schedule.plateau`` puts on the lr of backbone and head (1 without it)."""
         return 1.0 if self.plateau is None else self.plateau.scale
 
-    def _observe_plateau(self, metric: float) -> None:
-        """Feed the held-out metric to the plateau rule; on a drop, scale the backbone's lr too."""
-        if self.plateau is not None and self.plateau.step(metric):
+    def _observe_plateau(self) -> None:
+        """Feed the held-out metric (the first of ``evaluation.top_k``) to the plateau rule, once
+        per optimizer step; on a drop, scale the backbone's lr too."""
+        metric = self.last_evaluation.get(self.evaluation.top_k[0])
+        step = self.backbone.global_steps
+        if self.plateau is None or metric is None or step == self._plateau_step:
+            return
+        self._plateau_step = step
+        if self.plateau.step(metric):
             self._adapter.scale_lr(self.plateau.scale)
             log_dist(f"step {self.backbone.global_steps}: held-out metric at a plateau (best {self.plateau.best:.4f}): "
                      f"lr multiplier now {self.plateau.scale:g}")
@@ -316,7 +325,7 @@ class HybridEngine:
         self.last_evaluated_step = self.backbone.global_steps
         summary = ", ".join(f"top-{k} {acc:.4f}" for k, acc in self.last_evaluation.items())
         log_dist(f"step {self.backbone.global_steps}: held-out {summary} on {int(counts[0])} samples")
-        self._observe_plateau(self.last_evaluation[ks[0]])
+        self._observe_plateau()
         return self.last_evaluation
 
     def train(self, mode: bool = True) -> "HybridEngine":

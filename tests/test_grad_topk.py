@@ -119,6 +119,39 @@ def test_applied_plus_residual_equals_the_dense_sum(world_size):
         assert torch.equal(result["applied"], results[0]["applied"])
 
 
+def _bf16_gradients(rank, world_size, steps):
+    reducer = TopKGradientReducer(NUMEL, 0.2)
+    applied = torch.zeros(NUMEL, dtype=torch.float64)
+    for step in range(steps):
+        gradients = rank_gradients(6, step, rank, torch.bfloat16)
+        reducer.reduce(gradients)
+        applied += flat(gradients).double()
+    return applied, reducer.residual.double()
+
+
+def test_bf16_gradients_keep_the_rounding_of_the_average_in_the_residual():
+    """bf16 gradients (ZeRO-0 bf16): the fp32 average is rounded into them; that rounding stays in
+    every rank's residual, so applied + mean residual is still the dense sum (to fp32 rounding)."""
+    results = run_distributed(_bf16_gradients, 2, args=(10,))
+    dense = sum(flat(rank_gradients(6, step, rank, torch.bfloat16)).double() for step in range(10) for rank in range(2)) / 2
+    total = results[0][0] + (results[0][1] + results[1][1]) / 2
+    assert float((total - dense).abs().max()) <= 1e-5 * float(dense.abs().max())
+
+
+def _fp16_values(rank, world_size):
+    reducer = TopKGradientReducer(4, 0.25, value_dtype=torch.float16)
+    gradients = [torch.tensor([1e6, 1.0, -2.0, 3.0])]
+    reducer.reduce(gradients)
+    return gradients[0], reducer.residual
+
+
+def test_fp16_values_are_clamped_to_their_range():
+    """An entry beyond fp16's range goes out as 65504 and the excess stays in the residual."""
+    for applied, residual in run_distributed(_fp16_values, 2):
+        assert applied.tolist() == [65504.0, 0.0, 0.0, 0.0]
+        assert residual.tolist() == [1e6 - 65504.0, 1.0, -2.0, 3.0]
+
+
 def test_low_precision_values_keep_their_rounding_in_the_residual():
     """bf16 on the wire: what rounding took off a value stays in the residual, so the sum still holds."""
     steps, seed = 20, 4
@@ -143,23 +176,32 @@ def test_pairs_follow_the_warm_up_and_go_dense_where_pairs_cost_more():
                                                        for s in range(12) if s not in dense_steps)
 
 
-def _momentum_corrected(rank, world_size, momentum):
-    reducer = TopKGradientReducer(NUMEL, 1.0, momentum=momentum, dtype=torch.float64)
-    gradients = rank_gradients(1, 0, rank)
-    reducer.reduce(gradients)
-    second = rank_gradients(1, 1, rank)
-    reducer.reduce(second)
-    return flat(gradients), flat(second), reducer.velocity.clone()
+def _momentum_corrected(rank, world_size, momentum, density):
+    reducer = TopKGradientReducer(NUMEL, density, momentum=momentum, dtype=torch.float64, value_dtype=torch.float64)
+    applied = []
+    for step in range(2):
+        gradients = rank_gradients(1, step, rank)
+        reducer.reduce(gradients)
+        applied.append(flat(gradients))
+    return applied, reducer.velocity.clone()
 
 
-def test_momentum_correction_masks_what_was_sent():
-    """At density 1 everything is sent every step, so the masked momentum never carries over:
-    each step applies the plain average (DGC's momentum factor masking)."""
-    results = run_distributed(_momentum_corrected, 2, args=(0.9,))
-    for step in (0, 1):
-        dense = sum(flat(rank_gradients(1, step, rank)) for rank in range(2)) / 2
-        assert torch.allclose(results[0][step], dense, rtol=0, atol=1e-12)
-    assert float(results[0][2].abs().max()) == 0
+def test_momentum_correction_is_momentum_sgd_when_sent_dense():
+    """Sent dense (density 1), nothing is masked: step 2 applies the mean of m·g1 + g2."""
+    applied, velocity = run_distributed(_momentum_corrected, 2, args=(0.9, 1.0))[0]
+    g = [[flat(rank_gradients(1, step, rank)) for rank in range(2)] for step in range(2)]
+    assert torch.allclose(applied[0], (g[0][0] + g[0][1]) / 2, rtol=0, atol=1e-12)
+    assert torch.allclose(applied[1], (0.9 * (g[0][0] + g[0][1]) + g[1][0] + g[1][1]) / 2, rtol=0, atol=1e-12)
+    assert torch.allclose(velocity, 0.9 * g[0][0] + g[1][0], rtol=0, atol=1e-12)
+
+
+def test_momentum_correction_masks_what_was_sent_as_pairs():
+    """Sent as pairs, the momentum of the entries sent is cleared (DGC's factor masking) and the
+    rest keeps accumulating."""
+    applied, velocity = run_distributed(_momentum_corrected, 2, args=(0.9, 0.1))[0]
+    cleared = velocity == 0
+    assert int(cleared.sum()) == round(0.1 * NUMEL)
+    assert bool((applied[1][cleared] != 0).all())
 
 
 def test_reducer_state_round_trip():

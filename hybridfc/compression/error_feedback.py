@@ -14,9 +14,9 @@ value's bytes, N the ranks), the residual is all-reduced whole and emptied; so i
 which sends nothing either way.
 
 With ``momentum`` (Deep Gradient Compression's momentum correction) the momentum is applied here,
-before compression: ``u ← m·u + g``, ``residual ← residual + u``, and the entries sent are
-cleared in ``u`` too (momentum factor masking); the backbone's optimizer then runs without
-momentum.
+before compression: ``u ← m·u + g``, ``residual ← residual + u``, and the entries sent as pairs
+are cleared in ``u`` too (momentum factor masking; a dense exchange keeps ``u``: it is then
+momentum SGD); the backbone's optimizer runs without momentum.
 
 >>> reducer = TopKGradientReducer(numel, density=0.01, group=group)
 >>> reducer.reduce(gradients)        # in place: every rank's tensors hold the same average
@@ -80,17 +80,27 @@ class TopKGradientReducer:
         if k == self.numel:
             average = all_reduce(self._workspace.copy_(self.residual), group=self.group)
             self.residual.zero_()
-            self._mask_momentum(slice(None))
         else:
             indices = largest_magnitudes(self.residual, k, self._workspace)
-            values = self.residual[indices].to(self.value_dtype)
+            values = _to_wire(self.residual[indices], self.value_dtype)
             self.residual[indices] -= values.to(self.residual.dtype)
             self._mask_momentum(indices)
             average = sparse_sum(indices.to(torch.int32), values, self.numel, self.group, self.residual.dtype,
                                  out=self._workspace)
         average.mul_(1.0 / group_size(self.group))
-        _unflatten_into(average, gradients)
+        self._write_back(average, gradients)
         self.steps += 1
+
+    def _write_back(self, average: torch.Tensor, gradients: Sequence[torch.Tensor]) -> None:
+        """Copy the average into ``gradients``; what rounding to a lower-precision gradient dtype
+        takes off goes into the residual (the same on every rank), so nothing is lost."""
+        offset = 0
+        for gradient in gradients:
+            piece = average[offset: offset + gradient.numel()].view_as(gradient)
+            gradient.copy_(piece)
+            if gradient.dtype != piece.dtype:
+                self.residual[offset: offset + gradient.numel()] += (piece - gradient.to(piece.dtype)).reshape(-1)
+            offset += gradient.numel()
 
     def _accumulate(self, gradients: Sequence[torch.Tensor]) -> None:
         """``residual += g`` (with momentum: ``u = m·u + g``, ``residual += u``)."""
@@ -105,7 +115,7 @@ class TopKGradientReducer:
         if self.velocity is not None:
             self.residual += self.velocity
 
-    def _mask_momentum(self, indices: "torch.Tensor | slice") -> None:
+    def _mask_momentum(self, indices: torch.Tensor) -> None:
         """Entries sent leave the momentum of momentum correction too (DGC's factor masking)."""
         if self.velocity is not None:
             self.velocity[indices] = 0
@@ -132,9 +142,9 @@ class TopKGradientReducer:
         self.steps = int(state["steps"])
 
 
-def _unflatten_into(flat: torch.Tensor, gradients: Sequence[torch.Tensor]) -> None:
-    """Copy consecutive pieces of ``flat`` into ``gradients`` (cast to their dtype)."""
-    offset = 0
-    for gradient in gradients:
-        gradient.copy_(flat[offset: offset + gradient.numel()].view_as(gradient))
-        offset += gradient.numel()
+def _to_wire(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``values`` in the wire's ``dtype``, clamped to its finite range (what is beyond stays in the
+    residual instead of turning into an infinity there)."""
+    if dtype.is_floating_point and torch.finfo(dtype).max < torch.finfo(values.dtype).max:
+        values = values.clamp(-torch.finfo(dtype).max, torch.finfo(dtype).max)
+    return values.to(dtype)

@@ -3,7 +3,7 @@
 An exact ``torch.topk`` over 8.8M entries takes ~200 ms on one CPU thread. A threshold read off
 a strided sample of the magnitudes (a few hundred thousand entries) keeps ~1.3 k candidates in
 one pass; an exact top-k among them is then cheap. Whenever at least k entries pass the
-threshold the k-th largest magnitude is above it, so the result is the exact top-k; otherwise
+threshold the k-th largest magnitude is at or above it, so the result is the exact top-k; otherwise
 (a sample that missed the tail) the exact top-k over all entries is taken. ~55 ms at 1 % of
 8.8M entries (measured on the dev VM, one thread).
 

@@ -123,8 +123,9 @@ class HeadOptimizer(torch.optim.Optimizer):
         return 0.0 if grad is None else float(torch.linalg.vector_norm(grad.double()).square())
 
     def forget_momentum(self) -> None:
-        """Zero the first-moment state (SGD's momentum, Adam's ``exp_avg``) of every row: after the
-        rows were set anew (a warm-start refresh), the old direction no longer applies."""
+        """Zero the first-moment state (SGD's momentum, Adam's ``exp_avg``) of every row of the
+        shard, imprinted or not: after the rows were set anew (a warm-start refresh), the old
+        direction no longer applies."""
         state = self.state.get(self.head.weight, {})
         for name in ("momentum_buffer", "exp_avg"):
             if name in state:

@@ -27,6 +27,17 @@ SAVE_AFTER, AFTER_SAVE = 3, 3
 NAN_STEP = 4
 
 
+def without_weight_decay(config: dict) -> dict:
+    """Momentum correction applies the momentum itself: the optimizer's weight decay must be 0."""
+    config["optimizer"]["params"]["weight_decay"] = 0.0
+    return config
+
+
+def with_overlap_comm(config: dict) -> dict:
+    config["zero_optimization"]["overlap_comm"] = True
+    return config
+
+
 def topk(density: float = DENSITY, **keys: object) -> dict:
     """grad_topk at ``density`` with fp32 values and no warm-up, unless ``keys`` say otherwise."""
     return {"communication": {"grad_topk": density, "grad_topk_warmup_steps": 0, "grad_topk_value_dtype": "fp32",
@@ -50,7 +61,8 @@ def runs(tmp_path_factory) -> Path:
     plan += [{"name": "bf16", "config": ds_config(1, "bf16", **topk(grad_topk_value_dtype="bf16")), "steps": 20},
              {"name": "accumulation", "config": ds_config(0, accumulation=2, **topk()), "steps": 3},
              {"name": "nan", "config": ds_config(0, **topk()), "steps": 8, "nan_rank": 1, "nan_steps": [NAN_STEP]},
-             {"name": "momentum", "config": ds_config(0, **topk(grad_topk_momentum_correction=True)), "steps": 20}]
+             {"name": "momentum", "steps": 20,
+              "config": without_weight_decay(ds_config(0, **topk(grad_topk_momentum_correction=True)))}]
     result = launch_worker(directory, plan, timeout=500)
     (directory / "launcher.log").write_text(result.stdout)
     assert_succeeded(result)
@@ -155,7 +167,10 @@ def test_save_and_resume_continue_identically(resumed, stage):
     (ds_config(0, **topk(1.5)), ("hybridfc.communication.grad_topk", "1.5")),
     (ds_config(0, optimizer="AdamW", **topk(grad_topk_momentum_correction=True)),
      ("hybridfc.communication.grad_topk_momentum_correction", "momentum")),
-], ids=["zero2", "density", "momentum_without_sgd"])
+    (ds_config(0, **topk(grad_topk_momentum_correction=True)),
+     ("hybridfc.communication.grad_topk_momentum_correction", "weight_decay")),
+    (with_overlap_comm(ds_config(1, **topk())), ("hybridfc.communication.grad_topk", "overlap_comm")),
+], ids=["zero2", "density", "momentum_without_sgd", "momentum_with_weight_decay", "zero1_overlap_comm"])
 def test_bad_settings_fail_on_every_rank(tmp_path, config, fragments):
     result = launch_worker(tmp_path, [{"name": "bad", "config": config, "steps": 1}], timeout=FAILURE_TIMEOUT)
     assert_failed(result, ("ConfigError",), *fragments, every_rank=True)
