@@ -460,15 +460,17 @@ def test_fewer_classes_than_ranks_is_an_error(tmp_path):
 
 
 def test_example_train_script(tmp_path):
-    """examples/train.py trains, evaluates, checkpoints and writes its result on a tiny task."""
+    """examples/train.py trains, evaluates, checkpoints and writes its result on a task long enough
+    to learn: 1,000 classes x 16 samples, 2 epochs (125 steps) reach 0.40 held-out top-1 on the dev
+    VM; the floor, 0.25, is 250 times chance."""
     result_json, checkpoint = tmp_path / "result.json", tmp_path / "checkpoint"
     result = launch(REPO / "examples" / "train.py", "--deepspeed_config", REPO / "ds_configs" / "cpu.json",
-                    "--num-classes", 500, "--samples-per-class", 4, "--epochs", 1,
+                    "--num-classes", 1000, "--samples-per-class", 16, "--epochs", 2,
                     "--result-json", result_json, "--save-dir", checkpoint, timeout=240)
     assert_succeeded(result)
     metrics = json.loads(result_json.read_text())
-    assert 0.0 <= metrics["top1"] <= 1.0
-    assert metrics["num_classes"] == 500
+    assert metrics["top1"] > 0.25, metrics
+    assert metrics["num_classes"] == 1000
     assert math.isfinite(metrics["final_loss"])
     tag = (checkpoint / "latest").read_text().strip()
     assert sorted(p.name for p in (checkpoint / tag).glob("hybridfc_head_*.pt")) == [
