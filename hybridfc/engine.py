@@ -346,9 +346,7 @@ class HybridEngine:
         first = self.backbone.global_rank == 0
         run_on_every_rank(lambda: shutil.rmtree(staging, ignore_errors=True) if first else None,
                           "clearing an interrupted save")
-        run_state = {"rng": rng_states(), "loader": None if self.loader is None else self.loader.state_dict(),
-                     "grad_topk": None if self.gradient_reducer is None else self.gradient_reducer.state_dict(),
-                     "plateau": None if self.plateau is None else self.plateau.state_dict()}
+        run_state = self._run_state()
         run_on_every_rank(lambda: save_head(self.head, self.head_optimizer, staging, run_state), "saving the head",
                           self.head.group)
         reached("head_written")
@@ -377,17 +375,27 @@ class HybridEngine:
             "restoring the head", self.head.group)
         self._logged_step = self.backbone.global_steps
         self._imprint_pending = False
-        if run_state:
-            if run_state["rng"] is not None:
-                set_rng_states(run_state["rng"])
-            if self.loader is not None and run_state["loader"] is not None:
-                self.loader.load_state_dict(run_state["loader"])
-            if self.gradient_reducer is not None and run_state.get("grad_topk") is not None:
-                self.gradient_reducer.load_state_dict(run_state["grad_topk"])
-            if self.plateau is not None and run_state.get("plateau") is not None:
-                self.plateau.load_state_dict(run_state["plateau"])
-                self._adapter.scale_lr(self.plateau.scale)
+        self._restore_run_state(run_state or {})
         return load_path, client_state
+
+    def _run_state(self) -> dict[str, Any]:
+        """What this rank saves beside its head shard to resume exactly: its random generators, the
+        loader's position, the grad_topk residual and the plateau rule (None where absent)."""
+        return {"rng": rng_states(), "loader": None if self.loader is None else self.loader.state_dict(),
+                "grad_topk": None if self.gradient_reducer is None else self.gradient_reducer.state_dict(),
+                "plateau": None if self.plateau is None else self.plateau.state_dict()}
+
+    def _restore_run_state(self, run_state: dict[str, Any]) -> None:
+        """Put back what :meth:`_run_state` saved, each part this run has and the checkpoint holds."""
+        if run_state.get("rng") is not None:
+            set_rng_states(run_state["rng"])
+        if self.loader is not None and run_state.get("loader") is not None:
+            self.loader.load_state_dict(run_state["loader"])
+        if self.gradient_reducer is not None and run_state.get("grad_topk") is not None:
+            self.gradient_reducer.load_state_dict(run_state["grad_topk"])
+        if self.plateau is not None and run_state.get("plateau") is not None:
+            self.plateau.load_state_dict(run_state["plateau"])
+            self._adapter.scale_lr(self.plateau.scale)
 
 
 def _latest_tag(load_dir: str) -> Optional[str]:
