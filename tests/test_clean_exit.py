@@ -116,3 +116,27 @@ def test_a_build_that_fails_on_one_rank_raises_on_every_rank():
     assert all(isinstance(result, RankFailed) for result in results), results
     assert "the knn graph rebuild from step 4 failed: MemoryError: no room for the graph" in str(results[1])
     assert f"{RankError.__name__}: hybridfc: the knn graph rebuild from step 4 failed on rank(s) [1]" in str(results[0])
+
+
+FREES_THE_GROUP = textwrap.dedent("""
+    import os, torch, torch.distributed as dist, hybridfc
+    dist.init_process_group("gloo")
+    head = hybridfc.ClassParallelFC(100, 8)
+    optimizer = hybridfc.build_head_optimizer(head, {"type": "sgd", "params": {"lr": 0.1}})
+    dist.all_reduce(torch.ones(1))
+    dist.destroy_process_group()
+    print(sorted(open(f"/proc/self/task/{task}/comm").read().strip() for task in os.listdir("/proc/self/task")))
+""")
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads the thread names from /proc")
+def test_destroy_process_group_frees_gloo_after_an_optimizer_is_built(tmp_path):
+    """torch imports dynamo with the first optimizer; imported after init_process_group it would keep
+    the group alive past destroy_process_group(), and its worker threads would abort the exit."""
+    path = tmp_path / "frees_the_group.py"
+    path.write_text(FREES_THE_GROUP)
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "WORLD_SIZE": "1",
+           "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(path)], env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "pt_gloo_runloop" not in result.stdout, result.stdout

@@ -17,7 +17,15 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch._dynamo  # noqa: F401  (before the user's init_process_group: see below)
 import torch.distributed as dist
+
+# torch 2.13: importing torch._dynamo *after* init_process_group keeps references to the default
+# group, so destroy_process_group() cannot free it and its gloo worker threads outlive the
+# interpreter; the last reference to a collective's tensor then dies on such a thread during
+# finalisation and the process aborts ("terminate called without an active exception", about one
+# exit in three on 2 gloo ranks). Every training script imports dynamo when it builds its first
+# torch.optim optimizer; importing it with hybridfc, before the process group exists, avoids it.
 
 ProcessGroup = Optional[dist.ProcessGroup]
 
