@@ -13,11 +13,11 @@ required)::
       "selection": {"type": "full"},
       "storage_dtype": "fp32",
       "optimizer": {"type": "sgd",
-                    "params": {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}},
+                    "params": {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "lars_coefficient": 0.0}},
       "gradient_clipping": 0.0,
       "evaluation": {"interval": 0, "top_k": [1]},
       "warm_start": {"imprint": false, "refresh_interval": 0},
-      "schedule": {"plateau": null},
+      "schedule": {"plateau": null, "batch_scaling": null},
       "communication": {"chunks": 1, "grad_topk": null, "grad_topk_warmup_steps": 250,
                         "grad_topk_value_dtype": "bf16", "grad_topk_momentum_correction": false},
       "max_consecutive_skips": 10
@@ -58,7 +58,8 @@ the budget when there are enough of them). ``sampling_correction`` (default true
 of the uniformly drawn negatives get ``log(rows they were drawn from / rows drawn)``, so that
 they stand for all the rows they were drawn from; false gives PartialFC's loss.
 
-``optimizer`` is ``sgd`` (params lr, momentum, weight_decay), ``adam`` or ``adamw`` (params lr,
+``optimizer`` is ``sgd`` (params lr, momentum, weight_decay, lars_coefficient: LARS's trust
+coefficient over the whole sharded head, 0 = off), ``adam`` or ``adamw`` (params lr,
 betas, eps, weight_decay); with a selection other than ``full`` it updates the touched rows
 only. ``storage_dtype`` (``fp32``, ``bf16``, ``fp16``) is the dtype of the shard and of its
 optimizer state; logits and softmax stay fp32.
@@ -77,6 +78,10 @@ under the initial backbone (one distributed pass over the training data given to
 ``hybridfc.initialize``; :func:`hybridfc.head.imprint.imprint`); ``warm_start.refresh_interval``
 (default 0: never) does it again, with the current backbone, after every that many optimizer steps
 (the rows' momentum is forgotten).
+``schedule.batch_scaling`` (default null: the ds_config's lr is the lr) multiplies the lr of
+backbone and head by ``global batch / reference_batch`` (``rule: "linear"``, Goyal et al.) or its
+square root (``"sqrt"``), the global batch being DeepSpeed's ``train_batch_size``; DeepSpeed's
+warm-up and decay still shape it, and the head follows the backbone's schedule.
 ``schedule.plateau`` (default null) lowers the learning rate of backbone and head together on a
 plateau of the held-out metric (the first of ``evaluation.top_k``, measured every
 ``evaluation.interval`` steps by ``engine.evaluate``): after ``patience`` (2) evaluations in a row
@@ -308,10 +313,24 @@ class PlateauConfig(_Section):
     min_factor: Number = Field(1e-3, gt=0, le=1)
 
 
+class BatchScalingConfig(_Section):
+    """The lr of backbone and head multiplied by ``(global batch / reference_batch)`` (``linear``)
+    or its square root (``sqrt``)."""
+
+    reference_batch: StrictInt = Field(..., ge=1)
+    rule: Literal["linear", "sqrt"] = "linear"
+
+    def factor(self, global_batch: int) -> float:
+        """The lr multiplier at ``global_batch`` samples per optimizer step."""
+        ratio = global_batch / self.reference_batch
+        return ratio if self.rule == "linear" else math.sqrt(ratio)
+
+
 class ScheduleConfig(_Section):
     """hybridfc's part of the lr schedule, on top of DeepSpeed's scheduler."""
 
     plateau: Optional[PlateauConfig] = None
+    batch_scaling: Optional[BatchScalingConfig] = None
 
 
 class WarmStartConfig(_Section):
@@ -340,6 +359,7 @@ class SGDParams(_Section):
     lr: Number = Field(0.1, gt=0)
     momentum: Number = Field(0.9, ge=0, lt=1)
     weight_decay: Number = Field(5e-4, ge=0)
+    lars_coefficient: Number = Field(0.0, ge=0)
 
 
 class AdamParams(_Section):
@@ -555,11 +575,10 @@ def _tagged_members(field: FieldInfo) -> dict[str, type[BaseModel]]:
 
 
 def _field_model(field: FieldInfo) -> type[BaseModel] | None:
-    """The model a plain model-typed field holds, or None."""
+    """The model a plain model-typed field (or an optional one) holds, or None."""
     annotation = field.annotation
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    return None
+    candidates = (annotation, *get_args(annotation))   # Optional[M] is Union[M, None]
+    return next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
 
 
 def _locate(loc: tuple[int | str, ...], root: type[BaseModel], prefix: str) -> _Location:

@@ -23,8 +23,9 @@ How the head follows the backbone:
   logged with its cause, the run stopped after ``max_consecutive_skips`` in a row;
 * learning rate: the head's lr is its configured lr times the ratio of the backbone's current
   lr to the backbone's configured lr, so DeepSpeed's warm-up and decay schedules apply to both;
-  with ``schedule.plateau`` both are multiplied by ``lr_scale``, lowered when the held-out metric
-  of :meth:`evaluate` stops improving (:mod:`hybridfc.schedule`), and saved in checkpoints;
+  both are multiplied by ``lr_scale``: ``schedule.batch_scaling``'s factor for the global batch
+  times ``schedule.plateau``'s, lowered when the held-out metric of :meth:`evaluate` stops
+  improving (:mod:`hybridfc.schedule`) and saved in checkpoints;
 * checkpoints: ``save_checkpoint`` / ``load_checkpoint`` store the head's shards and optimizer
   state inside DeepSpeed's checkpoint tag directory (see :mod:`hybridfc.checkpoint`), with the
   loader's position and each rank's random generators, complete or not at all;
@@ -125,10 +126,12 @@ class HybridEngine:
         self._logged_step = backbone.global_steps
         self._imprint_pending = bool(warm_start and warm_start.imprint) and backbone.global_steps == 0
         self._refresh_interval = warm_start.refresh_interval if warm_start is not None else 0
-        plateau = schedule.plateau if schedule is not None else None
+        schedule = schedule or ScheduleConfig()
+        plateau = schedule.plateau
         self.plateau = None if plateau is None else PlateauLR("max", plateau.factor, plateau.patience,
                                                               plateau.threshold, plateau.min_factor)
         self._plateau_step = -1
+        self.batch_factor = self._batch_factor(schedule)
 
     def _gradient_reducer(self, communication: CommunicationConfig) -> Optional[TopKGradientReducer]:
         """The top-k reduction of the backbone's gradients, where ``grad_topk`` asks for it."""
@@ -262,10 +265,23 @@ class HybridEngine:
                                   f"(load_module_only=True)")
         return read_head(self.head, tag_dir)
 
+    def _batch_factor(self, schedule: ScheduleConfig) -> float:
+        """``schedule.batch_scaling``'s lr multiplier for DeepSpeed's global batch, put on the
+        backbone's optimizer now (1 without it)."""
+        if schedule.batch_scaling is None:
+            return 1.0
+        global_batch = self.backbone.train_batch_size()
+        factor = schedule.batch_scaling.factor(global_batch)
+        self._adapter.scale_lr(factor)
+        log_dist(f"lr of backbone and head x {factor:g} for the global batch of {global_batch} "
+                 f"({schedule.batch_scaling.rule} scaling from {schedule.batch_scaling.reference_batch})")
+        return factor
+
     @property
     def lr_scale(self) -> float:
-        """The multiplier ``schedule.plateau`` puts on the lr of backbone and head (1 without it)."""
-        return 1.0 if self.plateau is None else self.plateau.scale
+        """The multiplier hybridfc puts on the lr of backbone and head, on top of DeepSpeed's
+        scheduler: ``schedule.batch_scaling``'s times ``schedule.plateau``'s (1 without them)."""
+        return self.batch_factor * (1.0 if self.plateau is None else self.plateau.scale)
 
     def _observe_plateau(self) -> None:
         """Feed the held-out metric (the first of ``evaluation.top_k``) to the plateau rule, once
@@ -276,7 +292,7 @@ class HybridEngine:
             return
         self._plateau_step = step
         if self.plateau.step(metric):
-            self._adapter.scale_lr(self.plateau.scale)
+            self._adapter.scale_lr(self.lr_scale)
             log_dist(f"step {self.backbone.global_steps}: held-out metric at a plateau (best {self.plateau.best:.4f}): "
                      f"lr multiplier now {self.plateau.scale:g}")
 
@@ -395,7 +411,7 @@ class HybridEngine:
             self.gradient_reducer.load_state_dict(run_state["grad_topk"])
         if self.plateau is not None and run_state.get("plateau") is not None:
             self.plateau.load_state_dict(run_state["plateau"])
-            self._adapter.scale_lr(self.plateau.scale)
+            self._adapter.scale_lr(self.lr_scale)
 
 
 def _latest_tag(load_dir: str) -> Optional[str]:

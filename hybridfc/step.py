@@ -86,6 +86,7 @@ class Verdict:
     loss: bool
     gradient_ranks: list[int]
     head_norm: float
+    head_weight_norm: Optional[float]
 
     def cause(self) -> Optional[str]:
         """Why the step must be skipped, or None."""
@@ -132,7 +133,7 @@ class TrainingStep:
         if applied:
             for group in self.head_optimizer.param_groups:
                 group["lr"] = self._head_base_lr * lr_factor
-            self.head_optimizer.update(verdict.head_norm)
+            self.head_optimizer.update(verdict.head_norm, verdict.head_weight_norm)
         else:
             self.head_optimizer.skip()
         self.head_optimizer.zero_grad()
@@ -157,13 +158,17 @@ class TrainingStep:
             grad.div_(loss_scale)
 
     def _agree(self) -> Verdict:
-        """One all-gather: each rank's backbone-gradient flag and head-gradient square norm."""
-        mine = [float(self.watch is not None and self.watch.take()), self.head_optimizer.local_square_norm()]
+        """One all-gather: each rank's backbone-gradient flag, head-gradient square norm and, for
+        LARS, head-weight square norm."""
+        optimizer = self.head_optimizer
+        mine = [float(self.watch is not None and self.watch.take()), optimizer.local_square_norm(),
+                optimizer.local_weight_square_norm() if optimizer.needs_weight_norm else 0.0]
         group = self.head.group
         table = all_gather_vector(torch.tensor(mine, dtype=torch.float64, device=collective_device(group)), group)
         gradient_ranks = torch.nonzero(table[:, 0]).squeeze(1).tolist()
+        weight_norm = math.sqrt(float(table[:, 2].sum())) if optimizer.needs_weight_norm else None
         return Verdict(sorted(self.head.non_finite_inputs), self.head.non_finite_loss, gradient_ranks,
-                       math.sqrt(float(table[:, 1].sum())))
+                       math.sqrt(float(table[:, 1].sum())), weight_norm)
 
     def _deepspeed_cause(self, scale_before: float) -> str:
         if self.backbone.fp16:

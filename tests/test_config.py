@@ -49,7 +49,8 @@ FULL = {
                       "grad_topk_momentum_correction": True},
     "max_consecutive_skips": 5,
     "warm_start": {"imprint": True, "refresh_interval": 500},
-    "schedule": {"plateau": {"patience": 3, "factor": 0.2, "threshold": 0.01, "min_factor": 0.01}},
+    "schedule": {"plateau": {"patience": 3, "factor": 0.2, "threshold": 0.01, "min_factor": 0.01},
+                 "batch_scaling": {"reference_batch": 256, "rule": "sqrt"}},
 }
 
 
@@ -194,6 +195,12 @@ def test_config_is_frozen() -> None:
         (section(selection="full"), 'hybridfc.selection: must be an object (got "full")'),
         (section(optimizer={"params": 0.1}),
          "hybridfc.optimizer.params: must be an object (got 0.1)"),
+        (section(schedule={"batch_scaling": {"reference_batch": 0}}),
+         "hybridfc.schedule.batch_scaling.reference_batch: must be >= 1 (got 0)"),
+        (section(schedule={"batch_scaling": {"reference_batch": 256, "rule": "square"}}),
+         'hybridfc.schedule.batch_scaling.rule: "square" is not one of "linear", "sqrt"'),
+        (section(schedule={"batch_scaling": {"rule": "linear"}}),
+         "hybridfc.schedule.batch_scaling.reference_batch: required key is missing"),
     ],
 )
 def test_bad_value_names_key_value_and_allowed(bad: dict[str, Any], expected: str) -> None:
@@ -217,7 +224,7 @@ def test_bad_value_names_key_value_and_allowed(bad: dict[str, Any], expected: st
         (section(selection={"type": "full", "budget": 0.1}),
          "hybridfc.selection.budget: unknown key; allowed keys: type"),
         (sgd(betas=[0.9, 0.99]),
-         "hybridfc.optimizer.params.betas: unknown key; allowed keys: lr, momentum, weight_decay"),
+         "hybridfc.optimizer.params.betas: unknown key; allowed keys: lars_coefficient, lr, momentum, weight_decay"),
         (section(optimizer={"lr": 0.1}),
          "hybridfc.optimizer.lr: unknown key; allowed keys: params, type"),
     ],

@@ -27,7 +27,8 @@ SPEC = {"type": "sgd", "params": PARAMS}
 CLIP = 0.05
 NEW_LR = 0.5
 STEPS = 4
-SCENARIOS = ["plain", "accumulate", "clip", "lr_change", "step_lr", "resume"]
+LARS = 0.02
+SCENARIOS = ["plain", "accumulate", "clip", "lr_change", "step_lr", "resume", "lars", "lars_clip"]
 
 
 def num_classes(world_size: int) -> int:
@@ -79,7 +80,8 @@ def train_step(head, optimizer, rank, world_size, scenario, step) -> bool:
 
 def _run_scenario(rank: int, world_size: int, scenario: str) -> dict:
     head = make_head(world_size, scenario)
-    optimizer = build_head_optimizer(head, SPEC, gradient_clipping=CLIP if scenario == "clip" else 0.0)
+    spec = {"type": "sgd", "params": {**PARAMS, "lars_coefficient": LARS}} if scenario.startswith("lars") else SPEC
+    optimizer = build_head_optimizer(head, spec, gradient_clipping=CLIP if scenario.endswith("clip") else 0.0)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5) if scenario == "step_lr" else None
     shards, applied, resumed = [], [], []
     for step in range(STEPS):
@@ -95,7 +97,7 @@ def _run_scenario(rank: int, world_size: int, scenario: str) -> dict:
             scheduler.step()
         shards.append(head.weight.detach().clone())
     return {"shards": shards, "applied": applied, "resumed": resumed,
-            "final_lr": optimizer.param_groups[0]["lr"]}
+            "final_lr": optimizer.param_groups[0]["lr"], "trust_ratio": optimizer.trust_ratio}
 
 
 def _restore(head: ClassParallelFC, optimizer):
@@ -116,8 +118,10 @@ def _optimizer_worker(rank: int, world_size: int) -> dict:
     return {scenario: _run_scenario(rank, world_size, scenario) for scenario in SCENARIOS}
 
 
-def reference_trajectory(world_size: int, scenario: str, clip: float = 0.0, reset_state_at: int | None = None):
-    """Full weights after each step: ``torch.optim.SGD`` on the float64 weight, reference gradients.
+def reference_trajectory(world_size: int, scenario: str, clip: float = 0.0, reset_state_at: int | None = None,
+                         lars: float = 0.0):
+    """Full weights after each step: ``torch.optim.SGD`` on the float64 weight, reference gradients;
+    with ``lars`` each step's lr times LARS's trust ratio of the full weight and (clipped) gradient.
 
     Also returns the full gradient's norm before clipping at each step.
     """
@@ -137,7 +141,13 @@ def reference_trajectory(world_size: int, scenario: str, clip: float = 0.0, rese
         norms.append(float(weight.grad.norm()))
         if clip:
             torch.nn.utils.clip_grad_norm_([weight], clip)
+        lr = optimizer.param_groups[0]["lr"]
+        if lars:
+            norm = weight.detach().norm()
+            trust = lars * norm / (weight.grad.norm() + PARAMS["weight_decay"] * norm)
+            optimizer.param_groups[0]["lr"] = lr * float(trust)
         optimizer.step()
+        optimizer.param_groups[0]["lr"] = lr
         if scheduler is not None:
             scheduler.step()
         trajectory.append(weight.detach().clone())
@@ -215,6 +225,8 @@ def test_state_dict_round_trip_continues_identically(run):
         ({"type": "sgd", "params": {"lr": -1}}, "optimizer.params.lr"),
         ({"type": "sgd", "params": {"lr": 0.1, "nesterov": True}}, "optimizer.params.nesterov"),
         ({"type": "sgd", "betas": [0.9, 0.99]}, "optimizer.betas"),
+        ({"type": "sgd", "params": {"lars_coefficient": -0.001}}, "optimizer.params.lars_coefficient"),
+        ({"type": "adam", "params": {"lars_coefficient": 0.001}}, "optimizer.params.lars_coefficient"),
     ],
 )
 def test_bad_optimizer_spec_raises_config_error_naming_the_key(spec, key):
@@ -240,3 +252,21 @@ def test_forget_momentum_zeroes_the_first_moment_only(spec, kept):
             assert float(before[name].abs().max()) > 0 and float(state[name].abs().max()) == 0, name
     for name in kept:
         assert torch.equal(state[name], before[name]), name
+
+
+@pytest.mark.parametrize("scenario", ["lars", "lars_clip"])
+def test_lars_scales_the_lr_by_the_trust_ratio_over_the_whole_head(run, scenario):
+    world_size, results = run
+    expected, _ = reference_trajectory(world_size, scenario, clip=CLIP if scenario == "lars_clip" else 0.0, lars=LARS)
+    assert_trajectories_equal(concatenated(results, scenario), expected)
+    ratios = {r[scenario]["trust_ratio"] for r in results}
+    assert len(ratios) == 1 and ratios != {1.0}, ratios
+    assert all(r[scenario]["final_lr"] == PARAMS["lr"] for r in results), "the configured lr must stay as it was"
+
+
+def test_lars_update_without_the_weight_norm_names_what_is_missing():
+    head = ClassParallelFC(7, WIDTH, margin=MARGIN)
+    optimizer = build_head_optimizer(head, {"type": "sgd", "params": {"lars_coefficient": 0.001}})
+    head(torch.randn(3, WIDTH), torch.tensor([0, 1, 2])).backward()
+    with pytest.raises(ValueError, match="lars_coefficient needs the weight norm"):
+        optimizer.update(1.0)

@@ -30,7 +30,10 @@ What gets updated follows the head's selection (:meth:`ClassParallelFC.gradient`
 
 State tensors have the shard's storage dtype. Optional clipping (``gradient_clipping > 0``)
 scales the gradient so that its L2 norm over *all* shards is at most that value, with one
-all-reduce of a scalar. A step is skipped, and counted in ``skipped_steps``, when the head saw
+all-reduce of a scalar. SGD's ``lars_coefficient`` η (0: off) makes the head layer-wise adaptive
+(LARS): each step's lr is multiplied by the trust ratio ``η·‖W‖ / (‖g‖ + wd·‖W‖)``, the norms
+taken over the *whole* sharded head (its two squares summed over the shards in one all-reduce,
+the clipped gradient's norm); the ratio is 1 while either norm is 0. A step is skipped, and counted in ``skipped_steps``, when the head saw
 non-finite embeddings or loss since ``zero_grad`` or when the norm is not finite; every rank
 takes the same decision. Every step, applied or skipped, advances the head's step count
 (:meth:`ClassParallelFC.finish_step`), which schedules the selection's rebuilds. Under
@@ -40,8 +43,9 @@ takes the same decision. Every step, applied or skipped, advances the head's ste
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -67,32 +71,47 @@ class HeadOptimizer(torch.optim.Optimizer):
 
     STATE: tuple[str, ...] = ()
 
-    def __init__(self, head: ClassParallelFC, defaults: dict, gradient_clipping: float = 0.0) -> None:
+    def __init__(self, head: ClassParallelFC, defaults: dict, gradient_clipping: float = 0.0,
+                 lars_coefficient: float = 0.0) -> None:
         if gradient_clipping < 0:
             raise ValueError(f"hybridfc: gradient_clipping must be >= 0 (0 turns it off), got {gradient_clipping}")
+        if lars_coefficient < 0:
+            raise ValueError(f"hybridfc: lars_coefficient must be >= 0 (0 turns LARS off), got {lars_coefficient}")
         super().__init__([head.weight], defaults)
         self.head = head
         self.gradient_clipping = gradient_clipping
+        self.lars_coefficient = lars_coefficient
         self.skipped_steps = 0
+        self.trust_ratio = 1.0
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
         self.head.reset_step_state()
 
-    @torch.no_grad()
-    def step(self, closure=None) -> bool:
-        """With clipping on, agree with the other shards on the gradient norm (one all-reduce);
-        then :meth:`update`. Returns whether an update was applied."""
-        if self.gradient_clipping <= 0:
-            return self.update(0.0)
-        square = torch.tensor([self.local_square_norm()], dtype=torch.float64, device=collective_device(self.head.group))
-        return self.update(math.sqrt(float(all_reduce(square, "sum", self.head.group))))
+    @property
+    def needs_weight_norm(self) -> bool:
+        """Whether :meth:`update` needs the head's weight norm over all shards (LARS)."""
+        return self.lars_coefficient > 0
 
     @torch.no_grad()
-    def update(self, global_norm: float) -> bool:
+    def step(self, closure=None) -> bool:
+        """With clipping or LARS on, agree with the other shards on the norms of gradient and
+        weight (one all-reduce of their squares); then :meth:`update`. Returns whether an update
+        was applied."""
+        if self.gradient_clipping <= 0 and not self.needs_weight_norm:
+            return self.update(0.0)
+        squares = torch.tensor([self.local_square_norm(), self.local_weight_square_norm()], dtype=torch.float64,
+                               device=collective_device(self.head.group))
+        gradient_norm, weight_norm = all_reduce(squares, "sum", self.head.group).sqrt().tolist()
+        return self.update(gradient_norm, weight_norm)
+
+    @torch.no_grad()
+    def update(self, global_norm: float, weight_norm: Optional[float] = None) -> bool:
         """Update the shard, its gradient clipped to ``gradient_clipping`` given its L2 norm over all
-        shards; skip when the head saw non-finite input or loss, or the norm is not finite. Either
-        way the head counts one more step. Returns whether an update was applied."""
+        shards (and with LARS, the lr scaled by the trust ratio from it and ``weight_norm``, the
+        weight's norm over all shards); skip when the head saw non-finite input or loss, or the
+        norm is not finite. Either way the head counts one more step. Returns whether an update
+        was applied."""
         rows, grad = self.head.gradient()
         if grad is None:
             self.head.finish_step()
@@ -103,13 +122,39 @@ class HeadOptimizer(torch.optim.Optimizer):
         scale = min(1.0, self.gradient_clipping / (global_norm + 1e-6)) if self.gradient_clipping > 0 else 1.0
         if scale != 1.0:
             grad.mul_(scale)
+        self.trust_ratio = self._trust_ratio(global_norm * scale, weight_norm)
         state = self._state()
-        if rows is None:
-            self._update(self.head.weight, grad, state, self._row_factors(None))
-        else:
-            self._update_rows(rows, grad, state)
+        with self._lr_times(self.trust_ratio):
+            if rows is None:
+                self._update(self.head.weight, grad, state, self._row_factors(None))
+            else:
+                self._update_rows(rows, grad, state)
         self.head.finish_step()
         return True
+
+    def _trust_ratio(self, gradient_norm: float, weight_norm: Optional[float]) -> float:
+        """LARS's ``η·‖W‖ / (‖g‖ + wd·‖W‖)`` over the whole head (1 without LARS, or while a norm is 0)."""
+        if not self.needs_weight_norm:
+            return 1.0
+        if weight_norm is None:
+            raise ValueError("hybridfc: the head's lars_coefficient needs the weight norm over all shards: "
+                             "call step(), or update(gradient_norm, weight_norm)")
+        if weight_norm == 0 or gradient_norm == 0:
+            return 1.0
+        weight_decay = self.param_groups[0]["weight_decay"]
+        return self.lars_coefficient * weight_norm / (gradient_norm + weight_decay * weight_norm)
+
+    @contextlib.contextmanager
+    def _lr_times(self, factor: float) -> Iterator[None]:
+        """The param groups' lr multiplied by ``factor`` inside the block."""
+        lrs = [group["lr"] for group in self.param_groups]
+        for group in self.param_groups:
+            group["lr"] *= factor
+        try:
+            yield
+        finally:
+            for group, lr in zip(self.param_groups, lrs):
+                group["lr"] = lr
 
     def skip(self) -> None:
         """Count a skipped step: no row changes, the head's step count advances."""
@@ -121,6 +166,11 @@ class HeadOptimizer(torch.optim.Optimizer):
         """Squared L2 norm of this shard's gradient since ``zero_grad`` (0 without one)."""
         _, grad = self.head.gradient()
         return 0.0 if grad is None else float(torch.linalg.vector_norm(grad.double()).square())
+
+    @torch.no_grad()
+    def local_weight_square_norm(self) -> float:
+        """Squared L2 norm of this shard's rows."""
+        return float(torch.linalg.vector_norm(self.head.weight, dtype=torch.float64).square())
 
     def forget_momentum(self) -> None:
         """Zero the first-moment state (SGD's momentum, Adam's ``exp_avg``) of every row of the
@@ -181,8 +231,9 @@ class HeadSGD(HeadOptimizer):
     """Momentum SGD over a :class:`ClassParallelFC` shard (torch.optim.SGD's update)."""
 
     def __init__(self, head: ClassParallelFC, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 5e-4,
-                 gradient_clipping: float = 0.0) -> None:
-        super().__init__(head, dict(lr=lr, momentum=momentum, weight_decay=weight_decay), gradient_clipping)
+                 gradient_clipping: float = 0.0, lars_coefficient: float = 0.0) -> None:
+        super().__init__(head, dict(lr=lr, momentum=momentum, weight_decay=weight_decay), gradient_clipping,
+                         lars_coefficient)
         self.STATE = ("momentum_buffer",) if momentum else ()
 
     def _update(self, weight, grad, state, factors) -> None:

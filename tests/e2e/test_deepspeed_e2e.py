@@ -185,7 +185,7 @@ def assert_close_relative(actual: torch.Tensor, expected: torch.Tensor, what: st
 
 
 def single_process_replay(recs: list[dict], optimizer: str = "SGD", accumulation: int = 1,
-                          backbone: torch.nn.Module | None = None):
+                          backbone: torch.nn.Module | None = None, head_lars: float = 0.0):
     """Replay a run in one float64 process; ``(loss per micro-batch, head after each micro-batch)``.
 
     Each step uses the backbone lr the run recorded, and the head's configured lr times its ratio
@@ -194,7 +194,7 @@ def single_process_replay(recs: list[dict], optimizer: str = "SGD", accumulation
     Without ``backbone`` the recorded embeddings are used and only the head is replayed (momentum
     SGD after clipping the whole head's gradient norm); with it, the embeddings are recomputed
     from the recorded inputs and the backbone trains alongside (``optimizer`` after clipping, as
-    DeepSpeed does).
+    DeepSpeed does). ``head_lars``: the head's lr times LARS's trust ratio of the whole head.
     """
     weight = torch.cat([rec["initial_head"] for rec in recs]).double().requires_grad_()
     head_optimizer = torch.optim.SGD([weight], **HEAD_SGD)
@@ -219,6 +219,10 @@ def single_process_replay(recs: list[dict], optimizer: str = "SGD", accumulation
                 backbone_optimizer.step()
                 backbone_optimizer.zero_grad()
             torch.nn.utils.clip_grad_norm_([weight], HEAD_CLIPPING)
+            if head_lars:
+                norm = weight.detach().norm()
+                trust = head_lars * norm / (weight.grad.norm() + HEAD_SGD["weight_decay"] * norm)
+                head_optimizer.param_groups[0]["lr"] *= float(trust)
             head_optimizer.step()
             head_optimizer.zero_grad()
         heads.append(weight.detach().clone())
