@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
-from hybridfc.data import DistributedLoader, SyntheticClasses
+from hybridfc.data import DistributedLoader, SyntheticClasses, nearest_mean_accuracy
 from hybridfc.data.synthetic import gaussian, mix64, mix64_tensor, stream_key
 
 
@@ -290,3 +290,19 @@ def test_invalid_loader_arguments(kwargs):
     args = {"batch_size": 2} | kwargs
     with pytest.raises(ValueError):
         DistributedLoader(_Indices(10), **args)
+
+
+def test_nearest_mean_accuracy_counts_the_test_samples_nearest_their_own_training_mean():
+    train, test = SyntheticClasses(37, 5, input_dim=8, seed=3), SyntheticClasses(37, 3, input_dim=8, seed=3, split="test")
+    xs, ys = zip(*(train[i] for i in range(len(train))))
+    x, y = torch.stack(xs).double(), torch.stack(ys)
+    means = torch.stack([x[y == c].mean(dim=0) for c in range(37)])
+    right = sum(int(((means - xt.double()) ** 2).sum(dim=1).argmin()) == int(yt) for xt, yt in
+                (test[i] for i in range(len(test))))
+    assert nearest_mean_accuracy(train, test, chunk=10) == right / len(test)
+    assert 0 < right < len(test)
+
+
+def test_nearest_mean_accuracy_refuses_a_test_set_of_other_classes():
+    with pytest.raises(ValueError, match="same classes"):
+        nearest_mean_accuracy(SyntheticClasses(10, 2, seed=0), SyntheticClasses(10, 2, seed=1, split="test"))

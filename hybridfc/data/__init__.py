@@ -11,10 +11,10 @@ Example::
 from hybridfc.data.image_folder import ImageFolderDataset
 from hybridfc.data.loader import DistributedLoader
 from hybridfc.data.recordio import RecordIODataset, RecordIOError, write_recordio
-from hybridfc.data.synthetic import SyntheticClasses
+from hybridfc.data.synthetic import SyntheticClasses, nearest_mean_accuracy
 from hybridfc.data.transforms import Compose, RandomHorizontalFlip, decode_image
 
-__all__ = ["DistributedLoader", "SyntheticClasses"]
+__all__ = ["DistributedLoader", "SyntheticClasses", "nearest_mean_accuracy"]
 __all__ += [
     "Compose",
     "ImageFolderDataset",

@@ -1,0 +1,179 @@
+"""How fast the main job converges: the plain recipe against the recipe's pieces, on and off.
+
+The *plain recipe* is the main job as it stood before the fast-convergence work
+(``ds_configs/cpu.json`` with ``examples/train.py --hidden-layers 2``: a 0.36M-parameter MLP,
+cosface s = 32, m = 0.2, no warm start). The pieces, each switched on alone and switched off from
+the whole:
+
+* ``linear``: the synthetic task's backbone without hidden layers (``--hidden-layers 0``). The
+  task's classes are Gaussians with one shared covariance, so the best rule is linear in x;
+  hidden ReLU layers fit the 16 training samples of each class instead.
+* ``margin``: cosface s = 16, m = 0.1 instead of s = 32, m = 0.2 (16 samples per class carry
+  less than a face identity's hundreds).
+* ``imprint``: ``warm_start.imprint``, the class rows set from the first backbone's mean features.
+* ``plateau``: ``schedule.plateau`` (patience 2, factor 0.1) on the held-out top-1.
+
+Every run: 2 ranks under the deepspeed launcher, 10,000 classes x 16 samples, 2,500 steps of
+global batch 256, held-out top-1 every 125 steps. Per seed (0, 1, 2) the target is 0.9x the
+plain recipe's final top-1 on that seed; a run's *steps to target* is the first evaluation at or
+above it. Printed per variant: final top-1 and steps to target (mean over seeds), and steps
+against the plain recipe's.
+
+    python benchmarks/bench_convergence.py                   # about 2.5 minutes per run on 2 cores
+    python benchmarks/bench_convergence.py --variants plain,all --seeds 0
+
+Results: ``--out`` (JSON, runs appended to what is there), ``--plot`` (top-1 against steps, mean
+over seeds); ``benchmarks/RESULTS.md`` keeps the tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from main_job import run_main_job  # noqa: E402
+
+EVALUATION_INTERVAL = 125
+PIECES = ("linear", "margin", "imprint", "plateau")
+PLAIN_MARGIN = {"type": "cosface", "scale": 32.0, "margin": 0.2}
+TUNED_MARGIN = {"type": "cosface", "scale": 16.0, "margin": 0.1}
+PLATEAU = {"patience": 2, "factor": 0.1}
+
+
+def variants() -> dict[str, frozenset[str]]:
+    """Variant name -> the pieces it switches on: plain, each piece alone, the main job's default
+    (linear+margin), all, all but each."""
+    table = {"plain": frozenset()}
+    table.update({f"+{piece}": frozenset({piece}) for piece in PIECES})
+    table["linear+margin"] = frozenset({"linear", "margin"})
+    table["all"] = frozenset(PIECES)
+    table.update({f"all -{piece}": frozenset(PIECES) - {piece} for piece in PIECES})
+    return table
+
+
+VARIANTS = variants()
+
+
+def job(pieces: frozenset[str]) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """The ds_config and the extra arguments of ``examples/train.py`` with ``pieces`` on."""
+    config = json.loads((REPO / "ds_configs" / "cpu.json").read_text())
+    section = config["hybridfc"]
+    section["margin"] = copy.deepcopy(TUNED_MARGIN if "margin" in pieces else PLAIN_MARGIN)
+    section["warm_start"] = {"imprint": "imprint" in pieces, "refresh_interval": 0}
+    section["schedule"] = {"plateau": copy.deepcopy(PLATEAU) if "plateau" in pieces else None}
+    section["evaluation"] = {"interval": EVALUATION_INTERVAL, "top_k": [1]}
+    return config, ("--hidden-layers", "0" if "linear" in pieces else "2")
+
+
+def steps_to(history: list[dict], target: float) -> Optional[int]:
+    """The first evaluated step whose top-1 reaches ``target`` (None: never)."""
+    return next((point["step"] for point in history if point["top1"] >= target), None)
+
+
+def run(names: list[str], seeds: list[int], results: dict[str, Any], out: Path) -> None:
+    """Each variant on each seed (seeds outermost, so a stopped run leaves every variant some);
+    the results file is rewritten after every run."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in seeds:
+            for name in names:
+                started = time.perf_counter()
+                config, args = job(VARIANTS[name])
+                result = run_main_job(config, f"{name.replace(' ', '_')}_seed{seed}", seed, Path(tmp), args)
+                results.setdefault("runs", {}).setdefault(name, {})[str(seed)] = result
+                out.write_text(json.dumps(results, indent=1))
+                print(f"  {name:>14s} seed {seed}: final top-1 {result['top1']:.4f} "
+                      f"({time.perf_counter() - started:.0f} s)", flush=True)
+
+
+def report(results: dict[str, Any]) -> str:
+    """Final top-1 and steps to 0.9x the plain recipe's final top-1, per variant, mean over seeds."""
+    runs = results["runs"]
+    plain = runs.get("plain", {})
+    lines = [f"main job, 2,500 steps; target per seed = 0.9 x the plain recipe's final top-1; "
+             f"evaluated every {EVALUATION_INTERVAL} steps",
+             f"{'variant':>14s}{'seeds':>7s}{'final top-1':>13s}{'steps to target':>17s}{'vs plain':>10s}"]
+    plain_steps = _mean_steps(plain, plain)
+    for name in VARIANTS:
+        if name not in runs:
+            continue
+        seeds = sorted(set(runs[name]) & set(plain), key=int)
+        if not seeds:
+            continue
+        final = statistics.mean(runs[name][seed]["top1"] for seed in seeds)
+        steps = _mean_steps({seed: runs[name][seed] for seed in seeds}, plain)
+        ratio = f"{steps / plain_steps:.2f}" if steps is not None and plain_steps else "-"
+        shown = "never" if steps is None else f"{steps:.0f}"
+        lines.append(f"{name:>14s}{len(seeds):>7d}{final:>13.4f}{shown:>17s}{ratio:>10s}")
+    return "\n".join(lines)
+
+
+def _mean_steps(runs: dict[str, dict], plain: dict[str, dict]) -> Optional[float]:
+    """Mean over the seeds of the steps to 0.9x that seed's plain final top-1 (None if a seed never gets there)."""
+    steps = [steps_to(result["history"], 0.9 * plain[seed]["top1"]) for seed, result in runs.items() if seed in plain]
+    if not steps or any(s is None for s in steps):
+        return None
+    return statistics.mean(steps)
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    """Held-out top-1 against steps, mean over the seeds each variant ran."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(8, 5))
+    for name, runs in results["runs"].items():
+        curves = [run["history"] for run in runs.values()]
+        steps = [point["step"] for point in curves[0]]
+        mean = [statistics.mean(curve[i]["top1"] for curve in curves) for i in range(len(steps))]
+        axes.plot(steps, mean, label=f"{name} ({len(curves)} seeds)", linewidth=2.5 if name in ("plain", "all") else 1.2)
+    plain = results["runs"].get("plain")
+    if plain:
+        target = 0.9 * statistics.mean(run["top1"] for run in plain.values())
+        axes.axhline(target, color="grey", linestyle=":", label="0.9 x plain's final")
+    axes.set_xlabel("optimizer step (global batch 256)")
+    axes.set_ylabel("held-out top-1")
+    axes.set_title("main job: 10,000 classes x 16 samples, 2 ranks")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma separated: {', '.join(VARIANTS)}")
+    parser.add_argument("--seeds", default="0,1,2", help="comma separated")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "convergence.json"), help="results (JSON)")
+    parser.add_argument("--plot", default=str(REPO / "benchmarks" / "convergence.png"), help="the chart (PNG)")
+    parser.add_argument("--report-only", action="store_true", help="print the tables and plot from --out")
+    args = parser.parse_args()
+    names = [name for name in args.variants.split(",") if name]
+    unknown = [name for name in names if name not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
+    out = Path(args.out)
+    results = json.loads(out.read_text()) if out.exists() else {}
+    results["machine"] = {"cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d")}
+    if not args.report_only:
+        run(names, [int(seed) for seed in args.seeds.split(",")], results, out)
+    print(report(results))
+    plot(results, Path(args.plot))
+    print(f"chart: {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
