@@ -191,7 +191,7 @@ def _engine_job(hidden: int, layers: int, rates: list[str], steps: int) -> dict[
     config = load_ds_config(str(REPO / "ds_configs" / "cpu.json"))
     config.pop("scheduler")
     for key in ("evaluation", "warm_start"):   # no held-out set, no training data given to imprint from
-        config["hybridfc"].pop(key)
+        config["hybridfc"].pop(key, None)
     section = config["hybridfc"]
     torch.manual_seed(0)
     backbone = _backbone(hidden, layers, section["embedding_size"])

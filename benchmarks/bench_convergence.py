@@ -103,7 +103,6 @@ def report(results: dict[str, Any]) -> str:
     lines = [f"main job, 2,500 steps; target per seed = 0.9 x the plain recipe's final top-1; "
              f"evaluated every {EVALUATION_INTERVAL} steps",
              f"{'variant':>14s}{'seeds':>7s}{'final top-1':>13s}{'steps to target':>17s}{'vs plain':>10s}"]
-    plain_steps = _mean_steps(plain, plain)
     for name in VARIANTS:
         if name not in runs:
             continue
@@ -112,6 +111,7 @@ def report(results: dict[str, Any]) -> str:
             continue
         final = statistics.mean(runs[name][seed]["top1"] for seed in seeds)
         steps = _mean_steps({seed: runs[name][seed] for seed in seeds}, plain)
+        plain_steps = _mean_steps({seed: plain[seed] for seed in seeds}, plain)
         ratio = f"{steps / plain_steps:.2f}" if steps is not None and plain_steps else "-"
         shown = "never" if steps is None else f"{steps:.0f}"
         lines.append(f"{name:>14s}{len(seeds):>7d}{final:>13.4f}{shown:>17s}{ratio:>10s}")
@@ -136,7 +136,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     figure, axes = plt.subplots(figsize=(8, 5))
     for name, runs in results["runs"].items():
         curves = [run["history"] for run in runs.values()]
-        steps = [point["step"] for point in curves[0]]
+        steps = [point["step"] for point in min(curves, key=len)]
         mean = [statistics.mean(curve[i]["top1"] for curve in curves) for i in range(len(steps))]
         axes.plot(steps, mean, label=f"{name} ({len(curves)} seeds)", linewidth=2.5 if name in ("plain", "all") else 1.2)
     plain = results["runs"].get("plain")
@@ -166,6 +166,8 @@ def main() -> int:
         parser.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.exists() else {}
+    if args.report_only and "runs" not in results:
+        parser.error(f"--report-only: no runs in {out}")
     results["machine"] = {"cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d")}
     if not args.report_only:
         run(names, [int(seed) for seed in args.seeds.split(",")], results, out)

@@ -76,7 +76,7 @@ def _config(variant: tuple[float, str] | None) -> dict[str, Any]:
     config = load_ds_config(str(REPO / "ds_configs" / "cpu.json"))
     config.pop("scheduler")
     for key in ("evaluation", "warm_start"):   # no held-out set, no training data given to imprint from
-        config["hybridfc"].pop(key)
+        config["hybridfc"].pop(key, None)
     if variant is not None:
         density, value_dtype = variant
         config["hybridfc"]["communication"] = {"grad_topk": density, "grad_topk_warmup_steps": 0,

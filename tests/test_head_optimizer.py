@@ -121,7 +121,8 @@ def _optimizer_worker(rank: int, world_size: int) -> dict:
 def reference_trajectory(world_size: int, scenario: str, clip: float = 0.0, reset_state_at: int | None = None,
                          lars: float = 0.0):
     """Full weights after each step: ``torch.optim.SGD`` on the float64 weight, reference gradients;
-    with ``lars`` each step's lr times LARS's trust ratio of the full weight and (clipped) gradient.
+    with ``lars`` each step's gradient and weight decay times LARS's trust ratio of the full weight and
+    (clipped) gradient.
 
     Also returns the full gradient's norm before clipping at each step.
     """
@@ -141,13 +142,13 @@ def reference_trajectory(world_size: int, scenario: str, clip: float = 0.0, rese
         norms.append(float(weight.grad.norm()))
         if clip:
             torch.nn.utils.clip_grad_norm_([weight], clip)
-        lr = optimizer.param_groups[0]["lr"]
-        if lars:
+        if lars:   # what enters the momentum, g + wd·w, times the trust ratio
             norm = weight.detach().norm()
-            trust = lars * norm / (weight.grad.norm() + PARAMS["weight_decay"] * norm)
-            optimizer.param_groups[0]["lr"] = lr * float(trust)
+            trust = float(lars * norm / (weight.grad.norm() + PARAMS["weight_decay"] * norm))
+            weight.grad.mul_(trust)
+            optimizer.param_groups[0]["weight_decay"] = PARAMS["weight_decay"] * trust
         optimizer.step()
-        optimizer.param_groups[0]["lr"] = lr
+        optimizer.param_groups[0]["weight_decay"] = PARAMS["weight_decay"]
         if scheduler is not None:
             scheduler.step()
         trajectory.append(weight.detach().clone())
@@ -255,7 +256,7 @@ def test_forget_momentum_zeroes_the_first_moment_only(spec, kept):
 
 
 @pytest.mark.parametrize("scenario", ["lars", "lars_clip"])
-def test_lars_scales_the_lr_by_the_trust_ratio_over_the_whole_head(run, scenario):
+def test_lars_scales_the_step_by_the_trust_ratio_over_the_whole_head(run, scenario):
     world_size, results = run
     expected, _ = reference_trajectory(world_size, scenario, clip=CLIP if scenario == "lars_clip" else 0.0, lars=LARS)
     assert_trajectories_equal(concatenated(results, scenario), expected)

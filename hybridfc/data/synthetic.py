@@ -196,10 +196,12 @@ def nearest_mean_accuracy(train: SyntheticClasses, test: SyntheticClasses, chunk
     are Gaussians of one covariance, so the best rule compares distances to the class centres,
     and the training means are what the data says of them (shrinking them toward their family's
     mean gains about 0.3 points at 16 samples per class). The true centres' rule is higher, but
-    no learner sees the true centres. About 4 s for 10,000 classes x 16 samples on one core.
+    no learner sees the true centres. It costs ``len(test) x num_classes x input_dim`` multiply-adds
+    and ``len(train) x input_dim`` floats: about 4 s for 10,000 classes x 16 samples on one core.
     """
-    if (test.num_classes, test.input_dim, test.seed) != (train.num_classes, train.input_dim, train.seed):
-        raise ValueError("test must hold the same classes as train (num_classes, input_dim and seed)")
+    classes = ("num_classes", "input_dim", "family_size", "family_spread", "seed")
+    if any(getattr(test, name) != getattr(train, name) for name in classes):
+        raise ValueError(f"test must hold the same classes as train (the same {', '.join(classes)})")
     x, y = train.batch(torch.arange(len(train)))
     means = torch.zeros(train.num_classes, train.input_dim).index_add_(0, y, x) / train.samples_per_class
     correct = 0

@@ -31,9 +31,10 @@ What gets updated follows the head's selection (:meth:`ClassParallelFC.gradient`
 State tensors have the shard's storage dtype. Optional clipping (``gradient_clipping > 0``)
 scales the gradient so that its L2 norm over *all* shards is at most that value, with one
 all-reduce of a scalar. SGD's ``lars_coefficient`` η (0: off) makes the head layer-wise adaptive
-(LARS): each step's lr is multiplied by the trust ratio ``η·‖W‖ / (‖g‖ + wd·‖W‖)``, the norms
-taken over the *whole* sharded head (its two squares summed over the shards in one all-reduce,
-the clipped gradient's norm); the ratio is 1 while either norm is 0. A step is skipped, and counted in ``skipped_steps``, when the head saw
+(LARS, as You et al. and PaddlePaddle's ``LarsMomentum``): what enters the momentum each step,
+``g + wd·w``, is multiplied by the trust ratio ``η·‖W‖ / (‖g‖ + wd·‖W‖)``, the norms taken over the
+*whole* sharded head (its two squares summed over the shards in one all-reduce; the clipped
+gradient's norm); the ratio is 1 while either norm is 0. A step is skipped, and counted in ``skipped_steps``, when the head saw
 non-finite embeddings or loss since ``zero_grad`` or when the norm is not finite; every rank
 takes the same decision. Every step, applied or skipped, advances the head's step count
 (:meth:`ClassParallelFC.finish_step`), which schedules the selection's rebuilds. Under
@@ -108,8 +109,8 @@ class HeadOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def update(self, global_norm: float, weight_norm: Optional[float] = None) -> bool:
         """Update the shard, its gradient clipped to ``gradient_clipping`` given its L2 norm over all
-        shards (and with LARS, the lr scaled by the trust ratio from it and ``weight_norm``, the
-        weight's norm over all shards); skip when the head saw non-finite input or loss, or the
+        shards (and with LARS, gradient and weight decay scaled by the trust ratio from it and
+        ``weight_norm``, the weight's norm over all shards); skip when the head saw non-finite input or loss, or the
         norm is not finite. Either way the head counts one more step. Returns whether an update
         was applied."""
         rows, grad = self.head.gradient()
@@ -124,7 +125,9 @@ class HeadOptimizer(torch.optim.Optimizer):
             grad.mul_(scale)
         self.trust_ratio = self._trust_ratio(global_norm * scale, weight_norm)
         state = self._state()
-        with self._lr_times(self.trust_ratio):
+        if self.trust_ratio != 1.0:
+            grad.mul_(self.trust_ratio)
+        with self._weight_decay_times(self.trust_ratio):
             if rows is None:
                 self._update(self.head.weight, grad, state, self._row_factors(None))
             else:
@@ -145,16 +148,16 @@ class HeadOptimizer(torch.optim.Optimizer):
         return self.lars_coefficient * weight_norm / (gradient_norm + weight_decay * weight_norm)
 
     @contextlib.contextmanager
-    def _lr_times(self, factor: float) -> Iterator[None]:
-        """The param groups' lr multiplied by ``factor`` inside the block."""
-        lrs = [group["lr"] for group in self.param_groups]
+    def _weight_decay_times(self, factor: float) -> Iterator[None]:
+        """The param groups' weight decay multiplied by ``factor`` inside the block."""
+        decays = [group["weight_decay"] for group in self.param_groups]
         for group in self.param_groups:
-            group["lr"] *= factor
+            group["weight_decay"] *= factor
         try:
             yield
         finally:
-            for group, lr in zip(self.param_groups, lrs):
-                group["lr"] = lr
+            for group, decay in zip(self.param_groups, decays):
+                group["weight_decay"] = decay
 
     def skip(self) -> None:
         """Count a skipped step: no row changes, the head's step count advances."""

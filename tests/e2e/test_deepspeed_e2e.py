@@ -195,7 +195,8 @@ def single_process_replay(recs: list[dict], optimizer: str = "SGD", accumulation
     Without ``backbone`` the recorded embeddings are used and only the head is replayed (momentum
     SGD after clipping the whole head's gradient norm); with it, the embeddings are recomputed
     from the recorded inputs and the backbone trains alongside (``optimizer`` after clipping, as
-    DeepSpeed does). ``head_lars``: the head's lr times LARS's trust ratio of the whole head.
+    DeepSpeed does). ``head_lars``: the head's gradient and weight decay times LARS's trust ratio of
+    the whole head.
     """
     weight = torch.cat([rec["initial_head"] for rec in recs]).double().requires_grad_()
     head_optimizer = torch.optim.SGD([weight], **HEAD_SGD)
@@ -220,11 +221,13 @@ def single_process_replay(recs: list[dict], optimizer: str = "SGD", accumulation
                 backbone_optimizer.step()
                 backbone_optimizer.zero_grad()
             torch.nn.utils.clip_grad_norm_([weight], HEAD_CLIPPING)
-            if head_lars:
+            if head_lars:   # what enters the momentum, g + wd·w, times the trust ratio
                 norm = weight.detach().norm()
-                trust = head_lars * norm / (weight.grad.norm() + HEAD_SGD["weight_decay"] * norm)
-                head_optimizer.param_groups[0]["lr"] *= float(trust)
+                trust = float(head_lars * norm / (weight.grad.norm() + HEAD_SGD["weight_decay"] * norm))
+                weight.grad.mul_(trust)
+                head_optimizer.param_groups[0]["weight_decay"] = HEAD_SGD["weight_decay"] * trust
             head_optimizer.step()
+            head_optimizer.param_groups[0]["weight_decay"] = HEAD_SGD["weight_decay"]
             head_optimizer.zero_grad()
         heads.append(weight.detach().clone())
     return torch.stack(losses), heads
