@@ -12,7 +12,11 @@ interrupted at any stage leaves the previous checkpoint, and ``latest``, as they
 
 Loading checks that the saved shard is the one this rank owns (same ``num_classes``,
 ``embedding_size``, world size and row range) and raises :class:`CheckpointError` naming the
-difference otherwise: a head is never silently re-initialised.
+difference otherwise: a head is never silently re-initialised. Two differences are followed
+instead: another number of ranks (the rows are cut from the saved shards) and more classes
+(*growing*, for continuous training: classes ``C_old … C-1`` are appended; every saved row keeps
+its values and optimizer state, wherever it now lives; the new rows start as a fresh head of
+``C`` classes would, with empty optimizer state). Fewer classes is an error.
 
 For serving, :func:`export_centres` writes the class rows of all shards as one ``(C, d)`` matrix
 (``hybridfc export CKPT --out centres.npy``) and :func:`load_centres` loads such a matrix into a
@@ -165,17 +169,22 @@ def read_head(head: ClassParallelFC, tag_dir: "str | os.PathLike") -> dict[str, 
     differs."""
     files = _shard_files(Path(tag_dir))
     if len(files) == head.world_size:
-        return _checked(files[head.rank], head, ignore=())
+        state = _load(files[head.rank])
+        if state["shard"]["num_classes"] >= head.num_classes:
+            return _checked(state, files[head.rank], head, ignore=())
     return _resharded(head, files)
 
 
-def _checked(path: Path, head: ClassParallelFC, ignore: tuple[str, ...]) -> dict[str, Any]:
-    """A shard file, read, its description compared with ``head``'s (but the fields ``ignore``)."""
+def _load(path: Path) -> dict[str, Any]:
     try:
-        state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise CheckpointError(f"hybridfc: head shard {path} cannot be read, it is truncated or corrupt "
                               f"({type(exc).__name__}: {exc})") from None
+
+
+def _checked(state: dict[str, Any], path: Path, head: ClassParallelFC, ignore: tuple[str, ...]) -> dict[str, Any]:
+    """A shard file's state, its description compared with ``head``'s (but the fields ``ignore``)."""
     expected = _description(head)
     saved = {"layout": 0, **state["shard"]}
     if "storage_dtype" not in saved:
@@ -188,24 +197,48 @@ def _checked(path: Path, head: ClassParallelFC, ignore: tuple[str, ...]) -> dict
 
 
 def _resharded(head: ClassParallelFC, files: list[Path]) -> dict[str, Any]:
-    """The state of ``head``'s rows, cut from the shards of another number of ranks."""
+    """The state of ``head``'s rows, cut from the shards of another number of ranks or of fewer
+    classes (the rows past them new: :func:`_new_rows`). ``"grown_from"``: the saved number of
+    classes when it is smaller than ``head``'s, else None."""
     first, last = head.class_start, head.class_start + head.num_local
     pieces, common, residuals = [], None, []
     for path in files:
-        state = _checked(path, head, ignore=SHARD_FIELDS)
+        state = _checked(_load(path), path, head, ignore=SHARD_FIELDS + ("num_classes",))
+        if state["shard"]["num_classes"] > head.num_classes:
+            raise CheckpointError(f"hybridfc: head shard {path} holds {state['shard']['num_classes']} classes, this "
+                                  f"head {head.num_classes}: a head grows (more classes), never shrinks")
         common = common or state
         residuals.append(state.get("run_state", {}).get("grad_topk"))
         start, count = state["shard"]["class_start"], state["shard"]["num_local"]
         rows = slice(max(first, start) - start, min(last, start + count) - start)
         if rows.start < rows.stop:
             pieces.append((state, rows))
+    saved_classes = common["shard"]["num_classes"]
+    new = _new_rows(head, common["optimizer"], last - max(first, saved_classes))
     optimizer = copy.deepcopy(common["optimizer"])
     for name in optimizer["state"].get(0, {}):
         if name in ROW_STATE:
-            optimizer["state"][0][name] = torch.cat([s["optimizer"]["state"][0][name][rows] for s, rows in pieces])
+            optimizer["state"][0][name] = torch.cat([s["optimizer"]["state"][0][name][rows] for s, rows in pieces]
+                                                    + [new[name]])
     return {**common, "shard": _description(head), "optimizer": optimizer, "selection": None,
-            "weight": torch.cat([s["weight"][rows] for s, rows in pieces]),
-            "run_state": {**common.get("run_state", {}), "rng": None, "grad_topk": _mean_residual(residuals)}}
+            "weight": torch.cat([s["weight"][rows] for s, rows in pieces] + [new["weight"]]),
+            "run_state": {**common.get("run_state", {}), "rng": None, "grad_topk": _mean_residual(residuals)},
+            "grown_from": saved_classes if saved_classes < head.num_classes else None}
+
+
+def _new_rows(head: ClassParallelFC, optimizer: dict[str, Any], count: int) -> dict[str, torch.Tensor]:
+    """The last ``count`` rows of ``head``'s shard as classes new to the checkpoint: their initial
+    values (those of a fresh head) and empty optimizer state, their row clock at the saved step
+    (so that no weight decay of the steps before they existed shrinks them)."""
+    count = max(count, 0)
+    new = {"weight": head.weight.detach()[head.num_local - count:].cpu()}
+    state = optimizer["state"].get(0, {})
+    for name in ROW_STATE:
+        if name in state:
+            saved = state[name]
+            fill = int(state["applied_steps"]) if name == "row_last_step" else 0
+            new[name] = torch.full((count, *saved.shape[1:]), fill, dtype=saved.dtype)
+    return new
 
 
 def _mean_residual(states: list[Optional[dict[str, Any]]]) -> Optional[dict[str, Any]]:

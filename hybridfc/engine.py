@@ -124,7 +124,9 @@ class HybridEngine:
         self._communication = StatsCursor()
         self._communication_logged = StatsCursor()
         self._logged_step = backbone.global_steps
-        self._imprint_pending = bool(warm_start and warm_start.imprint) and backbone.global_steps == 0
+        self._imprints = bool(warm_start and warm_start.imprint)
+        self._imprint_pending: Optional[range] = (range(head.num_classes) if self._imprints
+                                                  and backbone.global_steps == 0 else None)
         self._refresh_interval = warm_start.refresh_interval if warm_start is not None else 0
         schedule = schedule or ScheduleConfig()
         plateau = schedule.plateau
@@ -158,17 +160,19 @@ class HybridEngine:
 
     def forward(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Loss of this micro-batch (mean over the global batch): ``inputs (b, …)``, ``labels (b,)``.
-        The first call of a run with ``warm_start.imprint`` imprints the head first."""
-        if self._imprint_pending:
-            self.imprint()
+        The first call of a run with ``warm_start.imprint`` imprints the head first (after a
+        checkpoint that grew the head, its new rows)."""
+        if self._imprint_pending is not None:
+            self.imprint(classes=self._imprint_pending)
         return self.head(self.embed(inputs), labels.to(self.head.weight.device))
 
-    def imprint(self, batches: Optional[Iterable] = None) -> int:
+    def imprint(self, batches: Optional[Iterable] = None, classes: Optional[range] = None) -> int:
         """Warm start: every class row with samples in ``batches`` (this rank's ``(x, y)``; default:
         one pass over the training data given to :func:`initialize`, in order) becomes the mean
         L2-normalised embedding of them under the current backbone, in eval mode
-        (:func:`hybridfc.head.imprint.imprint`); on every rank. Returns the rows imprinted."""
-        self._imprint_pending = False
+        (:func:`hybridfc.head.imprint.imprint`); on every rank. ``classes``: only the samples, and
+        rows, of these classes (default: all). Returns the rows imprinted."""
+        self._imprint_pending = None
         if batches is None:
             if self.loader is None:
                 raise ValueError("engine.imprint(): no training_data was given to hybridfc.initialize; pass the batches")
@@ -179,7 +183,7 @@ class HybridEngine:
         was_training = self.backbone.training
         self.eval()
         try:
-            count = imprint(self.head, self.embed, ((x, y.to(self.head.weight.device)) for x, y in batches))
+            count = imprint(self.head, self.embed, _of_classes(batches, classes, self.head.weight.device))
         finally:
             self.train(was_training)
         log_dist(f"warm start: {count} of {self.head.num_classes} class rows imprinted from the backbone's embeddings")
@@ -390,7 +394,12 @@ class HybridEngine:
             lambda: apply_head(self.head, self.head_optimizer if restore_optimizer else None, state),
             "restoring the head", self.head.group)
         self._logged_step = self.backbone.global_steps
-        self._imprint_pending = False
+        grown_from = state.get("grown_from")
+        self._imprint_pending = range(grown_from, self.head.num_classes) if grown_from and self._imprints else None
+        if grown_from:
+            log_dist(f"head grown from {grown_from} to {self.head.num_classes} classes: the saved rows keep their "
+                     f"values and optimizer state; the new rows start fresh"
+                     f"{', imprinted at the first step' if self._imprints else ''}")
         self._restore_run_state(run_state or {})
         return load_path, client_state
 
@@ -405,13 +414,32 @@ class HybridEngine:
         """Put back what :meth:`_run_state` saved, each part this run has and the checkpoint holds."""
         if run_state.get("rng") is not None:
             set_rng_states(run_state["rng"])
-        if self.loader is not None and run_state.get("loader") is not None:
-            self.loader.load_state_dict(run_state["loader"])
+        loader = run_state.get("loader")
+        if self.loader is not None and loader is not None:
+            if loader["num_samples"] == len(self.loader.dataset):
+                self.loader.load_state_dict(loader)
+            else:   # the data grew with the head: its next epoch starts afresh
+                self.loader.set_epoch(loader["epoch"] + 1)
+                log_dist(f"the training data has {len(self.loader.dataset)} samples, the checkpoint's loader had "
+                         f"{loader['num_samples']}: training goes on from epoch {loader['epoch'] + 1}'s start")
         if self.gradient_reducer is not None and run_state.get("grad_topk") is not None:
             self.gradient_reducer.load_state_dict(run_state["grad_topk"])
         if self.plateau is not None and run_state.get("plateau") is not None:
             self.plateau.load_state_dict(run_state["plateau"])
             self._adapter.scale_lr(self.lr_scale)
+
+
+def _of_classes(batches: Iterable, classes: Optional[range], device: torch.device) -> Iterator[tuple]:
+    """``(x, y)`` of ``batches`` with ``y`` on ``device``, only the samples of ``classes`` (all
+    when None); batches left empty are dropped."""
+    for x, y in batches:
+        y = y.to(device)
+        if classes is not None:
+            keep = (y >= classes.start) & (y < classes.stop)
+            if not bool(keep.any()):
+                continue
+            x, y = x[keep.to(x.device)], y[keep]
+        yield x, y
 
 
 def _latest_tag(load_dir: str) -> Optional[str]:

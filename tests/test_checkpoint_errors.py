@@ -58,7 +58,7 @@ def test_a_damaged_shard_is_an_error_on_every_rank_naming_the_file(saved, how):
 
 
 @pytest.mark.parametrize("classes, storage_dtype, width, difference", [
-    (CLASSES + 2, "fp32", WIDTH, f"num_classes: saved {CLASSES}, this head {CLASSES + 2}"),
+    (CLASSES - 2, "fp32", WIDTH, f"num_classes: saved {CLASSES}, this head {CLASSES - 2}"),
     (CLASSES, "bf16", WIDTH, "storage_dtype: saved float32, this head bfloat16"),
     (CLASSES, "fp32", WIDTH + 1, f"embedding_size: saved {WIDTH}, this head {WIDTH + 1}"),
 ])
