@@ -75,7 +75,8 @@ head's compute (:mod:`hybridfc.head.cross_entropy`); at most ``train_micro_batch
 ``warm_start.imprint`` (default false) sets every class row, before the first optimizer step of a
 run that did not load a checkpoint, to the mean L2-normalised embedding of its training samples
 under the initial backbone (one distributed pass over the training data given to
-``hybridfc.initialize``; :func:`hybridfc.head.imprint.imprint`); ``warm_start.refresh_interval``
+``hybridfc.initialize``; :func:`hybridfc.head.imprint.imprint`), and after loading a checkpoint
+of fewer classes (the head grows) the new rows only; ``warm_start.refresh_interval``
 (default 0: never) does it again, with the current backbone, after every that many optimizer steps
 (the rows' momentum is forgotten).
 ``schedule.batch_scaling`` (default null: the ds_config's lr is the lr) multiplies the lr of

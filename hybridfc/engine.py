@@ -28,7 +28,8 @@ How the head follows the backbone:
   improving (:mod:`hybridfc.schedule`) and saved in checkpoints;
 * checkpoints: ``save_checkpoint`` / ``load_checkpoint`` store the head's shards and optimizer
   state inside DeepSpeed's checkpoint tag directory (see :mod:`hybridfc.checkpoint`), with the
-  loader's position and each rank's random generators, complete or not at all;
+  loader's position and each rank's random generators, complete or not at all; a checkpoint of
+  fewer classes grows the head (the new rows imprinted with ``warm_start.imprint``);
 * warm start: with ``warm_start.imprint`` the first forward of a fresh run (no checkpoint loaded)
   sets every class row to the mean normalised embedding of its training samples (:meth:`imprint`),
   and ``warm_start.refresh_interval`` does it again every that many steps;
