@@ -12,7 +12,7 @@ left unshaped or shaped to 1 Gbit/s and 160 Mbit/s. Every figure is one rank's, 
 
 Three parts: the collectives alone (4 MiB fp32: the wire model, and gloo's reduce-scatter against
 the all-to-all the layer uses instead), the head alone (plain ``torch.distributed``), and whole
-``hybridfc.initialize`` jobs: the main job's model (``examples/train.py``) and an 8.8M-parameter
+``hybridfc.initialize`` jobs: the main job's former MLP (``examples/train.py --hidden-layers 2``) and an 8.8M-parameter
 MLP (three hidden layers of 2048), both with the main job's head (``ds_configs/cpu.json``:
 10,000 classes, d = 128, 128 samples per rank, cosface). Step time is the median over the
 measured steps; ``exposed`` is the time the layer's collectives kept the step waiting.
