@@ -34,8 +34,8 @@ all-reduce of a scalar. SGD's ``lars_coefficient`` η (0: off) makes the head la
 (LARS, as You et al. and PaddlePaddle's ``LarsMomentum``): what enters the momentum each step,
 ``g + wd·w``, is multiplied by the trust ratio ``η·‖W‖ / (‖g‖ + wd·‖W‖)``, the norms taken over the
 *whole* sharded head (its two squares summed over the shards in one all-reduce; the clipped
-gradient's norm); the ratio is 1 while either norm is 0. A step is skipped, and counted in ``skipped_steps``, when the head saw
-non-finite embeddings or loss since ``zero_grad`` or when the norm is not finite; every rank
+gradient's norm); the ratio is 1 while either norm is 0. A step is skipped, and counted in
+``skipped_steps``, when the head saw non-finite embeddings or loss since ``zero_grad`` or when the norm is not finite; every rank
 takes the same decision. Every step, applied or skipped, advances the head's step count
 (:meth:`ClassParallelFC.finish_step`), which schedules the selection's rebuilds. Under
 :func:`hybridfc.initialize` the engine decides for backbone and head together and calls
@@ -101,10 +101,12 @@ class HeadOptimizer(torch.optim.Optimizer):
         was applied."""
         if self.gradient_clipping <= 0 and not self.needs_weight_norm:
             return self.update(0.0)
-        squares = torch.tensor([self.local_square_norm(), self.local_weight_square_norm()], dtype=torch.float64,
-                               device=collective_device(self.head.group))
-        gradient_norm, weight_norm = all_reduce(squares, "sum", self.head.group).sqrt().tolist()
-        return self.update(gradient_norm, weight_norm)
+        squares = [self.local_square_norm()]
+        if self.needs_weight_norm:
+            squares.append(self.local_weight_square_norm())
+        squares = torch.tensor(squares, dtype=torch.float64, device=collective_device(self.head.group))
+        norms = all_reduce(squares, "sum", self.head.group).sqrt().tolist()
+        return self.update(*norms)
 
     @torch.no_grad()
     def update(self, global_norm: float, weight_norm: Optional[float] = None) -> bool:
@@ -121,12 +123,10 @@ class HeadOptimizer(torch.optim.Optimizer):
             self.skip()
             return False
         scale = min(1.0, self.gradient_clipping / (global_norm + 1e-6)) if self.gradient_clipping > 0 else 1.0
-        if scale != 1.0:
-            grad.mul_(scale)
         self.trust_ratio = self._trust_ratio(global_norm * scale, weight_norm)
+        if scale * self.trust_ratio != 1.0:
+            grad.mul_(scale * self.trust_ratio)
         state = self._state()
-        if self.trust_ratio != 1.0:
-            grad.mul_(self.trust_ratio)
         with self._weight_decay_times(self.trust_ratio):
             if rows is None:
                 self._update(self.head.weight, grad, state, self._row_factors(None))
