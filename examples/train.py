@@ -53,7 +53,7 @@ SMALL_IMAGE = 64
 """Images up to this size (px) get resnet20 by default and the random shift; larger ones iresnet50."""
 SHIFT_PAD = 4
 FINAL_TOP_K = (1, 5)
-IMAGE_ONLY_FLAGS = ("test_data", "val", "backbone", "width", "image_size")
+IMAGE_ONLY_FLAGS = ("test_data", "val", "backbone", "width", "image_size", "flip")
 
 
 def parse_args() -> argparse.Namespace:
@@ -85,6 +85,9 @@ def parse_args() -> argparse.Namespace:
     images.add_argument("--width", type=float, metavar="W", help="channel multiplier of the backbone (default 1.0)")
     images.add_argument("--image-size", type=int, metavar="N",
                         help="resize every image to N x N (default: the first image's size)")
+    images.add_argument("--flip", action=argparse.BooleanOptionalAction,
+                        help="random horizontal flips in training (default on, as for faces and most objects; "
+                             "--no-flip for data a mirror changes, such as digits or text)")
     parser.add_argument("--workers", type=int, default=0, metavar="N", help="data-loading worker processes per rank")
     args = deepspeed.add_config_arguments(parser).parse_args()
     check_args(parser, args)
@@ -169,11 +172,13 @@ class RandomShift:
         return f"RandomShift(pad={self.pad})"
 
 
-def image_transform(size: int, train: bool) -> Compose:
-    """Resize to ``size``; for training also a random flip and, for small images, a random shift."""
+def image_transform(size: int, train: bool, flip: bool = True) -> Compose:
+    """Resize to ``size``; for training also a random horizontal flip (unless ``flip`` is off) and,
+    for small images, a random shift."""
     steps = [Resize(size)]
     if train:
-        steps.append(RandomHorizontalFlip())
+        if flip:
+            steps.append(RandomHorizontalFlip())
         if size <= SMALL_IMAGE:
             steps.append(RandomShift(SHIFT_PAD))
     return Compose(steps)
@@ -256,7 +261,8 @@ def image_task(args: argparse.Namespace, section: dict) -> Task:
     """``--data`` with its transforms, the held-out set, and the backbone for the image size."""
     train_set = open_image_set(args.data)
     size = first_image_size(train_set, args.data) if args.image_size is None else args.image_size
-    train_set.transform = image_transform(size, train=True)
+    flip = args.flip is not False
+    train_set.transform = image_transform(size, train=True, flip=flip)
     set_num_classes(section, train_set.num_classes, args.data)
     test_set = None
     if args.test_data:
@@ -267,9 +273,9 @@ def image_task(args: argparse.Namespace, section: dict) -> Task:
     width = 1.0 if args.width is None else args.width
     kwargs = {"width": width, **({"image_size": size} if name.startswith("iresnet") else {})}
     backbone = models.build_backbone(name, section.get("embedding_size", 0), **kwargs)
-    shift = f", random shift (pad {SHIFT_PAD})" if size <= SMALL_IMAGE else ""
+    augmentation = ["random flip"] * flip + [f"random shift (pad {SHIFT_PAD})"] * (size <= SMALL_IMAGE)
     log_dist(f"{type(train_set).__name__} {args.data}: images resized to {size}x{size}, training augmentation "
-             f"random flip{shift}; backbone {name} (width {width}, "
+             f"{', '.join(augmentation) or 'none'}; backbone {name} (width {width}, "
              f"{sum(p.numel() for p in backbone.parameters()):,} parameters)")
     return Task(train_set, train_set.num_classes, backbone, test_set, image_size=size, val_files=args.val or [])
 

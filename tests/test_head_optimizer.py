@@ -271,3 +271,26 @@ def test_lars_update_without_the_weight_norm_names_what_is_missing():
     head(torch.randn(3, WIDTH), torch.tensor([0, 1, 2])).backward()
     with pytest.raises(ValueError, match="lars_coefficient needs the weight norm"):
         optimizer.update(1.0)
+
+
+def test_lars_whose_decay_could_flip_the_rows_is_refused_when_built():
+    """LARS scales the weight decay up to ``lars_coefficient``; an lr that could then make the row
+    clock's ``lr * wd / (1 - m)`` reach 1 mid-run is refused at once, naming LARS's key."""
+    head = ClassParallelFC(7, WIDTH, margin=MARGIN)
+    with pytest.raises((ValueError, ConfigError), match="lars_coefficient"):
+        build_head_optimizer(head, {"type": "sgd", "params": {"lr": 2.0, "momentum": 0.9, "lars_coefficient": 0.05}})
+
+
+def test_lars_just_inside_the_bound_never_trips_the_row_clock():
+    """lr * lars_coefficient / (1 - m) = 0.95 on sparse steps (a partial selection, so the row
+    clock counts every row's decay): whatever the gradient, the decay stays below 1."""
+    torch.manual_seed(0)
+    head = ClassParallelFC(40, WIDTH, margin=MARGIN, selection={"type": "partial", "budget": 0.25})
+    optimizer = build_head_optimizer(head, {"type": "sgd", "params": {"lr": 1.9, "momentum": 0.9,
+                                                                      "weight_decay": 0.5, "lars_coefficient": 0.05}})
+    for scale in (1e-6, 1.0, 1e6):
+        optimizer.zero_grad()
+        head(scale * torch.randn(5, WIDTH), torch.randint(40, (5,))).backward()
+        assert optimizer.step() is not False
+        assert torch.isfinite(head.weight).all()
+    assert "row_last_step" in optimizer.state[head.weight]

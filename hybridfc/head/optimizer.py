@@ -235,6 +235,11 @@ class HeadSGD(HeadOptimizer):
 
     def __init__(self, head: ClassParallelFC, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 5e-4,
                  gradient_clipping: float = 0.0, lars_coefficient: float = 0.0) -> None:
+        if lars_coefficient and lr * lars_coefficient / (1 - momentum) >= 1:
+            raise ValueError(f"hybridfc: lr * lars_coefficient / (1 - momentum) = "
+                             f"{lr * lars_coefficient / (1 - momentum):g} must be below 1 (lr={lr}, "
+                             f"lars_coefficient={lars_coefficient}, momentum={momentum}): LARS scales the weight "
+                             "decay up to lars_coefficient, which would then flip the rows' sign")
         super().__init__(head, dict(lr=lr, momentum=momentum, weight_decay=weight_decay), gradient_clipping,
                          lars_coefficient)
         self.STATE = ("momentum_buffer",) if momentum else ()

@@ -106,7 +106,7 @@ def test_resnet20_on_an_image_folder_with_held_out_set_and_verification(tmp_path
     assert 0.0 <= result["top1"] <= result["top5"] <= 1.0
     assert 0.0 <= result["verification"]["pairs"] <= 1.0
     assert f"{NUM_CLASSES} classes in {train}, overriding hybridfc.num_classes=10" in run.stdout
-    assert "backbone resnet20" in run.stdout and "random shift" in run.stdout
+    assert "backbone resnet20" in run.stdout and "training augmentation random flip, random shift" in run.stdout
     for step in (2, 4):
         assert f"step {step}: verification {pairs}: accuracy" in run.stdout, tail(run.stdout)
         assert f"step {step}: held-out top-1" in run.stdout, tail(run.stdout)
@@ -115,19 +115,19 @@ def test_resnet20_on_an_image_folder_with_held_out_set_and_verification(tmp_path
 
 def test_narrow_iresnet50_on_a_recordio_set_at_112_px(tmp_path):
     """RecordIO folder (train.rec + train.idx) of 48x48 images resized to 112: the default backbone
-    for 112 px (iresnet50) at width 0.125, verification only."""
+    for 112 px (iresnet50) at width 0.125, verification only, no flips (``--no-flip``)."""
     (tmp_path / "faces").mkdir()
     write_recordio(tmp_path / "faces" / "train", class_images(NUM_CLASSES, 4, 48, seed=4))
     pairs = write_pair_file(tmp_path / "lfw.bin")
     result_json = tmp_path / "result.json"
     run = launch(TRAIN, "--deepspeed_config", small_config(tmp_path), "--data", tmp_path / "faces",
-                 "--val", pairs, "--width", 0.125, "--image-size", 112, "--max-steps", 2,
+                 "--val", pairs, "--width", 0.125, "--image-size", 112, "--no-flip", "--max-steps", 2,
                  "--result-json", result_json, timeout=TIMEOUT)
     assert_succeeded(run)
     result = read_result(result_json, run.stdout)
     assert result["num_classes"] == NUM_CLASSES
     assert "top1" not in result
     assert 0.0 <= result["verification"]["lfw"] <= 1.0
-    assert "RecordIODataset" in run.stdout and "resized to 112x112" in run.stdout
+    assert "RecordIODataset" in run.stdout and "resized to 112x112, training augmentation none" in run.stdout
     assert "backbone iresnet50 (width 0.125" in run.stdout
     assert f"step 2: verification {pairs}: accuracy" in run.stdout, tail(run.stdout)
