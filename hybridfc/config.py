@@ -440,6 +440,11 @@ def parse_hybridfc_section(section: dict[str, Any]) -> HybridFCConfig:
     return _validate(HybridFCConfig, section, SECTION)
 
 
+ParsedMargin = Union[SoftmaxMargin, CosFaceMargin, ArcFaceMargin, CombinedMargin]
+ParsedSelection = Union[FullSelection, PartialSelection, KNNSelection, HFSelection]
+ParsedHeadOptimizer = Union[SGDOptimizer, AdamOptimizer, AdamWOptimizer]
+
+
 class _StandaloneMargin(_Section):
     margin: MarginConfig
 
@@ -456,24 +461,40 @@ class _StandaloneCommunication(_Section):
     communication: CommunicationConfig
 
 
-def parse_margin(spec: dict[str, Any]) -> SoftmaxMargin | CosFaceMargin | ArcFaceMargin | CombinedMargin:
-    """Validate a margin dict given outside a ds_config (``ClassParallelFC(margin=...)``)."""
-    return _validate(_StandaloneMargin, {"margin": spec}, "").margin
+def parse_margin(spec: "dict[str, Any] | ParsedMargin") -> ParsedMargin:
+    """Validate a margin dict given outside a ds_config (``ClassParallelFC(margin=...)``); a
+    parsed margin section passes as it is."""
+    return _standalone(spec, _StandaloneMargin, "margin")
 
 
-def parse_head_optimizer(spec: dict[str, Any]) -> SGDOptimizer | AdamOptimizer | AdamWOptimizer:
-    """Validate a head-optimizer dict given outside a ds_config (``build_head_optimizer``)."""
-    return _validate(_StandaloneOptimizer, {"optimizer": spec}, "").optimizer
+def parse_head_optimizer(spec: "dict[str, Any] | ParsedHeadOptimizer") -> ParsedHeadOptimizer:
+    """Validate a head-optimizer dict given outside a ds_config (``build_head_optimizer``); a
+    parsed optimizer section passes as it is."""
+    return _standalone(spec, _StandaloneOptimizer, "optimizer")
 
 
-def parse_selection(spec: dict[str, Any]) -> FullSelection | PartialSelection | KNNSelection | HFSelection:
-    """Validate a selection dict given outside a ds_config (``ClassParallelFC(selection=...)``)."""
-    return _validate(_StandaloneSelection, {"selection": spec}, "").selection
+def parse_selection(spec: "dict[str, Any] | ParsedSelection") -> ParsedSelection:
+    """Validate a selection dict given outside a ds_config (``ClassParallelFC(selection=...)``); a
+    parsed selection section passes as it is."""
+    return _standalone(spec, _StandaloneSelection, "selection")
 
 
-def parse_communication(spec: dict[str, Any]) -> CommunicationConfig:
-    """Validate a communication dict given outside a ds_config (``ClassParallelFC(communication=...)``)."""
-    return _validate(_StandaloneCommunication, {"communication": spec}, "").communication
+def parse_communication(spec: "dict[str, Any] | CommunicationConfig") -> CommunicationConfig:
+    """Validate a communication dict given outside a ds_config (``ClassParallelFC(communication=...)``);
+    a parsed communication section passes as it is."""
+    return _standalone(spec, _StandaloneCommunication, "communication")
+
+
+def _standalone(spec: Any, wrapper: type[_Section], key: str) -> Any:
+    """``spec`` validated as the ``key`` field of ``wrapper`` (errors named from ``key``); a
+    model of one of that field's types is returned as it is."""
+    if isinstance(spec, _Section):
+        accepted = _field_types(wrapper.model_fields[key])
+        if not isinstance(spec, accepted):
+            raise ConfigError(f"{key}: got a parsed {type(spec).__name__} section; expected a dict or one of "
+                              f"{', '.join(model.__name__ for model in accepted)}")
+        return spec
+    return getattr(_validate(wrapper, {key: spec}, ""), key)
 
 
 def _validate(model: type[_Section], data: dict[str, Any], prefix: str) -> Any:
@@ -575,11 +596,15 @@ def _tagged_members(field: FieldInfo) -> dict[str, type[BaseModel]]:
     }
 
 
+def _field_types(field: FieldInfo) -> tuple[type[BaseModel], ...]:
+    """The models a field may hold: its model, or the members of its union."""
+    annotation = field.annotation
+    return tuple(c for c in (annotation, *get_args(annotation)) if isinstance(c, type) and issubclass(c, BaseModel))
+
+
 def _field_model(field: FieldInfo) -> type[BaseModel] | None:
     """The model a plain model-typed field (or an optional one) holds, or None."""
-    annotation = field.annotation
-    candidates = (annotation, *get_args(annotation))   # Optional[M] is Union[M, None]
-    return next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+    return next(iter(_field_types(field)), None)   # Optional[M] is Union[M, None]
 
 
 def _locate(loc: tuple[int | str, ...], root: type[BaseModel], prefix: str) -> _Location:

@@ -529,10 +529,10 @@ def initialize(args: Optional[argparse.Namespace] = None, model: Optional[torch.
         collate_fn=collate_fn, config=ds_config, **kwargs)
     check_chunks(cfg, backbone.train_micro_batch_size_per_gpu())
     group = groups._get_data_parallel_group()
-    head = ClassParallelFC(cfg.num_classes, cfg.embedding_size, margin=cfg.margin.model_dump(), group=group,
-                           seed=cfg.seed, device=backbone.device, selection=cfg.selection.model_dump(),
-                           storage_dtype=cfg.storage_dtype, communication=cfg.communication.model_dump())
-    head_optimizer = build_head_optimizer(head, cfg.optimizer.model_dump(), cfg.gradient_clipping)
+    head = ClassParallelFC(cfg.num_classes, cfg.embedding_size, margin=cfg.margin, group=group, seed=cfg.seed,
+                           device=backbone.device, selection=cfg.selection, storage_dtype=cfg.storage_dtype,
+                           communication=cfg.communication)
+    head_optimizer = build_head_optimizer(head, cfg.optimizer, cfg.gradient_clipping)
     loader = None
     if training_data is not None:
         loader = DistributedLoader(training_data, backbone.train_micro_batch_size_per_gpu(), rank=group_rank(group),

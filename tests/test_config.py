@@ -28,9 +28,14 @@ from hybridfc.config import (
     SoftmaxMargin,
     config_fingerprint,
     load_ds_config,
+    parse_communication,
+    parse_head_optimizer,
     parse_hybridfc_section,
+    parse_margin,
+    parse_selection,
     split_ds_config,
 )
+from hybridfc.head import ClassParallelFC
 
 REPO = Path(__file__).resolve().parents[1]
 MINIMAL = {"num_classes": 1000, "embedding_size": 64}
@@ -428,3 +433,20 @@ def test_readme_documents_every_key_of_the_section():
     for model in (PartialSelection, KNNSelection, HFSelection):
         assert {f"selection.{key}" for key in model.model_fields if key != "type"} <= rows, model.__name__
     assert {f"communication.{key}" for key in CommunicationConfig.model_fields} <= rows
+
+
+def test_parsed_sections_reach_the_head_as_they_are():
+    """``initialize`` hands the typed sections to the head and its optimizer (no dict round trip);
+    a section of the wrong kind is a ConfigError naming the parameter."""
+    cfg = parse_hybridfc_section({"num_classes": 10, "embedding_size": 4,
+                                  "margin": {"type": "cosface", "scale": 16.0, "margin": 0.1},
+                                  "selection": {"type": "partial", "budget": 0.5}})
+    assert parse_margin(cfg.margin) is cfg.margin
+    assert parse_selection(cfg.selection) is cfg.selection
+    assert parse_head_optimizer(cfg.optimizer) is cfg.optimizer
+    assert parse_communication(cfg.communication) is cfg.communication
+    with pytest.raises(ConfigError, match="margin: got a parsed PartialSelection section"):
+        parse_margin(cfg.selection)
+    head = ClassParallelFC(10, 4, margin=cfg.margin, selection=cfg.selection,
+                           communication=cfg.communication)
+    assert (head.margin.scale, head.margin.m3) == (16.0, 0.1) and head.selection.budget == 5

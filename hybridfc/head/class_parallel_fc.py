@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hybridfc.config import parse_communication
+from hybridfc.config import CommunicationConfig, ParsedMargin, ParsedSelection, parse_communication
 from hybridfc.head.cross_entropy import LogitsWorkspace, margin_cross_entropy
 from hybridfc.head.margins import AngularMargin, Margin, build_margin
 from hybridfc.head.validation import check_inputs, raise_if_any_bad
@@ -102,7 +102,8 @@ class ClassParallelFC(nn.Module):
         num_classes: C, the number of classes over all ranks (at least the group's size).
         embedding_size: d, the width of the features.
         margin: a margin config dict (``{"type": "arcface", "scale": 64.0, "margin": 0.5}``;
-            also ``"softmax"``, ``"cosface"``, ``"combined"``) or a margin object.
+            also ``"softmax"``, ``"cosface"``, ``"combined"``), its parsed ds_config section, or a
+            margin object.
             Default: ArcFace, s = 64, m = 0.5.
         group: the process group that shares the classes (default: the world).
         seed: seed of the weight initialisation.
@@ -110,10 +111,12 @@ class ClassParallelFC(nn.Module):
         device: where the shard lives.
         selection: which rows enter each step's softmax: ``{"type": "full"}`` (default),
             ``{"type": "partial", "budget": 0.1}``, ``{"type": "knn", "budget": 0.1, "k": 32,
-            "rebuild_interval": 1000}`` or ``{"type": "hf", ...}`` (:mod:`hybridfc.selection`).
+            "rebuild_interval": 1000}`` or ``{"type": "hf", ...}`` (:mod:`hybridfc.selection`), or
+            its parsed ds_config section.
         storage_dtype: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (or the torch dtype) of the shard.
-        communication: ``{"chunks": K}`` (default 1): the local batch's feature exchange in K
-            chunks, overlapped with the head's compute (:mod:`hybridfc.head.cross_entropy`).
+        communication: ``{"chunks": K}`` (default 1; or the parsed section): the local batch's
+            feature exchange in K chunks, overlapped with the head's compute
+            (:mod:`hybridfc.head.cross_entropy`).
 
     Attributes:
         weight: ``(num_local, d)`` this rank's rows.
@@ -127,14 +130,14 @@ class ClassParallelFC(nn.Module):
         self,
         num_classes: int,
         embedding_size: int,
-        margin: "dict | Margin | None" = None,
+        margin: "dict | ParsedMargin | Margin | None" = None,
         group: ProcessGroup = None,
         seed: int = 0,
         init_std: float = 0.01,
         device: Optional[torch.device] = None,
-        selection: "dict | None" = None,
+        selection: "dict | ParsedSelection | None" = None,
         storage_dtype: "str | torch.dtype" = torch.float32,
-        communication: "dict | None" = None,
+        communication: "dict | CommunicationConfig | None" = None,
     ) -> None:
         super().__init__()
         self.group = group

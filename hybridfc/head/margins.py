@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
+from hybridfc.config import ParsedMargin, parse_margin
+
 _MIN_SIN = 1e-6
 
 
@@ -92,12 +94,11 @@ class AngularMargin:
 Margin = SoftmaxMargin | AngularMargin
 
 
-def build_margin(spec: "dict | Margin") -> Margin:
-    """A margin from its config form, e.g. ``{"type": "arcface", "scale": 64.0, "margin": 0.5}``."""
+def build_margin(spec: "dict | ParsedMargin | Margin") -> Margin:
+    """A margin from its config form, e.g. ``{"type": "arcface", "scale": 64.0, "margin": 0.5}``, or
+    from its parsed ds_config section."""
     if isinstance(spec, (SoftmaxMargin, AngularMargin)):
         return spec
-    from hybridfc.config import parse_margin
-
     cfg = parse_margin(spec)
     if cfg.type == "softmax":
         return SoftmaxMargin()

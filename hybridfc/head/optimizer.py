@@ -50,6 +50,7 @@ from typing import Iterator, Optional
 
 import torch
 
+from hybridfc.config import ParsedHeadOptimizer, parse_head_optimizer
 from hybridfc.head.class_parallel_fc import ClassParallelFC
 from hybridfc.head.row_clock import RowClock
 from hybridfc.parallel.collectives import all_reduce
@@ -314,10 +315,10 @@ class HeadAdam(HeadOptimizer):
         weight.sub_(exp_avg / denom * step_size)
 
 
-def build_head_optimizer(head: ClassParallelFC, spec: dict, gradient_clipping: float = 0.0) -> HeadOptimizer:
-    """The head optimizer from a DeepSpeed-shaped entry ``{"type": "sgd" | "adam" | "adamw", "params": {...}}``."""
-    from hybridfc.config import parse_head_optimizer
-
+def build_head_optimizer(head: ClassParallelFC, spec: "dict | ParsedHeadOptimizer",
+                         gradient_clipping: float = 0.0) -> HeadOptimizer:
+    """The head optimizer from a DeepSpeed-shaped entry ``{"type": "sgd" | "adam" | "adamw", "params": {...}}``
+    or its parsed ds_config section."""
     cfg = parse_head_optimizer(spec)
     params = cfg.params.model_dump()
     if cfg.type == "sgd":

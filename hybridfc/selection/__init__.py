@@ -16,6 +16,7 @@ from hybridfc.config import (
     FullSelection as FullConfig,
     HFSelection as HFConfig,
     KNNSelection as KNNConfig,
+    ParsedSelection,
     PartialSelection as PartialConfig,
     parse_selection,
 )
@@ -29,9 +30,9 @@ __all__ = ["ClassSelection", "FullSelection", "HFSelection", "KNNSelection", "Pa
            "Shard", "budget_rows", "build_selection"]
 
 
-def build_selection(spec: "dict[str, Any] | Any", shard: Shard, seed: int = 0) -> ClassSelection:
+def build_selection(spec: "dict[str, Any] | ParsedSelection", shard: Shard, seed: int = 0) -> ClassSelection:
     """The selection described by a ``{"type": ...}`` dict (or a parsed config) on ``shard``."""
-    cfg = parse_selection(spec) if isinstance(spec, dict) else spec
+    cfg = parse_selection(spec)
     if isinstance(cfg, FullConfig):
         return FullSelection(shard, seed)
     if isinstance(cfg, PartialConfig):
