@@ -10,7 +10,8 @@ Two tasks (``--task``):
   ``make_digits.py``: UCI handwritten digits, 1,433 training and 364 held-out 8x8 images of 10
   classes), resized to 16 px, resnet20 at width 0.5, ``ds_configs/cpu_images.json`` (the plain
   recipe: cosface s = 32, m = 0.2, no warm start), 40 epochs (480 steps of global batch 128),
-  held-out top-1 every 20 steps.
+  held-out top-1 every 10 steps; random shifts, no flips (a mirrored digit is another glyph;
+  ``--flips`` measures the flipped pipeline examples/train.py had before ``--no-flip``).
 
 The pieces, each switched on alone and switched off from the whole:
 
@@ -24,6 +25,8 @@ The pieces, each switched on alone and switched off from the whole:
   steps instead of ``cpu_images.json``'s 200.
 * ``refresh`` (digits only): ``warm_start.refresh_interval`` 40, the rows imprinted again from the
   current backbone every 40 steps.
+* ``lars`` (digits only): the head's SGD layer-wise adaptive, ``lars_coefficient`` 0.05 (each step
+  adds at most lr x 0.05 = 1 % of the head's norm to the momentum).
 
 Every run: 2 ranks under the deepspeed launcher, seeds 0, 1, 2. Per seed the target is 0.9x the
 plain recipe's final top-1 on that seed; a run's *steps to target* is the first evaluation at or
@@ -32,6 +35,7 @@ against the plain recipe's on the same seeds.
 
     python benchmarks/bench_convergence.py                   # about 2 minutes per run on 2 cores
     python benchmarks/bench_convergence.py --task digits     # about 1 minute per run
+    python benchmarks/bench_convergence.py --task digits --flips --variants plain   # digits flipped
     python benchmarks/bench_convergence.py --variants plain,all --seeds 0
 
 Results: ``--out`` (JSON, runs added to what is there), ``--plot`` (top-1 against steps, mean
@@ -42,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import statistics
@@ -49,7 +54,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from dataclasses import dataclass
 from typing import Any, Optional
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,10 +66,11 @@ TUNED_MARGIN = {"type": "cosface", "scale": 16.0, "margin": 0.1}
 PLATEAU = {"patience": 2, "factor": 0.1}
 SHORT_WARMUP = 50
 REFRESH = 40
+LARS = 0.05
 DIGITS = REPO / "benchmarks" / "data" / "digits"
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Task:
     """What a task's runs share: the ds_config they start from, the pieces that apply, how often
     they evaluate and the arguments of ``examples/train.py`` (without and with ``linear``)."""
@@ -85,9 +90,9 @@ class Task:
 TASKS = {
     "synthetic": Task("cpu.json", ("linear", "margin", "imprint", "plateau"), 125, (),
                       "main job: 10,000 classes x 16 samples, 2 ranks"),
-    "digits": Task("cpu_images.json", ("margin", "imprint", "plateau", "warmup", "refresh"), 20,
+    "digits": Task("cpu_images.json", ("margin", "imprint", "plateau", "warmup", "refresh", "lars"), 10,
                    ("--data", str(DIGITS / "train.rec"), "--test-data", str(DIGITS / "test.rec"), "--image-size", "16",
-                    "--backbone", "resnet20", "--width", "0.5", "--epochs", "40"),
+                    "--backbone", "resnet20", "--width", "0.5", "--no-flip", "--epochs", "40"),
                    "UCI digits (1,433 images, 10 classes) at 16 px, resnet20 x 0.5, 2 ranks"),
 }
 
@@ -110,6 +115,8 @@ def job(task: Task, pieces: frozenset[str]) -> tuple[dict[str, Any], tuple[str, 
     section = config["hybridfc"]
     section["margin"] = copy.deepcopy(TUNED_MARGIN if "margin" in pieces else PLAIN_MARGIN)
     section["warm_start"] = {"imprint": "imprint" in pieces, "refresh_interval": REFRESH if "refresh" in pieces else 0}
+    if "lars" in pieces:
+        section["optimizer"]["params"]["lars_coefficient"] = LARS
     if "warmup" in pieces:
         config["scheduler"]["params"]["warmup_num_steps"] = SHORT_WARMUP
     section["schedule"] = {"plateau": copy.deepcopy(PLATEAU) if "plateau" in pieces else None}
@@ -175,12 +182,16 @@ def plot(task: Task, results: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(8, 5))
-    for name, runs in results["runs"].items():
+    figure, axes = plt.subplots(figsize=(9, 5.5))
+    colours = plt.get_cmap("tab20").colors
+    for index, (name, runs) in enumerate(results["runs"].items()):
         curves = [run["history"] for run in runs.values()]
         steps = [point["step"] for point in min(curves, key=len)]
         mean = [statistics.mean(curve[i]["top1"] for curve in curves) for i in range(len(steps))]
-        axes.plot(steps, mean, label=f"{name} ({len(curves)} seeds)", linewidth=2.5 if name in ("plain", "all") else 1.2)
+        style = {"linewidth": 2.5} if name in ("plain", "all") else {"linewidth": 1.1,
+                                                                    "linestyle": "--" if name.startswith("+") else "-"}
+        colour = "black" if name == "plain" else colours[index % len(colours)]
+        axes.plot(steps, mean, label=f"{name} ({len(curves)} seeds)", color=colour, **style)
     plain = results["runs"].get("plain")
     if plain:
         target = 0.9 * statistics.mean(run["top1"] for run in plain.values())
@@ -204,14 +215,21 @@ def main() -> int:
     parser.add_argument("--out", help="results (JSON; default benchmarks/convergence[_TASK].json)")
     parser.add_argument("--plot", help="the chart (PNG; default benchmarks/convergence[_TASK].png)")
     parser.add_argument("--report-only", action="store_true", help="print the tables and plot from --out")
+    parser.add_argument("--flips", action="store_true", help="digits: train with random horizontal flips, as "
+                        "examples/train.py did before --no-flip (default out: convergence_digits_flips.json)")
     args = parser.parse_args()
     task = TASKS[args.task]
+    if args.flips:
+        if args.task != "digits":
+            parser.error("--flips: only with --task digits")
+        task = dataclasses.replace(task, args=tuple(a for a in task.args if a != "--no-flip"),
+                                   title=f"{task.title}, random flips")
     table = variants(task.pieces)
     names = [name for name in (args.variants or ",".join(table)).split(",") if name]
     unknown = [name for name in names if name not in table]
     if unknown:
         parser.error(f"unknown variants {unknown}; known for {args.task}: {', '.join(table)}")
-    suffix = "" if args.task == "synthetic" else f"_{args.task}"
+    suffix = ("" if args.task == "synthetic" else f"_{args.task}") + ("_flips" if args.flips else "")
     out = Path(args.out or REPO / "benchmarks" / f"convergence{suffix}.json")
     chart = Path(args.plot or REPO / "benchmarks" / f"convergence{suffix}.png")
     results = json.loads(out.read_text()) if out.exists() else {}

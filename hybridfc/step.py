@@ -5,7 +5,8 @@ At every gradient-accumulation boundary :meth:`TrainingStep.finish` runs on ever
 1. **unscale**: the head's gradient is divided by the fp16 loss scale DeepSpeed multiplied in;
 2. **agree**: one all-gather of two numbers per rank: whether every backbone gradient that rank's
    backward produced was finite (read by :class:`GradientWatch` before any reduction), and the
-   squared norm of its shard of the head's gradient;
+   squared norm of its shard of the head's gradient (with LARS a third: its shard's squared
+   weight norm);
 3. **decide**: the step is skipped when some rank's embeddings or the loss were not finite (the
    head saw it in its forward pass, on every rank alike), a backbone gradient was not finite on
    some rank (fp32 and bf16; under fp16 that is an overflow, which DeepSpeed's loss scale
