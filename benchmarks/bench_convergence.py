@@ -25,8 +25,9 @@ The pieces, each switched on alone and switched off from the whole:
   steps instead of ``cpu_images.json``'s 200.
 * ``refresh`` (digits only): ``warm_start.refresh_interval`` 40, the rows imprinted again from the
   current backbone every 40 steps.
-* ``lars`` (digits only): the head's SGD layer-wise adaptive, ``lars_coefficient`` 0.05 (each step
-  adds at most lr x 0.05 = 1 % of the head's norm to the momentum).
+* ``lars`` (digits only): the head's SGD layer-wise adaptive, ``lars_coefficient`` 0.05 (what each
+  step adds to the momentum is at most 0.05 of the head's norm, so at lr 0.2 it moves the head by
+  at most 1 % of its norm, before momentum).
 
 Every run: 2 ranks under the deepspeed launcher, seeds 0, 1, 2. Per seed the target is 0.9x the
 plain recipe's final top-1 on that seed; a run's *steps to target* is the first evaluation at or

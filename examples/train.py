@@ -17,10 +17,11 @@ the number of classes comes from it and overrides the config's:
 
 Images are decoded as RGB (grey ones as three equal channels, so every backbone takes 3
 channels) and resized to ``--image-size`` (default: the size of the first training image).
-Training images are flipped left-right at random and, at 64 px or less, shifted: padded by 4
-black pixels on each side and cropped back at a random place. ``--test-data`` (the same
-classes) gives held-out top-1/top-5 and ``--val`` face verification on insightface's pair
-files, both at the config's evaluation interval and at the end.
+Training images are flipped left-right at random (not with ``--no-flip``: digits, text) and,
+at 64 px or less, shifted: padded by 4 black pixels on each side and cropped back at a random
+place. ``--test-data`` (the same classes) gives held-out top-1/top-5 and ``--val`` face
+verification on insightface's pair files, both at the config's evaluation interval and at the
+end.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ SMALL_IMAGE = 64
 SHIFT_PAD = 4
 FINAL_TOP_K = (1, 5)
 IMAGE_ONLY_FLAGS = ("test_data", "val", "backbone", "width", "image_size", "flip")
+FLAG_NAMES = {"flip": "--flip/--no-flip"}
 
 
 def parse_args() -> argparse.Namespace:
@@ -97,7 +99,8 @@ def parse_args() -> argparse.Namespace:
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Reject flag combinations that have no meaning (``parser.error`` exits)."""
     if args.data is None:
-        given = [f"--{name.replace('_', '-')}" for name in IMAGE_ONLY_FLAGS if getattr(args, name) is not None]
+        given = [FLAG_NAMES.get(name, f"--{name.replace('_', '-')}") for name in IMAGE_ONLY_FLAGS
+                 if getattr(args, name) is not None]
         if given:
             parser.error(f"{', '.join(given)}: only with --data (images); the synthetic task takes none of them")
     elif args.num_classes is not None:

@@ -135,6 +135,7 @@ class HybridEngine:
                                                               plateau.threshold, plateau.min_factor)
         self._plateau_step = -1
         self.batch_factor = self._batch_factor(schedule)
+        head_optimizer.check_peak_lr(head_optimizer.param_groups[0]["lr"] * self.batch_factor)
 
     def _gradient_reducer(self, communication: CommunicationConfig) -> Optional[TopKGradientReducer]:
         """The top-k reduction of the backbone's gradients, where ``grad_topk`` asks for it."""

@@ -28,6 +28,7 @@ CLIP = 0.05
 NEW_LR = 0.5
 STEPS = 4
 LARS = 0.02
+SPARSE = {"type": "partial", "budget": 0.25}
 SCENARIOS = ["plain", "accumulate", "clip", "lr_change", "step_lr", "resume", "lars", "lars_clip"]
 
 
@@ -274,23 +275,33 @@ def test_lars_update_without_the_weight_norm_names_what_is_missing():
 
 
 def test_lars_whose_decay_could_flip_the_rows_is_refused_when_built():
-    """LARS scales the weight decay up to ``lars_coefficient``; an lr that could then make the row
-    clock's ``lr * wd / (1 - m)`` reach 1 mid-run is refused at once, naming LARS's key."""
-    head = ClassParallelFC(7, WIDTH, margin=MARGIN)
-    with pytest.raises((ValueError, ConfigError), match="lars_coefficient"):
-        build_head_optimizer(head, {"type": "sgd", "params": {"lr": 2.0, "momentum": 0.9, "lars_coefficient": 0.05}})
+    """LARS scales the weight decay up to ``lars_coefficient``; on sparse steps an lr that could then
+    make the row clock's ``lr * wd / (1 - m)`` reach 1 mid-run is refused at once, naming LARS's key.
+    Without weight decay, or with dense steps (no row clock), nothing can flip and nothing is refused."""
+    spec = {"type": "sgd", "params": {"lr": 2.0, "momentum": 0.9, "lars_coefficient": 0.05}}
+    with pytest.raises(ValueError, match="lars_coefficient"):
+        build_head_optimizer(ClassParallelFC(40, WIDTH, margin=MARGIN, selection=SPARSE), spec)
+    build_head_optimizer(ClassParallelFC(40, WIDTH, margin=MARGIN), spec)
+    no_decay = {"type": "sgd", "params": {**spec["params"], "weight_decay": 0.0}}
+    build_head_optimizer(ClassParallelFC(40, WIDTH, margin=MARGIN, selection=SPARSE), no_decay)
 
 
-def test_lars_just_inside_the_bound_never_trips_the_row_clock():
+@pytest.mark.parametrize("gradient_scale", [0.0, 1e-6, 1.0, 1e6])
+def test_lars_just_inside_the_bound_never_trips_the_row_clock(gradient_scale):
     """lr * lars_coefficient / (1 - m) = 0.95 on sparse steps (a partial selection, so the row
-    clock counts every row's decay): whatever the gradient, the decay stays below 1."""
+    clock counts every row's decay), with a weight decay (0.5) that alone would give 9.5: whatever
+    the gradient's norm, zero included, LARS keeps the decay below 1."""
     torch.manual_seed(0)
-    head = ClassParallelFC(40, WIDTH, margin=MARGIN, selection={"type": "partial", "budget": 0.25})
+    head = ClassParallelFC(40, WIDTH, margin=MARGIN, selection=SPARSE)
     optimizer = build_head_optimizer(head, {"type": "sgd", "params": {"lr": 1.9, "momentum": 0.9,
                                                                       "weight_decay": 0.5, "lars_coefficient": 0.05}})
-    for scale in (1e-6, 1.0, 1e6):
+    for _ in range(3):
         optimizer.zero_grad()
-        head(scale * torch.randn(5, WIDTH), torch.randint(40, (5,))).backward()
-        assert optimizer.step() is not False
+        head(torch.randn(5, WIDTH), torch.randint(40, (5,))).backward()
+        _, grad = head.gradient()
+        grad.mul_(gradient_scale)
+        assert optimizer.step()
         assert torch.isfinite(head.weight).all()
+        if gradient_scale == 0:
+            assert optimizer.trust_ratio == pytest.approx(0.05 / 0.5), "a zero gradient takes the ratio's limit η/wd"
     assert "row_last_step" in optimizer.state[head.weight]

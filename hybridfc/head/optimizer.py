@@ -90,6 +90,9 @@ class HeadOptimizer(torch.optim.Optimizer):
         super().zero_grad(set_to_none)
         self.head.reset_step_state()
 
+    def check_peak_lr(self, lr: float) -> None:
+        """Raise if ``lr``, the highest lr the run will set, could not be applied (nothing to check here)."""
+
     @property
     def needs_weight_norm(self) -> bool:
         """Whether :meth:`update` needs the head's weight norm over all shards (LARS)."""
@@ -137,15 +140,16 @@ class HeadOptimizer(torch.optim.Optimizer):
         return True
 
     def _trust_ratio(self, gradient_norm: float, weight_norm: Optional[float]) -> float:
-        """LARS's ``η·‖W‖ / (‖g‖ + wd·‖W‖)`` over the whole head (1 without LARS, or while a norm is 0)."""
+        """LARS's ``η·‖W‖ / (‖g‖ + wd·‖W‖)`` over the whole head (η/wd for a zero gradient; 1 without
+        LARS, for a zero weight, or when both ``‖g‖`` and ``wd`` are 0)."""
         if not self.needs_weight_norm:
             return 1.0
         if weight_norm is None:
             raise ValueError("hybridfc: the head's lars_coefficient needs the weight norm over all shards: "
                              "call step(), or update(gradient_norm, weight_norm)")
-        if weight_norm == 0 or gradient_norm == 0:
-            return 1.0
         weight_decay = self.param_groups[0]["weight_decay"]
+        if weight_norm == 0 or gradient_norm + weight_decay * weight_norm == 0:
+            return 1.0
         return self.lars_coefficient * weight_norm / (gradient_norm + weight_decay * weight_norm)
 
     @contextlib.contextmanager
@@ -236,14 +240,25 @@ class HeadSGD(HeadOptimizer):
 
     def __init__(self, head: ClassParallelFC, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 5e-4,
                  gradient_clipping: float = 0.0, lars_coefficient: float = 0.0) -> None:
-        if lars_coefficient and lr * lars_coefficient / (1 - momentum) >= 1:
-            raise ValueError(f"hybridfc: lr * lars_coefficient / (1 - momentum) = "
-                             f"{lr * lars_coefficient / (1 - momentum):g} must be below 1 (lr={lr}, "
-                             f"lars_coefficient={lars_coefficient}, momentum={momentum}): LARS scales the weight "
-                             "decay up to lars_coefficient, which would then flip the rows' sign")
         super().__init__(head, dict(lr=lr, momentum=momentum, weight_decay=weight_decay), gradient_clipping,
                          lars_coefficient)
         self.STATE = ("momentum_buffer",) if momentum else ()
+        self.check_peak_lr(lr)
+
+    def check_peak_lr(self, lr: float) -> None:
+        """Refuse, before the run, an lr at which LARS could make the row clock's decay flip the
+        rows' sign: LARS scales the weight decay up to ``lars_coefficient``, so sparse steps need
+        ``lr * lars_coefficient / (1 - momentum) < 1`` (nothing to check without LARS, weight decay
+        or sparse steps)."""
+        group = self.param_groups[0]
+        if not (self.needs_weight_norm and group["weight_decay"]) or self.head.selection.dense:
+            return
+        rate = lr * self.lars_coefficient / (1 - group["momentum"])
+        if rate >= 1:
+            raise ValueError(f"hybridfc: the head's lr * lars_coefficient / (1 - momentum) = {rate:g} must be below "
+                             f"1 (lr={lr:g}, lars_coefficient={self.lars_coefficient:g}, "
+                             f"momentum={group['momentum']:g}): LARS scales the weight decay up to "
+                             "lars_coefficient, which would then flip the rows' sign")
 
     def _update(self, weight, grad, state, factors) -> None:
         group = self.param_groups[0]

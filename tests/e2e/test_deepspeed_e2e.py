@@ -461,6 +461,15 @@ def test_missing_config_file_is_named(tmp_path):
     assert_failed(result, ("ConfigError",), str(missing), every_rank=False)
 
 
+def test_lars_scaled_past_its_bound_by_batch_scaling_fails_at_start_on_every_rank(tmp_path):
+    """LARS at lr 0.5, η 0.15 is within ``lr * η / (1 - m) < 1`` (0.75), but batch scaling x4 (global
+    batch 16 against 4) makes it 3: refused at ``initialize`` on every rank, not at a later step."""
+    config = ds_config(schedule={"batch_scaling": {"reference_batch": 4, "rule": "linear"}}, **SELECTIONS["partial"])
+    config["hybridfc"]["optimizer"]["params"] = {**HEAD_SGD, "lars_coefficient": 0.15}
+    result = launch_worker(tmp_path, [{"name": "lars_bound", "config": config, "steps": 1}], timeout=FAILURE_TIMEOUT)
+    assert_failed(result, ("ValueError",), "lars_coefficient", "lr=2", every_rank=True)
+
+
 def test_fewer_classes_than_ranks_is_an_error(tmp_path):
     """num_classes 1 cannot be sharded over 2 ranks: a clear error on every rank, no hang."""
     run = {"name": "one_class", "config": ds_config(num_classes=1), "steps": 1}
