@@ -162,9 +162,7 @@ class TrainingStep:
         """One all-gather: each rank's backbone-gradient flag, head-gradient square norm and, for
         LARS, head-weight square norm."""
         optimizer = self.head_optimizer
-        mine = [float(self.watch is not None and self.watch.take()), optimizer.local_square_norm()]
-        if optimizer.needs_weight_norm:
-            mine.append(optimizer.local_weight_square_norm())
+        mine = [float(self.watch is not None and self.watch.take()), *optimizer.local_square_norms()]
         group = self.head.group
         table = all_gather_vector(torch.tensor(mine, dtype=torch.float64, device=collective_device(group)), group)
         gradient_ranks = torch.nonzero(table[:, 0]).squeeze(1).tolist()

@@ -34,9 +34,9 @@ all-reduce of a scalar. SGD's ``lars_coefficient`` η (0: off) makes the head la
 (LARS, as You et al. and PaddlePaddle's ``LarsMomentum``): what enters the momentum each step,
 ``g + wd·w``, is multiplied by the trust ratio ``η·‖W‖ / (‖g‖ + wd·‖W‖)``, the norms taken over the
 *whole* sharded head (its two squares summed over the shards in one all-reduce; the clipped
-gradient's norm); the ratio is 1 while either norm is 0. A step is skipped, and counted in
-``skipped_steps``, when the head saw non-finite embeddings or loss since ``zero_grad`` or when the norm is not finite; every rank
-takes the same decision. Every step, applied or skipped, advances the head's step count
+gradient's norm); a zero gradient gives the ratio's limit η/wd, a zero weight the ratio 1. A step
+is skipped, and counted in ``skipped_steps``, when the head saw non-finite embeddings or loss
+since ``zero_grad`` or when the norm is not finite; every rank takes the same decision. Every step, applied or skipped, advances the head's step count
 (:meth:`ClassParallelFC.finish_step`), which schedules the selection's rebuilds. Under
 :func:`hybridfc.initialize` the engine decides for backbone and head together and calls
 :meth:`update` (with the norm it agreed on) or :meth:`skip` (:mod:`hybridfc.step`).
@@ -52,7 +52,7 @@ import torch
 
 from hybridfc.config import ParsedHeadOptimizer, parse_head_optimizer
 from hybridfc.head.class_parallel_fc import ClassParallelFC
-from hybridfc.head.row_clock import RowClock
+from hybridfc.head.row_clock import RowClock, decay_rate
 from hybridfc.parallel.collectives import all_reduce
 from hybridfc.parallel.groups import collective_device
 
@@ -105,10 +105,8 @@ class HeadOptimizer(torch.optim.Optimizer):
         was applied."""
         if self.gradient_clipping <= 0 and not self.needs_weight_norm:
             return self.update(0.0)
-        squares = [self.local_square_norm()]
-        if self.needs_weight_norm:
-            squares.append(self.local_weight_square_norm())
-        squares = torch.tensor(squares, dtype=torch.float64, device=collective_device(self.head.group))
+        squares = torch.tensor(self.local_square_norms(), dtype=torch.float64,
+                               device=collective_device(self.head.group))
         norms = all_reduce(squares, "sum", self.head.group).sqrt().tolist()
         return self.update(*norms)
 
@@ -179,6 +177,14 @@ class HeadOptimizer(torch.optim.Optimizer):
     def local_weight_square_norm(self) -> float:
         """Squared L2 norm of this shard's rows."""
         return float(torch.linalg.vector_norm(self.head.weight, dtype=torch.float64).square())
+
+    def local_square_norms(self) -> list[float]:
+        """What :meth:`update` needs summed over the shards: this shard's squared gradient norm and,
+        with LARS, its squared weight norm."""
+        squares = [self.local_square_norm()]
+        if self.needs_weight_norm:
+            squares.append(self.local_weight_square_norm())
+        return squares
 
     def forget_momentum(self) -> None:
         """Zero the first-moment state (SGD's momentum, Adam's ``exp_avg``) of every row of the
@@ -253,7 +259,7 @@ class HeadSGD(HeadOptimizer):
         group = self.param_groups[0]
         if not (self.needs_weight_norm and group["weight_decay"]) or self.head.selection.dense:
             return
-        rate = lr * self.lars_coefficient / (1 - group["momentum"])
+        rate = decay_rate(lr, group["momentum"], self.lars_coefficient)
         if rate >= 1:
             raise ValueError(f"hybridfc: the head's lr * lars_coefficient / (1 - momentum) = {rate:g} must be below "
                              f"1 (lr={lr:g}, lars_coefficient={self.lars_coefficient:g}, "

@@ -82,8 +82,14 @@ class RowClock:
         self.log_shrink = grown
 
 
+def decay_rate(lr: float, momentum: float, weight_decay: float) -> float:
+    """The share of a row that weight decay takes per step, amplified by the momentum:
+    ``lr · wd / (1 − m)``; at 1 or more it would flip the row's sign."""
+    return lr * weight_decay / (1 - momentum)
+
+
 def _log_shrink_per_step(lr: float, momentum: float, weight_decay: float) -> float:
-    rate = lr * weight_decay / (1 - momentum)
+    rate = decay_rate(lr, momentum, weight_decay)
     if rate >= 1:
         raise ValueError(f"hybridfc: lr * weight_decay / (1 - momentum) = {rate:g} must be below 1 "
                          f"(lr={lr}, weight_decay={weight_decay}, momentum={momentum}): weight decay "
