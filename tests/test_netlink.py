@@ -48,7 +48,8 @@ dist.all_gather(gathered, x)
 dist.barrier()
 sent = netlink.tx_bytes() - start
 print(json.dumps({{"sent": sent, "seconds": time.perf_counter() - began,
-                   "correct": all(bool((g == r + 1).all()) for r, g in enumerate(gathered))}}))
+                   "correct": all(bool((g == r + 1).all()) for r, g in enumerate(gathered))}}), flush=True)
+dist.destroy_process_group()
 """
 
 
