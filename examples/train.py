@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,9 +41,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 import hybridfc
 from hybridfc import models
+from hybridfc.checkpoint import CheckpointError
 from hybridfc.config import load_ds_config
 from hybridfc.data import (Compose, DistributedLoader, ImageFolderDataset, RandomHorizontalFlip, RecordIODataset,
                            SyntheticClasses, nearest_mean_accuracy)
@@ -134,15 +138,24 @@ def load_config(args: argparse.Namespace) -> dict:
 
 
 def set_schedule_length(config: dict, num_samples: int, epochs: int, max_steps: int | None) -> None:
-    """Fill in ``total_num_steps`` of a decaying DeepSpeed schedule from the run's length."""
+    """Fit DeepSpeed's schedule to the run's length: ``total_num_steps`` of a decaying schedule,
+    and a warm-up of at most half the run (a longer one would end the run before the lr peaks)."""
     scheduler = config.get("scheduler", {})
-    if scheduler.get("type") not in ("WarmupDecayLR", "WarmupCosineLR"):
+    if scheduler.get("type") not in ("WarmupLR", "WarmupDecayLR", "WarmupCosineLR"):
         return
     world_size = torch.distributed.get_world_size()
     global_batch = config["train_micro_batch_size_per_gpu"] * world_size
     steps = len(step_bounds(num_samples, global_batch, world_size)) // config.get("gradient_accumulation_steps", 1)
-    total = steps * epochs if max_steps is None else min(steps * epochs, max_steps)
-    scheduler.setdefault("params", {})["total_num_steps"] = max(1, total)
+    total = max(1, steps * epochs if max_steps is None else min(steps * epochs, max_steps))
+    params = scheduler.setdefault("params", {})
+    if scheduler["type"] != "WarmupLR":
+        params["total_num_steps"] = total
+    warmup = params.get("warmup_num_steps", 1000)   # DeepSpeed's default
+    if warmup > total // 2:
+        params["warmup_num_steps"] = max(1, total // 2)
+        log_dist(f"scheduler.params.warmup_num_steps {warmup} is more than half of this run's {total} steps: the "
+                 f"warm-up is shortened to {params['warmup_num_steps']} (set it in the config, or train longer)",
+                 level=logging.WARNING)
 
 
 class Resize:
@@ -339,10 +352,12 @@ class Evaluator:
         self.engine.train(was_training)
 
     def postfix(self) -> dict[str, str]:
-        """The latest accuracies for the progress line."""
+        """The latest accuracies for the progress line, with the step they were measured at."""
         held_out = {f"top{k}": f"{acc:.3f}" for k, acc in self.engine.last_evaluation.items()}
         verified = {name: f"{metrics['accuracy']:.3f}" for name, metrics in self.verification.items()}
-        return {**held_out, **verified}
+        measured = {**held_out, **verified}
+        step = max(self.engine.last_evaluated_step, self.verified_step)
+        return {f"held-out@{step}": " ".join(f"{key} {value}" for key, value in measured.items())} if measured else {}
 
 
 def finished(engine: hybridfc.HybridEngine, max_steps: int | None) -> bool:
@@ -363,8 +378,9 @@ def train_epoch(engine: hybridfc.HybridEngine, loader: DistributedLoader, evalua
         evaluator.maybe_run()
         seen += x.shape[0] * loader.world_size
         loss_value = loss.item()
-        bar.set_postfix(loss=f"{loss_value:.3f}", samples_per_s=f"{seen / (time.perf_counter() - start):.0f}",
-                        **evaluator.postfix(), refresh=False)
+        rate = seen / (time.perf_counter() - start)
+        bar.set_postfix({"loss": f"{loss_value:.3f}", "samples/s (all ranks)": f"{rate:.0f}", **evaluator.postfix()},
+                        refresh=False)
         bar.update()
         if finished(engine, max_steps):
             break
@@ -393,7 +409,16 @@ def final_metrics(engine: hybridfc.HybridEngine, evaluator: Evaluator, task: Tas
 
 
 def main() -> None:
-    args = parse_args()
+    """The run; a bad input, config or checkpoint ends it with one line per rank, not a traceback."""
+    try:
+        run(parse_args())
+    except (hybridfc.InputError, hybridfc.ConfigError, CheckpointError, FileNotFoundError) as error:
+        message = " | ".join(str(error).splitlines())
+        sys.stderr.write(f"examples/train.py: rank {os.environ.get('RANK', 0)}: {type(error).__name__}: {message}\n")
+        sys.exit(1)
+
+
+def run(args: argparse.Namespace) -> None:
     config = load_config(args)
     section = config["hybridfc"]
     deepspeed.init_distributed(dist_backend=args.dist_backend if hasattr(args, "dist_backend") else None)
@@ -414,11 +439,14 @@ def main() -> None:
     held_out = f"{len(task.test_set)} held-out samples" if task.test_set is not None else "no held-out set"
     log_dist(f"{len(task.train_set)} training samples, {len(loader)} steps per epoch per rank; {held_out}")
     start = time.perf_counter()
-    for epoch in range(args.epochs):
-        loss = train_epoch(engine, loader, evaluator, epoch, show, args.max_steps)
-        if finished(engine, args.max_steps):
-            break
+    with logging_redirect_tqdm(loggers=[logging.getLogger("hybridfc"), logging.getLogger("DeepSpeed")]):
+        for epoch in range(args.epochs):
+            loss = train_epoch(engine, loader, evaluator, epoch, show, args.max_steps)
+            if finished(engine, args.max_steps):
+                break
     train_seconds = time.perf_counter() - start
+    log_dist(f"hybridfc communication over {engine.global_steps} steps, per rank: "
+             f"{engine.communication_stats().summary()}")
     ks = tuple(k for k in FINAL_TOP_K if k <= task.num_classes) if args.data else (1,)
     evaluator.finish(ks)
     result = final_metrics(engine, evaluator, task, ks, loss, train_seconds, args.epochs)

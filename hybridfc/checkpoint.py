@@ -357,5 +357,5 @@ def load_centres(head: ClassParallelFC, path: "str | os.PathLike") -> None:
     if centres.shape != (head.num_classes, head.embedding_size):
         raise CheckpointError(f"hybridfc: {path} holds a {tuple(centres.shape)} matrix; this head needs "
                               f"({head.num_classes}, {head.embedding_size}) (num_classes, embedding_size)")
-    rows = torch.from_numpy(np.ascontiguousarray(centres[head.class_start: head.class_start + head.num_local]))
+    rows = torch.from_numpy(np.array(centres[head.class_start: head.class_start + head.num_local]))  # a writable copy
     head.weight.copy_(rows.to(device=head.weight.device, dtype=head.weight.dtype))

@@ -161,10 +161,12 @@ def _resolve(args: argparse.Namespace) -> tuple[PlanInputs, Optional[int]]:
 
 
 def format_bytes(nbytes: float) -> str:
-    """``20480000000`` -> ``"19.07 GiB"``: the largest binary prefix that keeps the value >= 1."""
+    """``20480000000`` -> ``"19.07 GiB"``: the largest binary prefix that keeps the value >= 1, four
+    significant digits (``"1,335 GiB"`` from a thousand up: no digit is dropped)."""
     for size, name in _PREFIXES:
         if nbytes >= size:
-            return f"{nbytes / size:#.4g} {name}"
+            text = f"{nbytes / size:#.4g}"
+            return f"{nbytes / size:,.0f} {name}" if text.endswith(".") or "e" in text else f"{text} {name}"
     return f"{nbytes:.0f} B"
 
 

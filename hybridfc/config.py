@@ -353,6 +353,15 @@ class CommunicationConfig(_Section):
     grad_topk_value_dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
     grad_topk_momentum_correction: StrictBool = False
 
+    @model_validator(mode="after")
+    def _topk_keys_need_topk(self) -> "CommunicationConfig":
+        stray = [key for key, field in type(self).model_fields.items()
+                 if key.startswith("grad_topk_") and getattr(self, key) != field.default]
+        if self.grad_topk is None and stray:
+            raise ValueError(f"{', '.join(stray)} without grad_topk: no effect while DeepSpeed reduces the "
+                             f"backbone's gradients densely; set grad_topk, or remove {'them' if stray[1:] else 'it'}")
+        return self
+
 
 class SGDParams(_Section):
     """Hyper-parameters of the head's SGD optimizer."""

@@ -37,6 +37,18 @@ from hybridfc.config import ConfigError
 from hybridfc.log import log_dist
 
 
+def release_shared_memory(global_rank: int) -> None:
+    """Unlink this rank's ``/dev/shm`` buffer of DeepSpeed's CPU all-reduce op (66 MB), which
+    DeepSpeed never unlinks: every CPU run would leave one per rank until the machine reboots.
+
+    Call it once every rank has finished ``deepspeed.init_distributed`` (after a collective): each
+    rank maps every other rank's buffer there, and a mapping outlives the name, so the op works on
+    and the memory is freed when the last process using it ends, however it ends (even killed)."""
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_"
+            f"{os.environ.get('MASTER_PORT')}_{global_rank}")
+    Path("/dev/shm", name).unlink(missing_ok=True)
+
+
 class _SkippableStep:
     """Replaces a plain optimizer's ``step``: skips it on request, and says so in ``overflow``."""
 
@@ -103,13 +115,6 @@ class DeepSpeedAdapter:
     def loss_scale(self) -> float:
         """The factor DeepSpeed multiplies the loss by before backward (1 without fp16)."""
         return float(self.engine._get_optimizer_loss_scale() or 1.0) if self.fp16 else 1.0
-
-    def release_shared_memory(self) -> None:
-        """Unlink this rank's ``/dev/shm`` buffer of DeepSpeed's CPU all-reduce op (66 MB), which
-        DeepSpeed leaves behind after every CPU run. Only once no rank will use it again."""
-        name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_"
-                f"{os.environ.get('MASTER_PORT')}_{self.engine.global_rank}")
-        Path("/dev/shm", name).unlink(missing_ok=True)
 
     def scale_lr(self, scale: float) -> None:
         """Multiply the lr of the backbone's optimizer steps from now on by ``scale`` (on top of

@@ -63,7 +63,7 @@ from hybridfc.compression.error_feedback import VALUE_DTYPES, TopKGradientReduce
 from hybridfc.config import (CommunicationConfig, ConfigError, EvaluationConfig, HybridFCConfig, ScheduleConfig,
                              WarmStartConfig, config_fingerprint, load_ds_config, split_ds_config)
 from hybridfc.data.loader import DistributedLoader
-from hybridfc.deepspeed_adapter import DeepSpeedAdapter
+from hybridfc.deepspeed_adapter import DeepSpeedAdapter, release_shared_memory
 from hybridfc.eval.topk import accuracies, topk_correct
 from hybridfc.head.class_parallel_fc import ClassParallelFC
 from hybridfc.head.imprint import imprint
@@ -134,6 +134,7 @@ class HybridEngine:
         self.plateau = None if plateau is None else PlateauLR("max", plateau.factor, plateau.patience,
                                                               plateau.threshold, plateau.min_factor)
         self._plateau_step = -1
+        self._data_at_step: Optional[dict[str, Any]] = None
         self.batch_factor = self._batch_factor(schedule)
         head_optimizer.check_peak_lr(head_optimizer.param_groups[0]["lr"] * self.batch_factor)
 
@@ -208,12 +209,19 @@ class HybridEngine:
         applied or skipped on every rank alike (:mod:`hybridfc.step`)."""
         if not self.backbone.is_gradient_accumulation_boundary():
             self.backbone.step()
-            return
-        self._step.finish(self._loss_scale, self._lr_factor() * self.lr_scale)
-        if self._refresh_interval and self.backbone.global_steps % self._refresh_interval == 0:
-            self.imprint()
-            self.head_optimizer.forget_momentum()
-        self._log_communication()
+        else:
+            self._step.finish(self._loss_scale, self._lr_factor() * self.lr_scale)
+            if self._refresh_interval and self.backbone.global_steps % self._refresh_interval == 0:
+                self.imprint()
+                self.head_optimizer.forget_momentum()
+            self._log_communication()
+        self._data_at_step = self._data_position()
+
+    def _data_position(self) -> dict[str, Any]:
+        """Where this rank's data stands: its random generators and the loader's position. A
+        checkpoint keeps them as of the last :meth:`step`, so a loop that has already taken the
+        next batch when it saves resumes at that batch, not after it."""
+        return {"rng": rng_states(), "loader": None if self.loader is None else self.loader.state_dict()}
 
     def zero_grad(self) -> None:
         """Drop the gradients of backbone and head."""
@@ -252,12 +260,9 @@ class HybridEngine:
         self.head.load_state_dict(state["head"])
 
     def close(self) -> None:
-        """End the run: background rebuilds stop (what they were computing is dropped) and, once
-        every rank got here, DeepSpeed's CPU all-reduce buffer in ``/dev/shm`` is unlinked. A script
+        """End the run: background rebuilds stop (what they were computing is dropped). A script
         may also end without it; its exit stays clean."""
         self.head.close()
-        barrier()
-        self._adapter.release_shared_memory()
 
     def _read_head(self, tag_dir: str, module_only: bool) -> dict[str, Any]:
         """The head's part of a checkpoint; on another number of ranks only where DeepSpeed can
@@ -403,12 +408,14 @@ class HybridEngine:
                      f"values and optimizer state; the new rows start fresh"
                      f"{', imprinted at the first step' if self._imprints else ''}")
         self._restore_run_state(run_state or {})
+        self._data_at_step = None
         return load_path, client_state
 
     def _run_state(self) -> dict[str, Any]:
-        """What this rank saves beside its head shard to resume exactly: its random generators, the
-        loader's position, the grad_topk residual and the plateau rule (None where absent)."""
-        return {"rng": rng_states(), "loader": None if self.loader is None else self.loader.state_dict(),
+        """What this rank saves beside its head shard to resume exactly: its random generators and the
+        loader's position as of the last :meth:`step`, the grad_topk residual and the plateau rule
+        (None where absent)."""
+        return {**(self._data_at_step or self._data_position()),
                 "grad_topk": None if self.gradient_reducer is None else self.gradient_reducer.state_dict(),
                 "plateau": None if self.plateau is None else self.plateau.state_dict()}
 
@@ -470,6 +477,16 @@ def _check_enough_classes(cfg: HybridFCConfig, mpu: Any) -> None:
                           f"({ranks}) that shard it (got {cfg.num_classes})")
 
 
+def _check_warm_start_has_data(warm_start: WarmStartConfig, training_data: Any) -> None:
+    """Imprinting reads the training data: without it the run would fail at its first step (or at
+    step ``refresh_interval``), so it fails here."""
+    asked = [key for key, on in (("imprint", warm_start.imprint), ("refresh_interval", warm_start.refresh_interval))
+             if on]
+    if asked and training_data is None:
+        raise ConfigError(f"hybridfc.warm_start.{asked[0]}: imprinting embeds the training data, and none was given; "
+                          f"pass training_data= to hybridfc.initialize, or turn warm_start off")
+
+
 def check_chunks(cfg: HybridFCConfig, micro_batch: int) -> None:
     """A micro-batch cannot be cut into more chunks than it has samples; chunks take whole tiles
     of rows, so a small micro-batch runs fewer chunks than asked (logged)."""
@@ -517,8 +534,11 @@ def initialize(args: Optional[argparse.Namespace] = None, model: Optional[torch.
     data-parallel group.
     """
     ds_config, cfg = split_ds_config(_read_ds_config(args, config, config_params))
+    _check_warm_start_has_data(cfg.warm_start, training_data)
     if dist_init_required is not False:
         deepspeed.init_distributed(dist_backend=getattr(args, "dist_backend", None))
+    barrier()                                   # every rank is past init_distributed: see release_shared_memory
+    release_shared_memory(group_rank(None))
     _check_same_config(cfg, None)
     _check_enough_classes(cfg, mpu)
     ds_args = copy.copy(args)
@@ -528,11 +548,13 @@ def initialize(args: Optional[argparse.Namespace] = None, model: Optional[torch.
         args=ds_args, model=model, optimizer=optimizer, model_parameters=model_parameters,
         lr_scheduler=lr_scheduler, mpu=mpu, dist_init_required=dist_init_required,
         collate_fn=collate_fn, config=ds_config, **kwargs)
+    barrier()                                   # DeepSpeed may have made the buffer only now
+    release_shared_memory(group_rank(None))
     check_chunks(cfg, backbone.train_micro_batch_size_per_gpu())
     group = groups._get_data_parallel_group()
     head = ClassParallelFC(cfg.num_classes, cfg.embedding_size, margin=cfg.margin, group=group, seed=cfg.seed,
                            device=backbone.device, selection=cfg.selection, storage_dtype=cfg.storage_dtype,
-                           communication=cfg.communication)
+                           communication={"chunks": cfg.communication.chunks})
     head_optimizer = build_head_optimizer(head, cfg.optimizer, cfg.gradient_clipping)
     loader = None
     if training_data is not None:
@@ -540,7 +562,8 @@ def initialize(args: Optional[argparse.Namespace] = None, model: Optional[torch.
                                    world_size=group_size(group), collate_fn=collate_fn, seed=cfg.seed)
     engine = HybridEngine(backbone, head, head_optimizer, _backbone_base_lr(ds_config, optimizer), cfg.evaluation,
                           cfg.max_consecutive_skips, loader, cfg.communication, cfg.warm_start, cfg.schedule)
-    log_dist(f"hybridfc head: {cfg.num_classes} classes x {cfg.embedding_size} over {group_size(group)} ranks "
+    ranks = group_size(group)
+    log_dist(f"hybridfc head: {cfg.num_classes} classes x {cfg.embedding_size} over {ranks} rank{'s' * (ranks > 1)} "
              f"({head.num_local} rows on rank 0), margin {cfg.margin.model_dump()}, "
              f"selection {cfg.selection.model_dump()}, {head.selection.budget} active rows per step")
     return engine, ds_optimizer, loader, ds_scheduler

@@ -450,3 +450,14 @@ def test_parsed_sections_reach_the_head_as_they_are():
     head = ClassParallelFC(10, 4, margin=cfg.margin, selection=cfg.selection,
                            communication=cfg.communication)
     assert (head.margin.scale, head.margin.m3) == (16.0, 0.1) and head.selection.budget == 5
+
+
+@pytest.mark.parametrize("key, value", [("grad_topk_value_dtype", "fp32"), ("grad_topk_momentum_correction", True),
+                                        ("grad_topk_warmup_steps", 0)])
+def test_grad_topk_keys_without_grad_topk_are_errors(key: str, value: Any) -> None:
+    """They would parse and do nothing while DeepSpeed reduces densely."""
+    with pytest.raises(ConfigError, match=rf"hybridfc\.communication: {key} without grad_topk: no effect"):
+        parse_hybridfc_section({**MINIMAL, "communication": {key: value}})
+    parsed = parse_hybridfc_section({**MINIMAL, "communication": {key: value, "grad_topk": 0.01}})
+    assert getattr(parsed.communication, key) == value
+

@@ -8,6 +8,7 @@ import pytest
 
 from distributed import run_distributed
 from hybridfc.config import ConfigError, parse_hybridfc_section
+from hybridfc import initialize
 from hybridfc.engine import _check_same_config, _read_ds_config
 
 
@@ -46,3 +47,15 @@ def test_no_config_and_two_configs_are_errors():
         _read_ds_config(argparse.Namespace(deepspeed_config=None), None, None)
     with pytest.raises(ConfigError, match="more than once"):
         _read_ds_config(argparse.Namespace(deepspeed_config="a.json"), {"x": 1}, None)
+
+
+@pytest.mark.parametrize("warm_start", [{"imprint": True}, {"refresh_interval": 5}])
+def test_warm_start_without_training_data_fails_at_initialize(warm_start):
+    """Imprinting reads the training data: without it, an error before anything starts (it used
+    to come at the first forward, or at step refresh_interval)."""
+    config = {"train_micro_batch_size_per_gpu": 4,
+              "hybridfc": {"num_classes": 10, "embedding_size": 4, "warm_start": warm_start}}
+    key = next(iter(warm_start))
+    with pytest.raises(ConfigError, match=rf"hybridfc\.warm_start\.{key}: .*pass training_data="):
+        initialize(model=None, config=config)
+

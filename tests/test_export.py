@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -64,6 +66,18 @@ def test_export_then_load_centres_round_trips_on_any_world_size(checkpoint, tmp_
     main(["export", str(checkpoint), "--out", str(out)])
     shards = run_distributed(_load_worker, world_size, args=(str(out), "fp32"))
     assert torch.equal(torch.cat(shards), trained_rows())
+
+
+def test_load_centres_warns_of_nothing(checkpoint, tmp_path):
+    """The rows are read from a memory-mapped file into a writable copy (torch warned of a
+    read-only NumPy array before)."""
+    out = tmp_path / "centres.npy"
+    main(["export", str(checkpoint), "--out", str(out)])
+    head = ClassParallelFC(CLASSES, WIDTH)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_centres(head, out)
+    assert torch.equal(head.weight.detach(), trained_rows())
 
 
 def test_load_centres_casts_to_the_storage_dtype(checkpoint, tmp_path):

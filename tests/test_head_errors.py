@@ -30,7 +30,7 @@ NAN_RANK = 1
 BAD_INPUTS = {  # case: (bad rank, what the message must say)
     "label_too_large": (0, "label 10 is out of range [0, 10)"),
     "label_negative": (1, "label -3 is out of range [0, 10)"),
-    "float_labels": (2, "labels must be an integer tensor"),
+    "float_labels": (2, "labels must be an integer tensor (int64), got torch.float64"),
     "wrong_width": (0, "embeddings have width 7, the head expects embedding_size=6"),
     "count_mismatch": (1, "one label per embedding row, got 4 labels"),
 }
@@ -243,3 +243,11 @@ def test_int32_labels_give_the_same_result_as_int64(recoverable):
         as_int64, as_int32 = result["labels"]["torch.int64"], result["labels"]["torch.int32"]
         for key in ("loss", "weight_grad", "embedding_grad"):
             assert torch.equal(as_int64[key], as_int32[key]), key
+
+
+def test_grad_topk_on_a_head_alone_is_refused_not_ignored():
+    """grad_topk compresses a backbone's gradients (hybridfc.initialize); a head alone has none."""
+    with pytest.raises(ConfigError, match="communication.grad_topk: .*hybridfc.communication"):
+        ClassParallelFC(NUM_CLASSES, WIDTH, communication={"grad_topk": 0.01})
+    assert ClassParallelFC(NUM_CLASSES, WIDTH, communication={"chunks": 2}).chunks == 2
+

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from hybridfc.cli import UNITS, main
+from hybridfc.cli import UNITS, format_bytes, main
 from hybridfc.plan import METHODS, Plan, PlanInputs, budget_rows, make_plan, max_num_classes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -173,3 +173,12 @@ def test_measured_peak_within_15_percent_of_the_plan():
     for row in rows:
         assert abs(row["ratio"] - 1) <= 0.15, row
     assert result.returncode == 0
+
+
+@pytest.mark.parametrize("nbytes, text", [(1335.2 * 2**30, "1,335 GiB"), (999.96 * 2**30, "1,000 GiB"),
+                                          (19.07 * 2**30, "19.07 GiB"), (100 * 2**20, "100.0 MiB"),
+                                          (1536, "1.500 KiB"), (5, "5 B")])
+def test_sizes_keep_every_digit(nbytes, text):
+    """Four significant digits; from a thousand up every digit before the point (no ``1335. GiB``)."""
+    assert format_bytes(nbytes) == text
+

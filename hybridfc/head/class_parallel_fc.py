@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hybridfc.config import CommunicationConfig, ParsedMargin, ParsedSelection, parse_communication
+from hybridfc.config import CommunicationConfig, ConfigError, ParsedMargin, ParsedSelection, parse_communication
 from hybridfc.head.cross_entropy import LogitsWorkspace, margin_cross_entropy
 from hybridfc.head.margins import AngularMargin, Margin, build_margin
 from hybridfc.head.validation import check_inputs, raise_if_any_bad
@@ -156,7 +156,7 @@ class ClassParallelFC(nn.Module):
         self.weight = nn.Parameter(rows.to(device=device, dtype=storage_dtype_of(storage_dtype)))
         shard = Shard(num_classes, self.class_start, self.num_local, self.rank, self.world_size, group)
         self.selection = build_selection(selection or {"type": "full"}, shard, seed)
-        self.chunks = parse_communication(communication or {}).chunks
+        self.chunks = _chunks_of(communication)
         self.non_finite_batches = 0
         self.non_finite_inputs: set[int] = set()
         self.non_finite_loss = False
@@ -293,3 +293,15 @@ class ClassParallelFC(nn.Module):
             f"shard=[{self.class_start}, {self.class_start + self.num_local}) of rank "
             f"{self.rank}/{self.world_size}, margin={self.margin}"
         )
+
+
+def _chunks_of(communication: "dict | CommunicationConfig | None") -> int:
+    """The head's one communication setting. ``grad_topk`` compresses a backbone's gradients under
+    :func:`hybridfc.initialize`; a head alone has no backbone, so it is refused rather than ignored."""
+    section = parse_communication(communication or {})
+    if section.grad_topk is not None:
+        raise ConfigError("communication.grad_topk: compresses the backbone's gradients, which a ClassParallelFC "
+                          "alone does not have; set it in the ds_config's hybridfc.communication section, used by "
+                          "hybridfc.initialize")
+    return section.chunks
+

@@ -17,6 +17,19 @@ class InputError(ValueError):
     """A rank of the group passed embeddings or labels the head cannot use."""
 
 
+_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.complex64, torch.complex128, torch.bool,
+           torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+"""The dtypes a verdict can name: its ``detail`` is an index here (a rank's dtype travels as a number)."""
+
+
+def _dtype_code(dtype: torch.dtype) -> int:
+    return _DTYPES.index(dtype) if dtype in _DTYPES else -1
+
+
+def _dtype_name(code: int) -> str:
+    return str(_DTYPES[code]) if 0 <= code < len(_DTYPES) else "another dtype"
+
+
 class Problem(IntEnum):
     NONE = 0
     EMBEDDINGS_NOT_2D = 1
@@ -32,11 +45,11 @@ def _shape_problem(embeddings: torch.Tensor, labels: torch.Tensor, width: int) -
     if embeddings.dim() != 2:
         return Problem.EMBEDDINGS_NOT_2D, embeddings.dim()
     if not embeddings.is_floating_point():
-        return Problem.EMBEDDINGS_NOT_FLOAT, 0
+        return Problem.EMBEDDINGS_NOT_FLOAT, _dtype_code(embeddings.dtype)
     if embeddings.shape[1] != width:
         return Problem.WRONG_WIDTH, embeddings.shape[1]
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        return Problem.LABELS_NOT_INTEGER, 0
+        return Problem.LABELS_NOT_INTEGER, _dtype_code(labels.dtype)
     if labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
         return Problem.LABELS_SHAPE, labels.numel()
     return Problem.NONE, 0
@@ -66,9 +79,9 @@ def describe(problem: int, detail: int, num_classes: int, width: int) -> str:
     """A sentence naming the problem and what is allowed."""
     return {
         Problem.EMBEDDINGS_NOT_2D: f"embeddings must be 2-D (b, {width}), got {detail} dimensions",
-        Problem.EMBEDDINGS_NOT_FLOAT: "embeddings must be a floating-point tensor",
+        Problem.EMBEDDINGS_NOT_FLOAT: f"embeddings must be a floating-point tensor, got {_dtype_name(detail)}",
         Problem.WRONG_WIDTH: f"embeddings have width {detail}, the head expects embedding_size={width}",
-        Problem.LABELS_NOT_INTEGER: "labels must be an integer tensor (int64), got a non-integer dtype",
+        Problem.LABELS_NOT_INTEGER: f"labels must be an integer tensor (int64), got {_dtype_name(detail)}",
         Problem.LABELS_SHAPE: f"labels must be 1-D with one label per embedding row, got {detail} labels",
         Problem.LABEL_OUT_OF_RANGE: f"label {detail} is out of range [0, {num_classes})",
     }[Problem(problem)]

@@ -43,6 +43,10 @@ T = TypeVar("T")
 
 _REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
 
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+"""Gather equal tensors into one: ``all_gather_single`` where torch has it (2.13 deprecates
+``all_gather_into_tensor`` with a FutureWarning on every call), its older name elsewhere."""
+
 
 class Pending(Generic[T]):
     """A collective in flight. :meth:`wait` blocks until it is done (timed as exposed
@@ -108,7 +112,7 @@ def all_gather(tensor: torch.Tensor, group: ProcessGroup = None,
     send = tensor.contiguous()
     out = send.new_empty((world_size * send.shape[0], *send.shape[1:]))
     return _run("all_gather", wire.all_gather_bytes(_nbytes(send), world_size),
-                lambda: [dist.all_gather_into_tensor(out, send, group=group, async_op=True)],
+                lambda: [_all_gather_single(out, send, group=group, async_op=True)],
                 lambda: out, async_op)
 
 
@@ -133,8 +137,8 @@ def sparse_sum(indices: torch.Tensor, values: torch.Tensor, numel: int, group: P
         flat_indices, flat_values = indices.new_empty(world_size * indices.numel()), values.new_empty(
             world_size * values.numel())
         _run("sparse_all_reduce", wire.all_gather_bytes(_nbytes(indices) + _nbytes(values), world_size),
-             lambda: [dist.all_gather_into_tensor(flat_indices, indices.contiguous(), group=group, async_op=True),
-                      dist.all_gather_into_tensor(flat_values, values.contiguous(), group=group, async_op=True)],
+             lambda: [_all_gather_single(flat_indices, indices.contiguous(), group=group, async_op=True),
+                      _all_gather_single(flat_values, values.contiguous(), group=group, async_op=True)],
              lambda: None, async_op=False)
         gathered_indices, gathered_values = flat_indices.view(world_size, -1), flat_values.view(world_size, -1)
     total = out.zero_() if out is not None else torch.zeros(numel, dtype=dtype, device=values.device)

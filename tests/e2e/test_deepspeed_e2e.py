@@ -103,16 +103,15 @@ def tail(output: str, lines: int = 60) -> str:
     return "\n".join(output.splitlines()[-lines:])
 
 
-def remove_shared_memory(port: int) -> None:
-    """Unlink the two 66 MB ``/dev/shm`` buffers DeepSpeed's CPU all-reduce op leaves behind per
-    launch (named after the master port): a test session launches ~40 jobs."""
-    for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"):
-        path.unlink(missing_ok=True)
+def shared_memory_left(port: int) -> list[str]:
+    """The 66 MB ``/dev/shm`` buffers of DeepSpeed's CPU all-reduce op (named after the master
+    port) that a launch left behind; hybridfc unlinks them once every rank has mapped them."""
+    return sorted(path.name for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"))
 
 
 def launch(script: Path, *args: object, timeout: float, cwd: Path = REPO, ranks: int = 2) -> subprocess.CompletedProcess:
     """``deepspeed --num_gpus 2 script args…`` on CPU, in ``cwd``; the whole process tree is killed
-    on timeout."""
+    on timeout. Every launch, whether it succeeds or fails, must leave ``/dev/shm`` as it found it."""
     port = free_port()
     command = [str(DEEPSPEED), "--num_gpus", str(ranks), "--master_port", str(port), str(script), *map(str, args)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -124,8 +123,10 @@ def launch(script: Path, *args: object, timeout: float, cwd: Path = REPO, ranks:
             os.killpg(process.pid, signal.SIGKILL)
             output, _ = process.communicate()
             pytest.fail(f"{script.name} did not finish within {timeout} s (hang?):\n{tail(output)}")
-        finally:
-            remove_shared_memory(port)
+    left = shared_memory_left(port)
+    for name in left:
+        Path("/dev/shm", name).unlink()
+    assert not left, f"{script.name} left DeepSpeed's buffers in /dev/shm: {left}\n{tail(output)}"
     return subprocess.CompletedProcess(command, process.returncode, output)
 
 
@@ -151,8 +152,16 @@ def assert_succeeded(result: subprocess.CompletedProcess) -> None:
 
 def rank_errors(result: subprocess.CompletedProcess) -> dict[int, tuple[str, str]]:
     """``{rank: (exception type, message)}`` from the worker's ``worker rank R: …`` lines."""
-    found = re.findall(r"^worker rank (\d+): (\w+): (.*)$", result.stdout, flags=re.MULTILINE)
+    found = re.findall(r"worker rank (\d+): (\w+): (.*)$", result.stdout, flags=re.MULTILINE)
     return {int(rank): (kind, message) for rank, kind, message in found}
+
+
+def test_rank_errors_are_found_wherever_the_other_rank_printed():
+    """A rank's one-line error can land in the middle of another rank's traceback line."""
+    output = ("Traceback (most recent call last):\n  File \"worker.py\", line 3worker rank 1: ConfigError: bad | key\n"
+              ", in main\nworker rank 0: ConfigError: bad | key\n")
+    errors = rank_errors(subprocess.CompletedProcess([], 1, output))
+    assert errors == {0: ("ConfigError", "bad | key"), 1: ("ConfigError", "bad | key")}
 
 
 def assert_failed(result: subprocess.CompletedProcess, kinds: tuple[str, ...], *fragments: str,
@@ -613,15 +622,19 @@ LOADER_STEPS, LOADER_SAVE_AFTER = 20, 10   # 8 steps per epoch: the resumed half
 @pytest.fixture(scope="module")
 def loader_runs(tmp_path_factory) -> Path:
     """With hybridfc's loader, for ``full`` and ``knn``: LOADER_STEPS steps straight; the first
-    LOADER_SAVE_AFTER and a save; then (a new launch) a resume for the rest."""
+    LOADER_SAVE_AFTER and a save; then (a new launch) a resume for the rest. ``full_peek`` saves
+    after its loop has taken the next batch (and ends there), as a loop that checks its step limit
+    after taking a batch does."""
     directory = tmp_path_factory.mktemp("loader")
-    sections = {"full": {}, "knn": SELECTIONS["knn"]}
+    sections = {"full": {}, "knn": SELECTIONS["knn"], "full_peek": {}}
     runs = []
     for name, section in sections.items():
         config = ds_config(0, **section)
-        runs += [{"name": f"straight_{name}", "config": config, "steps": LOADER_STEPS, "loader": True},
-                 {"name": f"first_{name}", "config": config, "steps": LOADER_SAVE_AFTER, "loader": True,
-                  "save_after": LOADER_SAVE_AFTER, "checkpoint": str(directory / f"checkpoint_{name}")}]
+        if name != "full_peek":
+            runs.append({"name": f"straight_{name}", "config": config, "steps": LOADER_STEPS, "loader": True})
+        runs.append({"name": f"first_{name}", "config": config, "steps": LOADER_SAVE_AFTER, "loader": True,
+                     "save_after": LOADER_SAVE_AFTER, "checkpoint": str(directory / f"checkpoint_{name}"),
+                     "peek_before_save": name == "full_peek"})
     assert_succeeded(launch_worker(directory, runs, timeout=300))
     resumed = [{"name": f"resumed_{name}", "config": ds_config(0, **section), "loader": True, "load": True,
                 "steps": LOADER_STEPS - LOADER_SAVE_AFTER, "checkpoint": str(directory / f"checkpoint_{name}")}
@@ -630,11 +643,14 @@ def loader_runs(tmp_path_factory) -> Path:
     return directory
 
 
-@pytest.mark.parametrize("name", ["full", "knn"])
+@pytest.mark.parametrize("name", ["full", "knn", "full_peek"])
 def test_save_and_resume_continue_the_uninterrupted_run_bit_for_bit(loader_runs, name):
     """The same samples in the same order after the resume, across an epoch's end: the same
-    losses, head shards and backbone, bit for bit (CPU, fp32)."""
-    for straight, resumed in zip(records(loader_runs, f"straight_{name}"), records(loader_runs, f"resumed_{name}")):
+    losses, head shards and backbone, bit for bit (CPU, fp32); also when the loop had taken the
+    next batch before it saved (the checkpoint holds the data's position at the last step)."""
+    uninterrupted = name.removesuffix("_peek")
+    for straight, resumed in zip(records(loader_runs, f"straight_{uninterrupted}"),
+                                 records(loader_runs, f"resumed_{name}")):
         assert torch.equal(torch.stack(straight["losses"][LOADER_SAVE_AFTER:]), torch.stack(resumed["losses"]))
         assert torch.equal(straight["heads"][-1], resumed["heads"][-1])
         for key, value in straight["backbone"].items():

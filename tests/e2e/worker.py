@@ -14,6 +14,8 @@
   loads a checkpoint continues where the loader was;
 * ``checkpoint`` with ``save_after`` (save there after that many steps; a list: after each) or
   ``load`` (true: load it before training);
+* ``peek_before_save``: the loop takes the next batch before it saves, as a loop that checks its
+  step limit after taking a batch does (the run should end at that save);
 * ``kill_stage`` with ``kill_rank``: during the last save, that rank is killed (SIGKILL) when the
   save reaches that stage (:data:`hybridfc.checkpoint.SAVE_STAGE_HOOK`);
 * ``bad_label_rank``: that rank puts the out-of-range label ``BAD_LABEL`` in its first batch;
@@ -166,6 +168,8 @@ def train(args: argparse.Namespace, run: dict, out: Path) -> None:
         if step + 1 - first in saves:
             if run.get("kill_stage") and step + 1 - first == max(saves):
                 arm_kill(run["kill_stage"], run["kill_rank"], rank)
+            if run.get("peek_before_save"):
+                next(stream)
             engine.save_checkpoint(run["checkpoint"])
     if run.get("state_dict_round_trip"):
         record["round_trip"] = state_dict_round_trip(engine)
@@ -193,8 +197,8 @@ def main() -> None:
         torch.distributed.destroy_process_group()
     except Exception as exc:
         message = " | ".join(str(exc).splitlines())
-        sys.stdout.write(f"worker rank {os.environ.get('RANK')}: {type(exc).__name__}: {message}\n")
-        sys.stdout.flush()
+        sys.stdout.flush()   # one write: the line stays whole whatever the other rank prints meanwhile
+        os.write(sys.stdout.fileno(), f"worker rank {os.environ.get('RANK')}: {type(exc).__name__}: {message}\n".encode())
         raise
 
 
