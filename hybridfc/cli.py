@@ -76,7 +76,7 @@ def _add_plan_parser(commands: argparse._SubParsersAction) -> None:
         "plan", help="memory and communication per rank of the classification head",
         description="Memory and communication per rank and step of the classification head, for "
                     "data-parallel, model-parallel and the chosen selection side by side. What each "
-                    "figure counts: the hybridfc.plan module docstring and the README.")
+                    "figure counts: the hybridfc.plan module docstring and docs/planner.md.")
     p.add_argument("--num-classes", type=int, help="C (required unless --memory-gib is given)")
     p.add_argument("--embedding-size", type=int, required=True, help="d, the feature width")
     p.add_argument("--world-size", type=int, required=True, help="N, the ranks sharing the classes")

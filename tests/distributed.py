@@ -44,6 +44,16 @@ def _entry(fn, rank, world_size, init_file, args, results):
             dist.destroy_process_group()
 
 
+def _context() -> mp.context.BaseContext:
+    """Ranks are forked from a server that has imported torch and hybridfc once (a spawned rank
+    spends about two seconds importing them); set ``HYBRIDFC_TEST_START=spawn`` for fresh interpreters."""
+    method = os.environ.get("HYBRIDFC_TEST_START", "forkserver")
+    ctx = mp.get_context(method)
+    if method == "forkserver":
+        ctx.set_forkserver_preload(["torch", "hybridfc", "distributed", "reference"])
+    return ctx
+
+
 def run_distributed(fn: Callable[..., Any], world_size: int, args: Sequence[Any] = (),
                     timeout: float = 180.0, allow_errors: bool = False) -> list[Any]:
     """``[fn(rank, world_size, *args) for rank in range(world_size)]``, each in its own process.
@@ -51,7 +61,7 @@ def run_distributed(fn: Callable[..., Any], world_size: int, args: Sequence[Any]
     With ``allow_errors``, a rank that raised contributes ``RankFailed`` (with its text) to the
     list instead of failing the call; a timeout always fails.
     """
-    ctx = mp.get_context("spawn")
+    ctx = _context()
     results = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "store")

@@ -230,7 +230,7 @@ def _sgd_without_nan_batch(clip: float) -> torch.Tensor:
 
 
 def test_non_finite_loss_from_finite_embeddings_skips_the_step_on_every_rank(recoverable):
-    """DESIGN §2: non-finite embeddings *or loss* mean no update on any rank. Here every
+    """Non-finite embeddings *or loss* mean no update on any rank (docs/design.md). Here every
     embedding is finite but one rank's logits overflow fp32, so the loss and gradient are NaN."""
     for result in recoverable:
         step = result["non_finite_loss"]

@@ -7,19 +7,16 @@ single float64 process that runs the full softmax on the global batch (rank 0's 
 rank 1's) with ``tests/reference.py``.
 
 Bad inputs each get a launch of their own: the launcher must return non-zero, with the error
-on the ranks, within a timeout (a hang is a failure).
+on the ranks, within a timeout (a hang is a failure). The launcher and the replay are in
+``launcher.py``.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import signal
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -29,131 +26,12 @@ import worker
 from hybridfc.data import SyntheticClasses, nearest_mean_accuracy
 from hybridfc.parallel import wire
 from hybridfc.plan import PlanInputs, make_plan
-from reference import reference_loss
+from launcher import (BACKBONE_OPTIMIZERS, CHECKPOINTED, FAILURE_TIMEOUT, HEAD_SGD, LOG_EVERY, MATRIX, MICRO_BATCH,
+                      NUM_CLASSES, REPO, SAVE_AFTER, SELECTIONS, STEPS_AFTER_SAVE, TRAIN_STEPS, WARMUP, WARMUP_STEPS,
+                      assert_close_relative, assert_failed, assert_matches_replay, assert_run_failed, assert_succeeded,
+                      ds_config, launch, launch_worker, rank_errors, records, single_process_replay, tail)
 
 pytestmark = pytest.mark.e2e
-
-REPO = Path(__file__).resolve().parents[2]
-DEEPSPEED = Path(sys.executable).parent / "deepspeed"
-WORKER = Path(__file__).with_name("worker.py")
-
-NUM_CLASSES = 64
-MICRO_BATCH = 8
-MARGIN = {"type": "cosface", "scale": 16.0, "margin": 0.1}
-HEAD_SGD = {"lr": 0.5, "momentum": 0.9, "weight_decay": 1e-4}
-BACKBONE_OPTIMIZERS = {"SGD": {"lr": 0.2, "momentum": 0.9, "weight_decay": 1e-4},
-                       "AdamW": {"lr": 0.01, "weight_decay": 0.01}}
-CLIPPING = 6.0
-HEAD_CLIPPING = 5.0
-TRAIN_STEPS = 15
-LOG_EVERY = 3
-SAVE_AFTER, STEPS_AFTER_SAVE = 3, 2
-TOLERANCE = 1e-5
-FAILURE_TIMEOUT = 90
-
-WARMUP_STEPS = 4
-WARMUP = {"type": "WarmupLR", "params": {"warmup_min_lr": 0.001, "warmup_max_lr": BACKBONE_OPTIMIZERS["AdamW"]["lr"],
-                                         "warmup_num_steps": WARMUP_STEPS, "warmup_type": "linear"}}
-
-MATRIX = [(stage, dtype) for stage in (0, 1, 2, 3) for dtype in ("fp32", "bf16")]
-CHECKPOINTED = [(0, "fp32"), (1, "bf16"), (2, "fp32"), (3, "bf16")]
-SELECTIONS = {
-    # a knn rebuild is in flight when the checkpoint is saved (snapshot after step 2, swap after 4)
-    "knn": {"selection": {"type": "knn", "budget": 12, "k": 4, "rebuild_interval": 2, "rebuild_delay": 2,
-                          "late_rebuild": "wait"}},
-    "hf": {"selection": {"type": "hf", "budget": 0.4, "k": 3, "rebuild_interval": 2, "rebuild_delay": 1,
-                         "late_rebuild": "wait"},
-           "storage_dtype": "bf16"},
-    "partial": {"selection": {"type": "partial", "budget": 10}},
-}
-
-
-def ds_config(stage: int = 0, dtype: str = "fp32", accumulation: int = 1, optimizer: str = "SGD",
-              **hybridfc: object) -> dict:
-    """A ds_config for the worker: the backbone's optimizer with a constant lr (so the head's lr
-    ratio is 1), both halves clipped (clipping acts on the first steps, whose gradients are large).
-
-    SGD, unlike Adam, passes a wrong gradient scale on to the weights, so the float64 replay sees it.
-    """
-    params = dict(BACKBONE_OPTIMIZERS[optimizer], **({"torch_adam": True} if optimizer == "AdamW" else {}))
-    config = {
-        "train_micro_batch_size_per_gpu": MICRO_BATCH,
-        "gradient_accumulation_steps": accumulation,
-        "optimizer": {"type": optimizer, "params": params},
-        "zero_allow_untested_optimizer": optimizer == "SGD",
-        "gradient_clipping": CLIPPING,
-        "zero_optimization": {"stage": stage},
-        "steps_per_print": 10**9,
-        "hybridfc": {"num_classes": NUM_CLASSES, "embedding_size": worker.EMBEDDING_SIZE, "margin": MARGIN,
-                     "optimizer": {"type": "sgd", "params": HEAD_SGD}, "gradient_clipping": HEAD_CLIPPING,
-                     **hybridfc},
-    }
-    if dtype == "bf16":
-        config["bf16"] = {"enabled": True}
-    return config
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def tail(output: str, lines: int = 60) -> str:
-    return "\n".join(output.splitlines()[-lines:])
-
-
-def shared_memory_left(port: int) -> list[str]:
-    """The 66 MB ``/dev/shm`` buffers of DeepSpeed's CPU all-reduce op (named after the master
-    port) that a launch left behind; hybridfc unlinks them once every rank has mapped them."""
-    return sorted(path.name for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"))
-
-
-def launch(script: Path, *args: object, timeout: float, cwd: Path = REPO, ranks: int = 2) -> subprocess.CompletedProcess:
-    """``deepspeed --num_gpus 2 script args…`` on CPU, in ``cwd``; the whole process tree is killed
-    on timeout. Every launch, whether it succeeds or fails, must leave ``/dev/shm`` as it found it."""
-    port = free_port()
-    command = [str(DEEPSPEED), "--num_gpus", str(ranks), "--master_port", str(port), str(script), *map(str, args)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    with subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          start_new_session=True) as process:
-        try:
-            output, _ = process.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            output, _ = process.communicate()
-            pytest.fail(f"{script.name} did not finish within {timeout} s (hang?):\n{tail(output)}")
-    left = shared_memory_left(port)
-    for name in left:
-        Path("/dev/shm", name).unlink()
-    assert not left, f"{script.name} left DeepSpeed's buffers in /dev/shm: {left}\n{tail(output)}"
-    return subprocess.CompletedProcess(command, process.returncode, output)
-
-
-def launch_worker(directory: Path, runs: list[dict], timeout: float, ranks: int = 2) -> subprocess.CompletedProcess:
-    """Launch the worker on ``runs``; a run's ``"config"`` dict is written to ``<name>.json`` first."""
-    directory.mkdir(parents=True, exist_ok=True)
-    specs = []
-    for run in runs:
-        spec = dict(run)
-        if "config" in spec:
-            path = directory / f"{spec['name']}.json"
-            path.write_text(json.dumps(spec.pop("config")))
-            spec["deepspeed_config"] = str(path)
-        specs.append(spec)
-    runs_file = directory / f"runs_{runs[0]['name']}.json"
-    runs_file.write_text(json.dumps(specs))
-    return launch(WORKER, "--runs", runs_file, "--out", directory, timeout=timeout, ranks=ranks)
-
-
-def assert_succeeded(result: subprocess.CompletedProcess) -> None:
-    assert result.returncode == 0, f"launcher returned {result.returncode}:\n{tail(result.stdout)}"
-
-
-def rank_errors(result: subprocess.CompletedProcess) -> dict[int, tuple[str, str]]:
-    """``{rank: (exception type, message)}`` from the worker's ``worker rank R: …`` lines."""
-    found = re.findall(r"worker rank (\d+): (\w+): (.*)$", result.stdout, flags=re.MULTILINE)
-    return {int(rank): (kind, message) for rank, kind, message in found}
 
 
 def test_rank_errors_are_found_wherever_the_other_rank_printed():
@@ -162,92 +40,6 @@ def test_rank_errors_are_found_wherever_the_other_rank_printed():
               ", in main\nworker rank 0: ConfigError: bad | key\n")
     errors = rank_errors(subprocess.CompletedProcess([], 1, output))
     assert errors == {0: ("ConfigError", "bad | key"), 1: ("ConfigError", "bad | key")}
-
-
-def assert_failed(result: subprocess.CompletedProcess, kinds: tuple[str, ...], *fragments: str,
-                  every_rank: bool) -> None:
-    """Non-zero exit, and every rank (or, with ``every_rank`` False, each rank that got as far as
-    reporting before the launcher stopped it) raised one of ``kinds`` naming all ``fragments``."""
-    assert result.returncode != 0, f"launcher returned 0 despite the bad input:\n{tail(result.stdout)}"
-    errors = rank_errors(result)
-    reported = f"ranks that reported an error: {sorted(errors)}\n{tail(result.stdout)}"
-    assert (set(errors) == {0, 1}) if every_rank else bool(errors), reported
-    for rank, (raised, message) in errors.items():
-        assert raised in kinds, f"rank {rank} raised {raised}: {message}"
-        for fragment in fragments:
-            assert fragment in message, f"rank {rank}'s error does not name {fragment!r}: {message}"
-
-
-def records(directory: Path, name: str) -> list[dict]:
-    """What ranks 0 and 1 recorded in run ``name``."""
-    return [torch.load(directory / f"{name}_rank{rank}.pt") for rank in (0, 1)]
-
-
-def global_batch(recs: list[dict], key: str, index: int) -> torch.Tensor:
-    return torch.cat([rec[key][index] for rec in recs])
-
-
-def assert_close_relative(actual: torch.Tensor, expected: torch.Tensor, what: str, tol: float = TOLERANCE) -> None:
-    """Largest deviation at most ``tol`` times the largest magnitude of ``expected``."""
-    actual, expected = actual.double(), expected.double()
-    error = float((actual - expected).abs().max() / expected.abs().max())
-    assert error <= tol, f"{what}: relative deviation {error:.2e} > {tol:.0e}"
-
-
-def single_process_replay(recs: list[dict], optimizer: str = "SGD", accumulation: int = 1,
-                          backbone: torch.nn.Module | None = None, head_lars: float = 0.0):
-    """Replay a run in one float64 process; ``(loss per micro-batch, head after each micro-batch)``.
-
-    Each step uses the backbone lr the run recorded, and the head's configured lr times its ratio
-    to the backbone's configured lr.
-
-    Without ``backbone`` the recorded embeddings are used and only the head is replayed (momentum
-    SGD after clipping the whole head's gradient norm); with it, the embeddings are recomputed
-    from the recorded inputs and the backbone trains alongside (``optimizer`` after clipping, as
-    DeepSpeed does). ``head_lars``: the head's gradient and weight decay times LARS's trust ratio of
-    the whole head.
-    """
-    weight = torch.cat([rec["initial_head"] for rec in recs]).double().requires_grad_()
-    head_optimizer = torch.optim.SGD([weight], **HEAD_SGD)
-    base_lr = BACKBONE_OPTIMIZERS[optimizer]["lr"]
-    if backbone is not None:
-        backbone_optimizer = getattr(torch.optim, optimizer)(backbone.parameters(), **BACKBONE_OPTIMIZERS[optimizer])
-    losses, heads = [], []
-    for i in range(len(recs[0]["losses"])):
-        if backbone is None:
-            embeddings = global_batch(recs, "embeddings", i).double()
-        else:
-            embeddings = backbone(global_batch(recs, "inputs", i).double())
-        loss = reference_loss(embeddings, global_batch(recs, "labels", i), weight, MARGIN)
-        (loss / accumulation).backward()
-        losses.append(loss.detach())
-        if (i + 1) % accumulation == 0:
-            lr = recs[0]["backbone_lrs"][i]
-            head_optimizer.param_groups[0]["lr"] = HEAD_SGD["lr"] * lr / base_lr
-            if backbone is not None:
-                backbone_optimizer.param_groups[0]["lr"] = lr
-                torch.nn.utils.clip_grad_norm_(backbone.parameters(), CLIPPING)
-                backbone_optimizer.step()
-                backbone_optimizer.zero_grad()
-            torch.nn.utils.clip_grad_norm_([weight], HEAD_CLIPPING)
-            if head_lars:   # what enters the momentum, g + wd·w, times the trust ratio
-                norm = weight.detach().norm()
-                trust = float(head_lars * norm / (weight.grad.norm() + HEAD_SGD["weight_decay"] * norm))
-                weight.grad.mul_(trust)
-                head_optimizer.param_groups[0]["weight_decay"] = HEAD_SGD["weight_decay"] * trust
-            head_optimizer.step()
-            head_optimizer.param_groups[0]["weight_decay"] = HEAD_SGD["weight_decay"]
-            head_optimizer.zero_grad()
-        heads.append(weight.detach().clone())
-    return torch.stack(losses), heads
-
-
-def assert_matches_replay(recs: list[dict], losses: torch.Tensor, heads: list[torch.Tensor]) -> None:
-    for rec in recs:
-        assert_close_relative(torch.stack(rec["losses"]), losses, "losses")
-    for i, expected in enumerate(heads):
-        assert_close_relative(torch.cat([rec["heads"][i] for rec in recs]), expected,
-                              f"head shards after micro-batch {i + 1}")
 
 
 @pytest.fixture(scope="module")
@@ -439,13 +231,36 @@ def test_selection_trains_and_resumes_bit_for_bit(resumed, name):
         assert torch.equal(after["heads"][-1], before["heads"][-1]), f"{name}: rank {rank}'s final shard differs"
 
 
-def test_loading_checkpoint_with_fewer_num_classes_fails_on_every_rank(trained, tmp_path):
+@pytest.fixture(scope="module")
+def failures(tmp_path_factory) -> subprocess.CompletedProcess:
+    """One launch of runs that each fail on purpose, every rank reporting its error and going on to
+    the next run: a misspelled key, a missing config file, LARS past its bound, fewer classes than
+    ranks, a NaN on every step, and a 64-class checkpoint loaded into a 48-class head."""
+    directory = tmp_path_factory.mktemp("failures")
+    checkpoint = str(directory / "checkpoint_64")
+    lars = ds_config(schedule={"batch_scaling": {"reference_batch": 4, "rule": "linear"}}, **SELECTIONS["partial"])
+    lars["hybridfc"]["optimizer"]["params"] = {**HEAD_SGD, "lars_coefficient": 0.15}
+    nan_forever = {**ds_config(0), "hybridfc": {**ds_config(0)["hybridfc"], "max_consecutive_skips": 3}}
+    runs = [{"name": "typo", "config": ds_config(margin={"type": "arcface", "sclae": 64}), "steps": 1},
+            {"name": "missing", "deepspeed_config": str(directory / "no_such_config.json"), "steps": 1},
+            {"name": "lars_bound", "config": lars, "steps": 1},
+            {"name": "one_class", "config": ds_config(num_classes=1), "steps": 1},
+            {"name": "nan_forever", "config": nan_forever, "steps": 6, "nan_rank": 0, "nan_steps": list(range(1, 6))},
+            {"name": "saved_64", "config": ds_config(optimizer="AdamW"), "steps": 1, "save_after": 1,
+             "checkpoint": checkpoint, "expect_error": False},
+            {"name": "other_num_classes", "config": ds_config(optimizer="AdamW", num_classes=48), "steps": 1,
+             "load": True, "checkpoint": checkpoint}]
+    for run in runs:
+        run.setdefault("expect_error", True)
+    result = launch_worker(directory, runs, timeout=300)
+    assert_succeeded(result)
+    return result
+
+
+def test_loading_checkpoint_with_fewer_num_classes_fails_on_every_rank(failures):
     """A checkpoint saved with 64 classes does not load into a 48-class head (a head grows, never
     shrinks: tests/e2e/test_grow_e2e.py): every rank says so."""
-    run = {"name": "other_num_classes", "config": ds_config(optimizer="AdamW", num_classes=48), "steps": 1,
-           "load": True, "checkpoint": str(trained / "checkpoint_z0_fp32")}
-    result = launch_worker(tmp_path, [run], timeout=FAILURE_TIMEOUT)
-    assert_failed(result, ("CheckpointError",), "num_classes", "64", "48", every_rank=True)
+    assert_run_failed(failures, "other_num_classes", ("CheckpointError",), "num_classes", "64", "48")
 
 
 def test_out_of_range_label_on_one_rank_fails_every_rank(tmp_path):
@@ -455,35 +270,30 @@ def test_out_of_range_label_on_one_rank_fails_every_rank(tmp_path):
     assert_failed(result, ("InputError",), "rank 1", str(worker.BAD_LABEL), every_rank=True)
 
 
-def test_misspelled_config_key_is_named(tmp_path):
+def test_misspelled_config_key_is_named(failures):
     """A typo inside the hybridfc section is reported with its full dotted key."""
-    run = {"name": "typo", "config": ds_config(margin={"type": "arcface", "sclae": 64}), "steps": 1}
-    result = launch_worker(tmp_path, [run], timeout=FAILURE_TIMEOUT)
-    assert_failed(result, ("ConfigError",), "hybridfc.margin.sclae", every_rank=False)
+    assert_run_failed(failures, "typo", ("ConfigError",), "hybridfc.margin.sclae")
 
 
-def test_missing_config_file_is_named(tmp_path):
+def test_missing_config_file_is_named(failures):
     """A ds_config path that does not exist is reported with the path."""
-    missing = tmp_path / "no_such_config.json"
-    run = {"name": "missing", "deepspeed_config": str(missing), "steps": 1}
-    result = launch_worker(tmp_path, [run], timeout=FAILURE_TIMEOUT)
-    assert_failed(result, ("ConfigError",), str(missing), every_rank=False)
+    assert_run_failed(failures, "missing", ("ConfigError",), "no_such_config.json")
 
 
-def test_lars_scaled_past_its_bound_by_batch_scaling_fails_at_start_on_every_rank(tmp_path):
+def test_lars_scaled_past_its_bound_by_batch_scaling_fails_at_start_on_every_rank(failures):
     """LARS at lr 0.5, η 0.15 is within ``lr * η / (1 - m) < 1`` (0.75), but batch scaling x4 (global
     batch 16 against 4) makes it 3: refused at ``initialize`` on every rank, not at a later step."""
-    config = ds_config(schedule={"batch_scaling": {"reference_batch": 4, "rule": "linear"}}, **SELECTIONS["partial"])
-    config["hybridfc"]["optimizer"]["params"] = {**HEAD_SGD, "lars_coefficient": 0.15}
-    result = launch_worker(tmp_path, [{"name": "lars_bound", "config": config, "steps": 1}], timeout=FAILURE_TIMEOUT)
-    assert_failed(result, ("ValueError",), "lars_coefficient", "lr=2", every_rank=True)
+    assert_run_failed(failures, "lars_bound", ("ValueError",), "lars_coefficient", "lr=2")
 
 
-def test_fewer_classes_than_ranks_is_an_error(tmp_path):
+def test_fewer_classes_than_ranks_is_an_error(failures):
     """num_classes 1 cannot be sharded over 2 ranks: a clear error on every rank, no hang."""
-    run = {"name": "one_class", "config": ds_config(num_classes=1), "steps": 1}
-    result = launch_worker(tmp_path, [run], timeout=FAILURE_TIMEOUT)
-    assert_failed(result, ("ValueError", "ConfigError"), "num_classes", every_rank=True)
+    assert_run_failed(failures, "one_class", ("ValueError", "ConfigError"), "num_classes")
+
+
+def test_persistent_nan_stops_the_run_on_every_rank_naming_the_ranks(failures):
+    assert_run_failed(failures, "nan_forever", ("NonFiniteError",), "3 steps in a row skipped (steps 2 to 4)",
+                      "non-finite input on rank(s) [0]", "max_consecutive_skips")
 
 
 def test_example_train_script(tmp_path):
@@ -502,6 +312,7 @@ def test_example_train_script(tmp_path):
     assert metrics["history"][-1]["step"] == 126   # 2 epochs of 63 steps (the uneven last batch kept)
     assert metrics["num_classes"] == 1000
     assert math.isfinite(metrics["final_loss"])
+    assert "over 2 ranks" in result.stdout and "hybridfc communication over 126 steps, per rank:" in result.stdout
     tag = (checkpoint / "latest").read_text().strip()
     assert sorted(p.name for p in (checkpoint / tag).glob("hybridfc_head_*.pt")) == [
         "hybridfc_head_rank00000_of_00002.pt", "hybridfc_head_rank00001_of_00002.pt"]
@@ -515,14 +326,17 @@ def readme_block(heading: str) -> str:
     return after[start: after.index("```", start)]
 
 
-def test_readme_switching_snippet_runs_under_the_launcher(tmp_path):
-    """The README's "Switching a DeepSpeed script" block, as written, through the launcher with the
-    main job's config: it trains an epoch and saves backbone and head."""
+def test_readme_python_blocks_run_under_the_launcher(tmp_path):
+    """The README's python blocks, as written, through the launcher with the main job's config: the
+    switching script trains an epoch and saves; the resuming block, run after it in the same script,
+    loads that checkpoint and trains epochs 1 and 2 (3 epochs of 79 steps in all, not 4)."""
     script = tmp_path / "readme_snippet.py"
-    script.write_text(readme_block("## Switching a DeepSpeed script to hybridfc"))
+    script.write_text(readme_block("## Switching a DeepSpeed script to hybridfc") + "\n"
+                      + readme_block("## Resuming and resharding"))
     result = launch(script, "--deepspeed_config", REPO / "ds_configs" / "cpu.json", timeout=240, cwd=tmp_path)
     assert_succeeded(result)
     tag = (tmp_path / "checkpoints" / "latest").read_text().strip()
+    assert tag == f"global_step{3 * 79}"
     assert len(list((tmp_path / "checkpoints" / tag).glob("hybridfc_head_*.pt"))) == 2
 
 
@@ -562,14 +376,6 @@ def test_skips_are_logged_with_their_cause(nan_runs):
     log = (nan_runs / "launcher.log").read_text()
     for step in NAN_STEPS:
         assert f"step {step + 1}: skipped for non-finite input on rank(s) [1]" in log
-
-
-def test_persistent_nan_stops_the_run_on_every_rank_naming_the_ranks(tmp_path):
-    config = {**ds_config(0), "hybridfc": {**ds_config(0)["hybridfc"], "max_consecutive_skips": 3}}
-    run = {"name": "nan_forever", "config": config, "steps": 6, "nan_rank": 0, "nan_steps": list(range(1, 6))}
-    result = launch_worker(tmp_path, [run], timeout=FAILURE_TIMEOUT)
-    assert_failed(result, ("NonFiniteError",), "3 steps in a row skipped (steps 2 to 4)",
-                  "non-finite input on rank(s) [0]", "max_consecutive_skips", every_rank=True)
 
 
 @pytest.mark.parametrize("stage", [0, 3])

@@ -3,18 +3,19 @@ backbone's gradient averaged from each rank's top-k entries replaces DeepSpeed's
 ZeRO 0 and 1.
 
 One launch runs the trainings one after another; the tests read what each rank recorded
-(``worker.py``). Bad settings get a launch each: every rank must fail naming the key.
+(``worker.py``). The bad settings share one launch: every rank must fail naming the key, run after run.
 """
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
 from hybridfc.parallel import wire
-from test_deepspeed_e2e import (FAILURE_TIMEOUT, assert_failed, assert_succeeded, ds_config, launch_worker, records)
+from launcher import assert_run_failed, assert_succeeded, ds_config, launch_worker, records
 
 pytestmark = pytest.mark.e2e
 
@@ -162,15 +163,28 @@ def test_save_and_resume_continue_identically(resumed, stage):
         assert torch.equal(before["grad_topk"]["residual"], after["grad_topk"]["residual"])
 
 
-@pytest.mark.parametrize("config, fragments", [
-    (ds_config(2, **topk()), ("hybridfc.communication.grad_topk", "ZeRO stage 2", "stages 0 and 1")),
-    (ds_config(0, **topk(1.5)), ("hybridfc.communication.grad_topk", "1.5")),
-    (ds_config(0, optimizer="AdamW", **topk(grad_topk_momentum_correction=True)),
-     ("hybridfc.communication.grad_topk_momentum_correction", "momentum")),
-    (ds_config(0, **topk(grad_topk_momentum_correction=True)),
-     ("hybridfc.communication.grad_topk_momentum_correction", "weight_decay")),
-    (with_overlap_comm(ds_config(1, **topk())), ("hybridfc.communication.grad_topk", "overlap_comm")),
-], ids=["zero2", "density", "momentum_without_sgd", "momentum_with_weight_decay", "zero1_overlap_comm"])
-def test_bad_settings_fail_on_every_rank(tmp_path, config, fragments):
-    result = launch_worker(tmp_path, [{"name": "bad", "config": config, "steps": 1}], timeout=FAILURE_TIMEOUT)
-    assert_failed(result, ("ConfigError",), *fragments, every_rank=True)
+BAD_SETTINGS = {
+    "zero2": (ds_config(2, **topk()), ("hybridfc.communication.grad_topk", "ZeRO stage 2", "stages 0 and 1")),
+    "density": (ds_config(0, **topk(1.5)), ("hybridfc.communication.grad_topk", "1.5")),
+    "momentum_without_sgd": (ds_config(0, optimizer="AdamW", **topk(grad_topk_momentum_correction=True)),
+                             ("hybridfc.communication.grad_topk_momentum_correction", "momentum")),
+    "momentum_with_weight_decay": (ds_config(0, **topk(grad_topk_momentum_correction=True)),
+                                   ("hybridfc.communication.grad_topk_momentum_correction", "weight_decay")),
+    "zero1_overlap_comm": (with_overlap_comm(ds_config(1, **topk())), ("hybridfc.communication.grad_topk",
+                                                                       "overlap_comm")),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_settings(tmp_path_factory) -> subprocess.CompletedProcess:
+    """One launch: a run per setting grad_topk cannot take, each failing on every rank in turn."""
+    runs = [{"name": name, "config": config, "steps": 1, "expect_error": True}
+            for name, (config, _) in BAD_SETTINGS.items()]
+    result = launch_worker(tmp_path_factory.mktemp("bad_settings"), runs, timeout=240)
+    assert_succeeded(result)
+    return result
+
+
+@pytest.mark.parametrize("name", list(BAD_SETTINGS))
+def test_bad_settings_fail_on_every_rank(bad_settings, name):
+    assert_run_failed(bad_settings, name, ("ConfigError",), *BAD_SETTINGS[name][1])

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_deepspeed_e2e import NUM_CLASSES, assert_close_relative, assert_succeeded, ds_config, launch_worker, records
+from launcher import NUM_CLASSES, assert_close_relative, assert_succeeded, ds_config, launch_worker, records
 from test_warm_start_e2e import reference_rows
 
 pytestmark = pytest.mark.e2e
@@ -21,10 +21,9 @@ def test_a_grown_checkpoint_keeps_the_saved_rows_and_imprints_the_new(tmp_path):
     checkpoint = str(tmp_path / "checkpoint")
     small = {"name": "small", "config": ds_config(0, num_classes=OLD), "steps": 3, "loader": True,
              "save_after": 3, "checkpoint": checkpoint}
-    assert_succeeded(launch_worker(tmp_path, [small], timeout=120))
     grown = {"name": "grown", "config": ds_config(0, warm_start={"imprint": True}), "steps": 2, "loader": True,
              "load": True, "checkpoint": checkpoint}
-    result = launch_worker(tmp_path, [grown], timeout=120)
+    result = launch_worker(tmp_path, [small, grown], timeout=180)   # one launch: the second run loads the first's
     assert_succeeded(result)
     assert f"head grown from {OLD} to {NUM_CLASSES} classes" in result.stdout
     saved = torch.cat([rec["heads"][-1] for rec in records(tmp_path, "small")])

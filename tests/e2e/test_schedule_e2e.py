@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import worker
-from test_deepspeed_e2e import (assert_matches_replay, assert_succeeded, ds_config, launch_worker, records,
-                                single_process_replay)
+from launcher import (assert_matches_replay, assert_succeeded, ds_config, launch_worker, records,
+                      single_process_replay)
 
 pytestmark = pytest.mark.e2e
 

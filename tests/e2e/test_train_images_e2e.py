@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from hybridfc.data import write_recordio
-from test_deepspeed_e2e import REPO, assert_succeeded, launch, tail
+from launcher import REPO, assert_succeeded, launch, tail
 
 pytestmark = pytest.mark.e2e
 
@@ -81,6 +81,13 @@ def small_config(directory: Path) -> Path:
     return path
 
 
+def last_line(output: str, fragment: str) -> str:
+    """The last line of ``output`` that holds ``fragment`` (the result must be what was logged last)."""
+    lines = [line for line in output.splitlines() if fragment in line]
+    assert lines, f"no line with {fragment!r}:\n{tail(output)}"
+    return lines[-1]
+
+
 def read_result(path: Path, output: str) -> dict:
     assert path.exists(), f"no result JSON:\n{tail(output)}"
     result = json.loads(path.read_text())
@@ -103,8 +110,11 @@ def test_resnet20_on_an_image_folder_with_held_out_set_and_verification(tmp_path
     assert_succeeded(run)
     result = read_result(result_json, run.stdout)
     assert result["num_classes"] == NUM_CLASSES
-    assert 0.0 <= result["top1"] <= result["top5"] <= 1.0
-    assert 0.0 <= result["verification"]["pairs"] <= 1.0
+    assert f"held-out top-1 {result['top1']:.4f}, top-5 {result['top5']:.4f} on {NUM_CLASSES * 2} samples" in \
+        last_line(run.stdout, "step 4: held-out")
+    assert f"accuracy {result['verification']['pairs']:.4f} " in last_line(run.stdout, f"step 4: verification {pairs}")
+    assert result["history"][-1] == {"step": 4, "top1": result["top1"], "top5": result["top5"],
+                                     "pairs": result["verification"]["pairs"]}
     assert f"{NUM_CLASSES} classes in {train}, overriding hybridfc.num_classes=10" in run.stdout
     assert "backbone resnet20" in run.stdout and "training augmentation random flip, random shift" in run.stdout
     for step in (2, 4):
@@ -127,7 +137,7 @@ def test_narrow_iresnet50_on_a_recordio_set_at_112_px(tmp_path):
     result = read_result(result_json, run.stdout)
     assert result["num_classes"] == NUM_CLASSES
     assert "top1" not in result
-    assert 0.0 <= result["verification"]["lfw"] <= 1.0
+    assert f"accuracy {result['verification']['lfw']:.4f} " in last_line(run.stdout, f"step 2: verification {pairs}")
     assert "RecordIODataset" in run.stdout and "resized to 112x112, training augmentation none" in run.stdout
     assert "backbone iresnet50 (width 0.125" in run.stdout
     assert f"step 2: verification {pairs}: accuracy" in run.stdout, tail(run.stdout)

@@ -5,13 +5,15 @@ float64 single-process reference."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import worker
 from hybridfc.data import SyntheticClasses
-from test_deepspeed_e2e import NUM_CLASSES, assert_close_relative, assert_succeeded, ds_config, launch_worker, records
+from launcher import NUM_CLASSES, assert_close_relative, assert_succeeded, ds_config, launch_worker, records
 
 pytestmark = pytest.mark.e2e
 
@@ -30,22 +32,30 @@ def reference_rows(parameters: dict[str, torch.Tensor] | None = None) -> torch.T
     return sums / torch.bincount(y, minlength=NUM_CLASSES).unsqueeze(1)
 
 
+@pytest.fixture(scope="module")
+def warm_starts(tmp_path_factory) -> Path:
+    """One launch: imprinting at ZeRO 0 and 2, and a refresh after step 2."""
+    directory = tmp_path_factory.mktemp("warm_start")
+    runs = [{"name": f"imprint_z{stage}", "config": ds_config(stage, warm_start={"imprint": True}), "steps": 2,
+             "loader": True} for stage in (0, 2)]
+    runs.append({"name": "refresh", "config": ds_config(0, warm_start={"refresh_interval": 2}), "steps": 2,
+                 "loader": True})
+    assert_succeeded(launch_worker(directory, runs, timeout=180))
+    return directory
+
+
 @pytest.mark.parametrize("stage", [0, 2])
-def test_imprinted_rows_are_the_class_means_of_the_normalised_embeddings(tmp_path, stage):
-    run = {"name": "imprint", "config": ds_config(stage, warm_start={"imprint": True}), "steps": 2, "loader": True}
-    assert_succeeded(launch_worker(tmp_path, [run], timeout=120))
-    recs = records(tmp_path, "imprint")
+def test_imprinted_rows_are_the_class_means_of_the_normalised_embeddings(warm_starts, stage):
+    recs = records(warm_starts, f"imprint_z{stage}")
     rows = torch.cat([rec["head_at_first_forward"] for rec in recs])
     assert_close_relative(rows, reference_rows(), "imprinted rows")
     assert not torch.equal(rows, torch.cat([rec["initial_head"] for rec in recs]))
 
 
-def test_a_refresh_imprints_with_the_current_backbone(tmp_path):
+def test_a_refresh_imprints_with_the_current_backbone(warm_starts):
     """``refresh_interval`` 2: after step 2 the rows are the class means under the backbone of that
     moment (recorded at the end of the run), not the initial one."""
-    run = {"name": "refresh", "config": ds_config(0, warm_start={"refresh_interval": 2}), "steps": 2, "loader": True}
-    assert_succeeded(launch_worker(tmp_path, [run], timeout=120))
-    recs = records(tmp_path, "refresh")
+    recs = records(warm_starts, "refresh")
     rows = torch.cat([rec["heads"][-1] for rec in recs])
     assert_close_relative(rows, reference_rows(recs[0]["backbone"]), "refreshed rows")
     assert not torch.allclose(rows.double(), reference_rows(), atol=1e-3)

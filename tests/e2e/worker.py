@@ -23,6 +23,8 @@
 * ``evaluate``: after each step at which ``engine.evaluation_due()``, ``engine.evaluate`` runs on
   a fixed held-out batch per rank (the record keeps the lr multiplier ``engine.lr_scale`` after
   each step either way);
+* ``expect_error``: the run is meant to fail (on every rank): its error is reported as one line
+  ``worker rank R run NAME: Type: message`` and the next run starts (several failures, one launch);
 * ``state_dict_round_trip``: after training, ``engine.state_dict()`` is taken, zeros are loaded,
   then the state again; the record keeps the parameters after each load.
 
@@ -191,15 +193,26 @@ def main() -> None:
     torch.set_num_threads(1)
     try:
         for run in json.loads(Path(args.runs).read_text()):
-            train(args, run, Path(args.out))
+            try:
+                train(args, run, Path(args.out))
+            except Exception as exc:
+                if not run.get("expect_error"):
+                    raise
+                report(exc, f" run {run['name']}")
         # leave together: no rank exits while another still talks to it
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     except Exception as exc:
-        message = " | ".join(str(exc).splitlines())
-        sys.stdout.flush()   # one write: the line stays whole whatever the other rank prints meanwhile
-        os.write(sys.stdout.fileno(), f"worker rank {os.environ.get('RANK')}: {type(exc).__name__}: {message}\n".encode())
+        report(exc)
         raise
+
+
+def report(exc: Exception, where: str = "") -> None:
+    """``worker rank R<where>: Type: message`` as one line, in one write: it stays whole whatever
+    the other rank prints meanwhile."""
+    message = " | ".join(str(exc).splitlines())
+    sys.stdout.flush()
+    os.write(sys.stdout.fileno(), f"worker rank {os.environ.get('RANK')}{where}: {type(exc).__name__}: {message}\n".encode())
 
 
 if __name__ == "__main__":
