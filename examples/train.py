@@ -137,13 +137,12 @@ def load_config(args: argparse.Namespace) -> dict:
     return config
 
 
-def set_schedule_length(config: dict, num_samples: int, epochs: int, max_steps: int | None) -> None:
+def set_schedule_length(config: dict, num_samples: int, epochs: int, max_steps: int | None, world_size: int) -> None:
     """Fit DeepSpeed's schedule to the run's length: ``total_num_steps`` of a decaying schedule,
     and a warm-up of at most half the run (a longer one would end the run before the lr peaks)."""
     scheduler = config.get("scheduler", {})
     if scheduler.get("type") not in ("WarmupLR", "WarmupDecayLR", "WarmupCosineLR"):
         return
-    world_size = torch.distributed.get_world_size()
     global_batch = config["train_micro_batch_size_per_gpu"] * world_size
     steps = len(step_bounds(num_samples, global_batch, world_size)) // config.get("gradient_accumulation_steps", 1)
     total = max(1, steps * epochs if max_steps is None else min(steps * epochs, max_steps))
@@ -424,7 +423,7 @@ def run(args: argparse.Namespace) -> None:
     deepspeed.init_distributed(dist_backend=args.dist_backend if hasattr(args, "dist_backend") else None)
     torch.manual_seed(args.seed)
     task = image_task(args, section) if args.data else synthetic_task(args, section)
-    set_schedule_length(config, len(task.train_set), args.epochs, args.max_steps)
+    set_schedule_length(config, len(task.train_set), args.epochs, args.max_steps, torch.distributed.get_world_size())
     engine, _, loader, _ = hybridfc.initialize(args=args, model=task.backbone,
                                                model_parameters=task.backbone.parameters(),
                                                training_data=task.train_set, config=config)

@@ -165,7 +165,7 @@ def approximate_graphs(rank: int, world_size: int, data_seed: int) -> dict[str, 
             for kind in ("ivf", "hnsw")}
 
 
-@pytest.mark.parametrize("world_size", [1, 2])
+@pytest.mark.parametrize("world_size", [pytest.param(1, marks=pytest.mark.slow), 2])
 def test_approximate_graph_recall_and_determinism(world_size):
     data_seed = 20 + world_size
     if world_size == 1:

@@ -161,6 +161,7 @@ def test_help_through_the_console_script():
     assert "--memory-gib" in result.stdout and "--selection {full,partial,knn,hf}" in result.stdout
 
 
+@pytest.mark.slow   # a 1M-class head on 2 ranks: the quick tier checks the plan's arithmetic only
 def test_measured_peak_within_15_percent_of_the_plan():
     """2 gloo ranks, C = 1M, d = 128, global batch 256, momentum SGD: the head's peak RSS above
     the baseline against the plan's model-parallel total (see benchmarks/check_plan_memory.py)."""
