@@ -11,12 +11,34 @@ import deepspeed
 
 from hybridfc.checkpoint import (CheckpointError, latest_tag, load_parts, publish, reached, read_parts, save_parts,
                                  saved_world_size, staging_tag)
+from hybridfc.checkpoint.head import HeadOptimizerState, HeadShard, SelectionState
+from hybridfc.head.class_parallel_fc import ClassParallelFC
+from hybridfc.head.optimizer import HeadOptimizer
 from hybridfc.parallel.collectives import barrier, run_on_every_rank
 from hybridfc.parallel.groups import ProcessGroup, group_rank, group_size
 from hybridfc.state import StatePart
 
 WORLD: ProcessGroup = None
 """Saving and publishing involve every rank: the world's default group."""
+
+
+class EngineState:
+    """The state parts an engine's checkpoints hold: the head's (rows, optimizer, selection) first,
+    then each one :meth:`register` adds."""
+
+    def __init__(self, head: ClassParallelFC, head_optimizer: HeadOptimizer) -> None:
+        self.head, self.optimizer = HeadShard(head), HeadOptimizerState(head, head_optimizer)
+        self.parts: list[StatePart] = [self.head, self.optimizer, SelectionState(head)]
+
+    def register(self, part: StatePart) -> None:
+        """Have checkpoints save, reshard and load ``part`` too (:class:`hybridfc.state.StatePart`)."""
+        if any(known.name == part.name for known in self.parts):
+            raise ValueError(f"hybridfc: a state part named {part.name!r} is registered already")
+        self.parts.append(part)
+
+    def loaded(self, restore_optimizer: bool) -> list[StatePart]:
+        """The parts a load restores: all, or all but the head's optimizer."""
+        return [part for part in self.parts if restore_optimizer or part is not self.optimizer]
 
 
 def save(backbone: deepspeed.DeepSpeedEngine, parts: Sequence[StatePart], group: ProcessGroup, save_dir: str,

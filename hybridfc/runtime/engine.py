@@ -9,10 +9,8 @@ import deepspeed
 import torch
 from torch import nn
 
-from hybridfc.checkpoint.head import HeadOptimizerState, HeadShard, SelectionState
 from hybridfc.compression.error_feedback import TopKGradientReducer
 from hybridfc.config import EvaluationConfig, ScheduleConfig, WarmStartConfig
-from hybridfc.data.loader import DistributedLoader
 from hybridfc.deepspeed_adapter import DeepSpeedAdapter
 from hybridfc.eval.topk import held_out_accuracy
 from hybridfc.head.class_parallel_fc import ClassParallelFC
@@ -21,10 +19,10 @@ from hybridfc.head.optimizer import HeadOptimizer
 from hybridfc.log import log_dist
 from hybridfc.parallel.accounting import CommunicationStats, StatsCursor
 from hybridfc.runtime import checkpoints
-from hybridfc.runtime.data import DataPosition
+from hybridfc.runtime.checkpoints import EngineState, StatePart
+from hybridfc.runtime.data import DataPosition, DistributedLoader
 from hybridfc.runtime.lr import LrMultiplier
 from hybridfc.runtime.warm_start import ImprintSchedule, in_order, of_classes
-from hybridfc.state import StatePart
 from hybridfc.step import TrainingStep
 
 FORWARDED = frozenset({
@@ -34,9 +32,8 @@ FORWARDED = frozenset({
     "zero_optimization_stage", "fp16_enabled", "bfloat16_enabled", "gradient_clipping", "get_global_grad_norm",
     "monitor", "training_dataloader", "config",
 })
-"""DeepSpeed engine attributes that ``HybridEngine`` passes through: they describe the run as a
-whole. Everything that holds or changes state exists on the facade itself for backbone and head
-together (forward, backward, step, zero_grad, train, eval, parameters, state_dict, checkpoints)."""
+"""DeepSpeed engine attributes that ``HybridEngine`` passes through: they describe the run as a whole;
+what holds or changes state is the facade's own, for backbone and head together."""
 
 
 class HybridEngine:
@@ -47,7 +44,6 @@ class HybridEngine:
         head, head_optimizer: the class-parallel head (this rank's shard) and its optimizer.
         loader: the training loader :func:`hybridfc.initialize` made (None without ``training_data``).
         gradient_reducer: ``grad_topk``'s reduction of the backbone's gradients, or None.
-        state_parts: what a checkpoint holds (:mod:`hybridfc.state`); :meth:`register_state` adds one.
         last_evaluation, last_evaluated_step: the latest :meth:`evaluate` result and its step.
 
     The DeepSpeed attributes in :data:`FORWARDED` are reached through the facade
@@ -58,13 +54,13 @@ class HybridEngine:
                  backbone_base_lr: Optional[float], evaluation: Optional[EvaluationConfig] = None,
                  max_consecutive_skips: int = 10, loader: Optional[DistributedLoader] = None,
                  gradient_reducer: Optional[TopKGradientReducer] = None, warm_start: Optional[WarmStartConfig] = None,
-                 schedule: Optional[ScheduleConfig] = None) -> None:
+                 schedule: Optional[ScheduleConfig] = None, adapter: Optional[DeepSpeedAdapter] = None) -> None:
         self.backbone, self.head, self.head_optimizer, self.loader = backbone, head, head_optimizer, loader
         self.gradient_reducer = gradient_reducer
         self.evaluation = evaluation or EvaluationConfig()
         self.last_evaluation: dict[int, float] = {}
         self.last_evaluated_step = -1
-        self._adapter = DeepSpeedAdapter(backbone)
+        self._adapter = adapter or DeepSpeedAdapter(backbone)   # one per engine: it wraps the optimizer's step
         self._step = TrainingStep(self._adapter, head, head_optimizer, max_consecutive_skips, gradient_reducer)
         self._lr = LrMultiplier(self._adapter, schedule or ScheduleConfig(), backbone_base_lr)
         self._imprints = ImprintSchedule(warm_start, head.num_classes, fresh=backbone.global_steps == 0)
@@ -72,18 +68,20 @@ class HybridEngine:
         self._loss_scale = 1.0
         self._communication, self._communication_logged = StatsCursor(), StatsCursor()
         self._logged_step = backbone.global_steps
-        self._head_part, self._optimizer_part = HeadShard(head), HeadOptimizerState(head, head_optimizer)
-        self.state_parts: list[StatePart] = [self._head_part, self._optimizer_part, SelectionState(head)]
+        self._state = EngineState(head, head_optimizer)
         for part in [gradient_reducer, self._lr if self._lr.plateau else None, *self._data.parts()]:
             if part is not None:
                 self.register_state(part)
         head_optimizer.check_peak_lr(head_optimizer.param_groups[0]["lr"] * self._lr.batch_factor)
 
+    @property
+    def state_parts(self) -> list[StatePart]:
+        """What a checkpoint holds (:mod:`hybridfc.state`), in order."""
+        return list(self._state.parts)
+
     def register_state(self, part: StatePart) -> None:
         """Have checkpoints save, reshard and load ``part`` too (:class:`hybridfc.state.StatePart`)."""
-        if any(known.name == part.name for known in self.state_parts):
-            raise ValueError(f"hybridfc: a state part named {part.name!r} is registered already")
-        self.state_parts.append(part)
+        self._state.register(part)
 
     def __getattr__(self, name: str) -> Any:
         if name in FORWARDED:
@@ -93,7 +91,6 @@ class HybridEngine:
 
     def __call__(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.forward(inputs, labels)
-
     def forward(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Loss of this micro-batch (mean over the global batch): ``inputs (b, …)``, ``labels (b,)``.
         The first call of a run with ``warm_start.imprint`` imprints the head first (after a
@@ -149,16 +146,6 @@ class HybridEngine:
         """The multiplier hybridfc puts on the lr of backbone and head, on top of DeepSpeed's
         scheduler: ``schedule.batch_scaling``'s times ``schedule.plateau``'s (1 without them)."""
         return self._lr.scale
-
-    @property
-    def batch_factor(self) -> float:
-        """``schedule.batch_scaling``'s lr multiplier for DeepSpeed's global batch (1 without it)."""
-        return self._lr.batch_factor
-
-    @property
-    def plateau(self):
-        """``schedule.plateau``'s :class:`hybridfc.schedule.PlateauLR`, or None."""
-        return self._lr.plateau
 
     def zero_grad(self) -> None:
         """Drop the gradients of backbone and head."""
@@ -240,7 +227,7 @@ class HybridEngine:
                         save_latest: bool = True, **kwargs: Any) -> bool:
         """Save the backbone (DeepSpeed) and every state part as ``save_dir/tag``, complete or not at
         all (:mod:`hybridfc.checkpoint.publish`)."""
-        return checkpoints.save(self.backbone, self.state_parts, self.head.group, save_dir, tag, client_state,
+        return checkpoints.save(self.backbone, self._state.parts, self.head.group, save_dir, tag, client_state,
                                 save_latest, **kwargs)
 
     def load_checkpoint(self, load_dir: str, tag: Optional[str] = None, **kwargs: Any):
@@ -248,10 +235,10 @@ class HybridEngine:
         None)`` when ``load_dir`` holds no checkpoint. ``load_optimizer_states=False`` or
         ``load_module_only=True`` leave the head's optimizer as it is."""
         restore_optimizer = kwargs.get("load_optimizer_states", True) and not kwargs.get("load_module_only", False)
-        parts = [part for part in self.state_parts if restore_optimizer or part is not self._optimizer_part]
+        parts = self._state.loaded(restore_optimizer)
         loaded = checkpoints.load(self.backbone, parts, self.head.group, load_dir, tag, **kwargs)
         if loaded[0] is not None:
             self._logged_step = self.backbone.global_steps
-            self._imprints.after_load(self._head_part.grown_from, self.head.num_classes)
+            self._imprints.after_load(self._state.head.grown_from, self.head.num_classes)
             self._data.forget()
         return loaded

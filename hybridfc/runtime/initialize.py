@@ -112,17 +112,16 @@ def _check_momentum_correction(param_groups: list[dict]) -> None:
                           f"compression; set them to 0 / false, or turn momentum correction off")
 
 
-def gradient_reducer(backbone: deepspeed.DeepSpeedEngine, communication: CommunicationConfig,
+def gradient_reducer(adapter: DeepSpeedAdapter, communication: CommunicationConfig,
                      group: ProcessGroup) -> Optional[TopKGradientReducer]:
     """The top-k reduction of the backbone's gradients, where ``grad_topk`` asks for it (DeepSpeed's
     own reduction is then switched off)."""
     if communication.grad_topk is None:
         return None
-    adapter = DeepSpeedAdapter(backbone)
     momentum = adapter.take_over_reduction(communication.grad_topk_momentum_correction)
     numel = adapter.gradient_numel()
     reducer = TopKGradientReducer(numel, communication.grad_topk, communication.grad_topk_warmup_steps,
-                                  DTYPES[communication.grad_topk_value_dtype], momentum, group, backbone.device)
+                                  DTYPES[communication.grad_topk_value_dtype], momentum, group, adapter.engine.device)
     log_dist(f"backbone gradients: top {communication.grad_topk:g} of {numel} entries per rank and step "
              f"({reducer.pairs()} pairs now, {communication.grad_topk_value_dtype} values, warm-up "
              f"{communication.grad_topk_warmup_steps} steps), error feedback; DeepSpeed's reduction is off")
@@ -186,9 +185,10 @@ def initialize(args: Optional[argparse.Namespace] = None, model: Optional[torch.
     if training_data is not None:
         loader = DistributedLoader(training_data, backbone.train_micro_batch_size_per_gpu(), rank=group_rank(group),
                                    world_size=group_size(group), collate_fn=collate_fn, seed=cfg.seed)
+    adapter = DeepSpeedAdapter(backbone)
     engine = HybridEngine(backbone, head, build_head_optimizer(head, cfg.optimizer, cfg.gradient_clipping),
                           backbone_base_lr(ds_config, optimizer), cfg.evaluation, cfg.max_consecutive_skips, loader,
-                          gradient_reducer(backbone, cfg.communication, group), cfg.warm_start, cfg.schedule)
+                          gradient_reducer(adapter, cfg.communication, group), cfg.warm_start, cfg.schedule, adapter)
     ranks = group_size(group)
     log_dist(f"hybridfc head: {cfg.num_classes} classes x {cfg.embedding_size} over {ranks} rank{'s' * (ranks > 1)} "
              f"({head.num_local} rows on rank 0), margin {cfg.margin.model_dump()}, "
