@@ -37,8 +37,7 @@ from pathlib import Path
 
 import deepspeed
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 from torch.utils.data import Dataset
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -47,11 +46,10 @@ import hybridfc
 from hybridfc import models
 from hybridfc.checkpoint import CheckpointError
 from hybridfc.config import load_ds_config
-from hybridfc.data import (Compose, DistributedLoader, ImageFolderDataset, RandomHorizontalFlip, RecordIODataset,
-                           SyntheticClasses, nearest_mean_accuracy)
+from hybridfc.data import (Compose, DistributedLoader, ImageFolderDataset, RandomHorizontalFlip, RandomShift,
+                           Resize, SyntheticClasses, nearest_mean_accuracy, open_image_set)
 from hybridfc.data.loader import step_bounds
 from hybridfc.eval import evaluate_pair_bin
-from hybridfc.eval.features import resize_image
 from hybridfc.log import log_dist
 
 SMALL_IMAGE = 64
@@ -157,36 +155,6 @@ def set_schedule_length(config: dict, num_samples: int, epochs: int, max_steps: 
                  level=logging.WARNING)
 
 
-class Resize:
-    """``(3, h, w)`` -> ``(3, size, size)``, bilinear and antialiased; as is when it fits."""
-
-    def __init__(self, size: int) -> None:
-        self.size = (size, size)
-
-    def __call__(self, image: Tensor) -> Tensor:
-        return resize_image(image, self.size)
-
-    def __repr__(self) -> str:
-        return f"Resize({self.size[0]})"
-
-
-class RandomShift:
-    """Pads a ``(3, H, W)`` image with ``pad`` black pixels (-1) on each side and crops a random
-    ``H x W`` window of it (torch's global RNG, as ``RandomHorizontalFlip``)."""
-
-    def __init__(self, pad: int) -> None:
-        self.pad = pad
-
-    def __call__(self, image: Tensor) -> Tensor:
-        _, height, width = image.shape
-        padded = F.pad(image, (self.pad,) * 4, value=-1.0)
-        top, left = torch.randint(0, 2 * self.pad + 1, (2,)).tolist()
-        return padded[:, top:top + height, left:left + width]
-
-    def __repr__(self) -> str:
-        return f"RandomShift(pad={self.pad})"
-
-
 def image_transform(size: int, train: bool, flip: bool = True) -> Compose:
     """Resize to ``size``; for training also a random horizontal flip (unless ``flip`` is off) and,
     for small images, a random shift."""
@@ -197,18 +165,6 @@ def image_transform(size: int, train: bool, flip: bool = True) -> Compose:
         if size <= SMALL_IMAGE:
             steps.append(RandomShift(SHIFT_PAD))
     return Compose(steps)
-
-
-def open_image_set(path: str, num_classes: int | None = None) -> ImageFolderDataset | RecordIODataset:
-    """The image set at ``path``: a RecordIO set (a ``.rec`` file, its prefix, or a folder holding
-    ``train.rec``), else an image folder; without a transform yet. ``num_classes`` is passed to a
-    RecordIO set (one without a header then need not hold every class)."""
-    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "train.rec")):
-        return ImageFolderDataset(path)
-    if os.path.isdir(path) or path.endswith(".rec") or os.path.isfile(path + ".rec"):
-        return RecordIODataset(path, num_classes=num_classes)
-    raise FileNotFoundError(f"{path} is neither an image folder nor a RecordIO set (a .rec file, its prefix, "
-                            "or a folder holding train.rec and train.idx)")
 
 
 def first_image_size(dataset: Dataset, path: str) -> int:

@@ -21,7 +21,7 @@ __all__ = ["ClassParallelFC", "ConfigError", "HeadAdam", "HeadOptimizer", "HeadS
 def __getattr__(name: str):
     """``initialize`` and ``HybridEngine`` import DeepSpeed, so only on first use."""
     if name in ("initialize", "HybridEngine"):
-        from hybridfc import engine
+        from hybridfc import runtime
 
-        return getattr(engine, name)
+        return getattr(runtime, name)
     raise AttributeError(f"module 'hybridfc' has no attribute {name!r}")

@@ -114,6 +114,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple, Optional, Union, get_args
 
 import hjson
+import torch
 from pydantic import (
     AllowInfNan,
     BaseModel,
@@ -131,29 +132,32 @@ from pydantic.fields import FieldInfo
 from pydantic_core import ErrorDetails
 
 __all__ = [
-    "AdamOptimizer",
+    "AdamOptimizerConfig",
     "AdamParams",
-    "AdamWOptimizer",
-    "ArcFaceMargin",
-    "CombinedMargin",
+    "AdamWOptimizerConfig",
+    "ArcFaceMarginConfig",
+    "CombinedMarginConfig",
     "ConfigError",
-    "CosFaceMargin",
+    "CosFaceMarginConfig",
+    "ChunksConfig",
     "CommunicationConfig",
+    "DTYPES",
+    "GradTopKConfig",
     "PlateauConfig",
     "ScheduleConfig",
     "WarmStartConfig",
     "EvaluationConfig",
-    "FullSelection",
-    "HFSelection",
+    "FullSelectionConfig",
+    "HFSelectionConfig",
     "HeadOptimizerConfig",
     "HybridFCConfig",
-    "KNNSelection",
+    "KNNSelectionConfig",
     "MarginConfig",
-    "PartialSelection",
-    "SGDOptimizer",
+    "PartialSelectionConfig",
+    "SGDOptimizerConfig",
     "SGDParams",
     "SelectionConfig",
-    "SoftmaxMargin",
+    "SoftmaxMarginConfig",
     "config_fingerprint",
     "load_ds_config",
     "parse_head_optimizer",
@@ -169,6 +173,12 @@ SECTION = "hybridfc"
 Number = Annotated[float, Strict(), AllowInfNan(False)]
 """A finite float; an int is accepted and converted, a bool or a string is not."""
 
+DtypeName = Literal["fp32", "bf16", "fp16"]
+"""The dtypes the section names (the head's storage, grad_topk's values)."""
+
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""The one table from those names to torch dtypes."""
+
 
 class ConfigError(ValueError):
     """Any problem with a DeepSpeed config or its ``"hybridfc"`` section."""
@@ -180,13 +190,13 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class SoftmaxMargin(_Section):
+class SoftmaxMarginConfig(_Section):
     """Plain softmax over ``x·Wᵀ``, no normalisation and no margin."""
 
     type: Literal["softmax"] = "softmax"
 
 
-class CosFaceMargin(_Section):
+class CosFaceMarginConfig(_Section):
     """CosFace: ``scale * (cos θ - margin)`` for the target class."""
 
     type: Literal["cosface"] = "cosface"
@@ -194,7 +204,7 @@ class CosFaceMargin(_Section):
     margin: Number = Field(0.35, ge=0)
 
 
-class ArcFaceMargin(_Section):
+class ArcFaceMarginConfig(_Section):
     """ArcFace: ``scale * cos(θ + margin)`` for the target class."""
 
     type: Literal["arcface"] = "arcface"
@@ -202,7 +212,7 @@ class ArcFaceMargin(_Section):
     margin: Number = Field(0.5, ge=0, lt=math.pi)
 
 
-class CombinedMargin(_Section):
+class CombinedMarginConfig(_Section):
     """Combined margin: ``scale * (cos(m1·θ + m2) - m3)`` for the target class."""
 
     type: Literal["combined"] = "combined"
@@ -213,7 +223,7 @@ class CombinedMargin(_Section):
 
 
 MarginConfig = Annotated[
-    Union[SoftmaxMargin, CosFaceMargin, ArcFaceMargin, CombinedMargin],
+    Union[SoftmaxMarginConfig, CosFaceMarginConfig, ArcFaceMarginConfig, CombinedMarginConfig],
     Field(discriminator="type"),
 ]
 """The margin of the head's loss, chosen by its ``"type"`` key."""
@@ -235,7 +245,7 @@ IndexKind = Literal["auto", "exact", "ivf", "hnsw"]
 picks exact for small shards and IVF for large ones."""
 
 
-class FullSelection(_Section):
+class FullSelectionConfig(_Section):
     """Every class of the shard enters the softmax (the exact class-parallel softmax)."""
 
     type: Literal["full"] = "full"
@@ -248,7 +258,7 @@ class _Sampled(_Section):
     sampling_correction: StrictBool = True
 
 
-class PartialSelection(_Sampled):
+class PartialSelectionConfig(_Sampled):
     """PartialFC: the positives plus uniformly random negatives, ``budget`` rows per rank."""
 
     type: Literal["partial"] = "partial"
@@ -277,14 +287,14 @@ class _Rebuilt(_Sampled):
         return self.rebuild_delay or max(1, self.rebuild_interval // 10)
 
 
-class KNNSelection(_Rebuilt):
+class KNNSelectionConfig(_Rebuilt):
     """KNN softmax: the union of the ``k`` nearest classes of the batch's labels, from a
     class-to-class graph over all classes rebuilt every ``rebuild_interval`` steps."""
 
     type: Literal["knn"] = "knn"
 
 
-class HFSelection(_Rebuilt):
+class HFSelectionConfig(_Rebuilt):
     """HF-softmax: each sample's ``k`` nearest classes of the shard, from an index over the
     shard's centres rebuilt every ``rebuild_interval`` steps."""
 
@@ -292,7 +302,7 @@ class HFSelection(_Rebuilt):
 
 
 SelectionConfig = Annotated[
-    Union[FullSelection, PartialSelection, KNNSelection, HFSelection],
+    Union[FullSelectionConfig, PartialSelectionConfig, KNNSelectionConfig, HFSelectionConfig],
     Field(discriminator="type"),
 ]
 """Which classes of each shard enter each step's softmax, chosen by its ``"type"`` key."""
@@ -343,24 +353,35 @@ class WarmStartConfig(_Section):
     refresh_interval: StrictInt = Field(0, ge=0)
 
 
-class CommunicationConfig(_Section):
-    """How the exchanges run: the head's in ``chunks`` pieces of the local batch, pipelined; the
-    backbone's gradient dense (DeepSpeed's reduction) or as its top ``grad_topk`` share."""
+class ChunksConfig(_Section):
+    """The head's exchanges: each rank's micro-batch in ``chunks`` pieces, whose feature exchange
+    overlaps the head's compute (:mod:`hybridfc.parallel.chunks`)."""
 
     chunks: StrictInt = Field(1, ge=1)
+
+
+class GradTopKConfig(_Section):
+    """The backbone's gradient: DeepSpeed's dense reduction (``grad_topk`` null), or each rank's top
+    ``grad_topk`` share of entries with error feedback (:mod:`hybridfc.compression`)."""
+
     grad_topk: Optional[Number] = Field(None, gt=0, le=1)
     grad_topk_warmup_steps: StrictInt = Field(250, ge=0)
-    grad_topk_value_dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
+    grad_topk_value_dtype: DtypeName = "bf16"
     grad_topk_momentum_correction: StrictBool = False
 
     @model_validator(mode="after")
-    def _topk_keys_need_topk(self) -> "CommunicationConfig":
+    def _topk_keys_need_topk(self) -> "GradTopKConfig":
         stray = [key for key, field in type(self).model_fields.items()
                  if key.startswith("grad_topk_") and getattr(self, key) != field.default]
         if self.grad_topk is None and stray:
             raise ValueError(f"{', '.join(stray)} without grad_topk: no effect while DeepSpeed reduces the "
                              f"backbone's gradients densely; set grad_topk, or remove {'them' if stray[1:] else 'it'}")
         return self
+
+
+class CommunicationConfig(ChunksConfig, GradTopKConfig):
+    """The ``communication`` section: the keys of two separate settings side by side in one JSON
+    object, the head's :class:`ChunksConfig` and the backbone's :class:`GradTopKConfig`."""
 
 
 class SGDParams(_Section):
@@ -382,21 +403,21 @@ class AdamParams(_Section):
     weight_decay: Number = Field(0.0, ge=0)
 
 
-class SGDOptimizer(_Section):
+class SGDOptimizerConfig(_Section):
     """Momentum SGD, in DeepSpeed's ``{"type", "params"}`` shape."""
 
     type: Literal["sgd"] = "sgd"
     params: SGDParams = Field(default_factory=SGDParams)
 
 
-class AdamOptimizer(_Section):
+class AdamOptimizerConfig(_Section):
     """Adam with L2 weight decay added to the gradient."""
 
     type: Literal["adam"] = "adam"
     params: AdamParams = Field(default_factory=AdamParams)
 
 
-class AdamWOptimizer(_Section):
+class AdamWOptimizerConfig(_Section):
     """AdamW: Adam with decoupled weight decay."""
 
     type: Literal["adamw"] = "adamw"
@@ -410,7 +431,7 @@ def _sgd_by_default(value: Any) -> Any:
 
 
 HeadOptimizerConfig = Annotated[
-    Union[SGDOptimizer, AdamOptimizer, AdamWOptimizer],
+    Union[SGDOptimizerConfig, AdamOptimizerConfig, AdamWOptimizerConfig],
     Field(discriminator="type"),
     BeforeValidator(_sgd_by_default),
 ]
@@ -423,10 +444,10 @@ class HybridFCConfig(_Section):
     num_classes: StrictInt = Field(ge=1)
     embedding_size: StrictInt = Field(ge=1)
     seed: StrictInt = Field(0, ge=0)
-    margin: MarginConfig = Field(default_factory=ArcFaceMargin)
-    selection: SelectionConfig = Field(default_factory=FullSelection)
-    storage_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
-    optimizer: HeadOptimizerConfig = Field(default_factory=SGDOptimizer)
+    margin: MarginConfig = Field(default_factory=ArcFaceMarginConfig)
+    selection: SelectionConfig = Field(default_factory=FullSelectionConfig)
+    storage_dtype: DtypeName = "fp32"
+    optimizer: HeadOptimizerConfig = Field(default_factory=SGDOptimizerConfig)
     gradient_clipping: Number = Field(0.0, ge=0)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     warm_start: WarmStartConfig = Field(default_factory=WarmStartConfig)
@@ -449,9 +470,9 @@ def parse_hybridfc_section(section: dict[str, Any]) -> HybridFCConfig:
     return _validate(HybridFCConfig, section, SECTION)
 
 
-ParsedMargin = Union[SoftmaxMargin, CosFaceMargin, ArcFaceMargin, CombinedMargin]
-ParsedSelection = Union[FullSelection, PartialSelection, KNNSelection, HFSelection]
-ParsedHeadOptimizer = Union[SGDOptimizer, AdamOptimizer, AdamWOptimizer]
+ParsedMargin = Union[SoftmaxMarginConfig, CosFaceMarginConfig, ArcFaceMarginConfig, CombinedMarginConfig]
+ParsedSelection = Union[FullSelectionConfig, PartialSelectionConfig, KNNSelectionConfig, HFSelectionConfig]
+ParsedHeadOptimizer = Union[SGDOptimizerConfig, AdamOptimizerConfig, AdamWOptimizerConfig]
 
 
 class _StandaloneMargin(_Section):

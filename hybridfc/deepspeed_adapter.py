@@ -33,7 +33,6 @@ import deepspeed
 import torch
 from torch import nn
 
-from hybridfc.config import ConfigError
 from hybridfc.log import log_dist
 
 
@@ -132,48 +131,33 @@ class DeepSpeedAdapter:
     def take_over_reduction(self, momentum_correction: bool) -> float:
         """Stop DeepSpeed from reducing the backbone's gradients (:meth:`gradients` are then this
         rank's own until hybridfc reduces them); with ``momentum_correction`` the optimizer's
-        momentum is taken out of it and returned, to be applied before compression (else 0)."""
-        self._check_reduction_can_be_taken_over()
+        momentum is taken out of it and returned, to be applied before compression (else 0).
+        Whether this engine allows it is checked at :func:`hybridfc.initialize`
+        (:func:`hybridfc.runtime.initialize.check_grad_topk`)."""
         self.engine.enable_backward_allreduce = False
-        return self._take_momentum() if momentum_correction else 0.0
-
-    def _check_reduction_can_be_taken_over(self) -> None:
-        """Only the setups whose optimizer reads the gradients hybridfc reduces: ZeRO-0 with
-        ``param.grad``, ZeRO-1 without offload, overlap or a separate accumulation dtype."""
-        stage, optimizer = self.engine.zero_optimization_stage(), self.engine.optimizer
-        problem = None
-        if stage > 1:
-            problem = (f"ZeRO stage {stage} reduces gradients inside backward and keeps only a partition of them; "
-                       f"grad_topk takes ZeRO stages 0 and 1")
-        elif self.fp16:
-            problem = "fp16 with loss scaling is not supported; use bf16 or fp32"
-        elif type(optimizer).__name__ == "BF16_Optimizer" or getattr(optimizer, "use_grad_accum_attribute", False):
-            problem = ("a separate gradient accumulation dtype (data_types.grad_accum_dtype) is not supported; leave "
-                       "grad_accum_dtype unset")
-        elif getattr(optimizer, "cpu_offload", False):
-            problem = "ZeRO-1 with optimizer offload (offload_optimizer) is not supported"
-        elif getattr(optimizer, "overlap_comm", False):
-            problem = "ZeRO-1 with overlap_comm reduces inside backward; set zero_optimization.overlap_comm false"
-        if problem is not None:
-            raise ConfigError(f"hybridfc.communication.grad_topk: {problem}")
-
-    def _take_momentum(self) -> float:
+        if not momentum_correction:
+            return 0.0
         groups = self.engine.optimizer.param_groups
-        momenta = {group.get("momentum", 0.0) for group in groups}
-        if len(momenta) != 1 or not next(iter(momenta)):
-            raise ConfigError(f"hybridfc.communication.grad_topk_momentum_correction: needs a momentum-SGD backbone "
-                              f"optimizer with one momentum > 0 (its param groups have momentum {sorted(momenta)})")
-        outside = sorted({key for group in groups for key in ("weight_decay", "dampening", "nesterov") if group.get(key)})
-        if outside:
-            raise ConfigError(f"hybridfc.communication.grad_topk_momentum_correction: the backbone optimizer's "
-                              f"{', '.join(outside)} would act outside the momentum hybridfc applies before "
-                              f"compression; set them to 0 / false, or turn momentum correction off")
+        momentum = float(groups[0]["momentum"])
         for group in groups:
             group["momentum"] = 0.0
-        momentum = float(next(iter(momenta)))
         log_dist(f"grad_topk momentum correction: momentum {momentum} applied before compression, the backbone's "
                  f"optimizer runs without it")
         return momentum
+
+    def module_state_dict(self) -> dict[str, torch.Tensor]:
+        """Copies of the backbone module's state (ZeRO-3 partitions gathered)."""
+        module = self.module
+        with deepspeed.zero.GatheredParameters(list(module.parameters()),
+                                               enabled=self.engine.zero_optimization_stage() == 3):
+            return {name: value.detach().clone() for name, value in module.state_dict().items()}
+
+    def load_module_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load what :meth:`module_state_dict` returned (ZeRO-3: from rank 0's, into the partitions)."""
+        module = self.module
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0,
+                                               enabled=self.engine.zero_optimization_stage() == 3):
+            module.load_state_dict(state)
 
     def gradients(self) -> list[torch.Tensor]:
         """This rank's gradient tensors of the backbone, in parameter order (zeros where backward

@@ -84,3 +84,18 @@ def reference_grads_over(classes: torch.Tensor, embeddings, labels, weight, marg
     targets = torch.searchsorted(classes, labels)
     assert torch.equal(classes[targets.clamp_max(len(classes) - 1)], labels), "a label is not among the classes"
     return reference_grads(embeddings, targets, weight[classes], margin, logit_offset)
+
+
+def sgd_step(optimizer: torch.optim.SGD, weight: torch.Tensor, lars: float = 0.0) -> None:
+    """One ``torch.optim.SGD`` step of ``weight`` (one param group, its gradient set); with ``lars``
+    the gradient and the weight decay times LARS's trust ratio ``lars·‖W‖ / (‖g‖ + wd·‖W‖)`` (what
+    enters the momentum, ``g + wd·w``, scaled), the group's weight decay put back after."""
+    group = optimizer.param_groups[0]
+    decay = group["weight_decay"]
+    if lars:
+        norm = weight.detach().norm()
+        trust = float(lars * norm / (weight.grad.norm() + decay * norm))
+        weight.grad.mul_(trust)
+        group["weight_decay"] = decay * trust
+    optimizer.step()
+    group["weight_decay"] = decay

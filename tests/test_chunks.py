@@ -15,7 +15,7 @@ from torch.testing import assert_close
 from distributed import run_distributed
 from hybridfc import ClassParallelFC, ConfigError
 from hybridfc.config import parse_hybridfc_section
-from hybridfc.engine import check_chunks
+from hybridfc.runtime.initialize import check_chunks
 from hybridfc.parallel import ChunkLayout
 from reference import random_batch, random_weight, rank_rows, reference_grads
 
@@ -133,5 +133,5 @@ def test_chunks_above_the_micro_batch_is_an_error_naming_the_key():
     cfg = parse_hybridfc_section({"num_classes": 10, "embedding_size": 4, "communication": {"chunks": 9}})
     with pytest.raises(ConfigError, match=r"hybridfc\.communication\.chunks: 9 chunks .* 8 samples .*"
                                           r"train_micro_batch_size_per_gpu"):
-        check_chunks(cfg, micro_batch=8)
-    check_chunks(cfg, micro_batch=9)
+        check_chunks(cfg.communication.chunks, micro_batch=8)
+    check_chunks(cfg.communication.chunks, micro_batch=9)

@@ -8,7 +8,7 @@ import torch.distributed as dist
 from torch.testing import assert_close
 
 from distributed import run_distributed
-from hybridfc.parallel import all_gather_vector, gather_padded, gather_rows, scale_gradient
+from hybridfc.parallel import all_gather_vector, gather_padded, reduce_scatter_padded, scale_gradient
 from reference import rank_rows
 
 WIDTH = 5
@@ -37,10 +37,9 @@ def _collectives_worker(rank: int, world_size: int) -> dict:
     out = {"vector": all_gather_vector(torch.tensor([rank, 10 * rank + 1, -rank]))}
     for seed, (layout, sizes) in enumerate(layouts(world_size).items()):
         for same_loss in (True, False):
-            x = rows_of(rank, sizes, seed).requires_grad_()
-            gathered = gather_rows(x, sizes)
-            (gathered * upstream(0 if same_loss else rank, sum(sizes), seed)).sum().backward()
-            out[layout, same_loss] = {"gathered": gathered.detach(), "grad": x.grad}
+            gathered = gather_padded(rows_of(rank, sizes, seed), sizes)
+            grad = reduce_scatter_padded(upstream(0 if same_loss else rank, sum(sizes), seed), sizes)
+            out[layout, same_loss] = {"gathered": gathered, "grad": grad}
         labels = torch.arange(sizes[rank]) + 1000 * rank
         out[layout, "labels"] = gather_padded(labels, sizes)
     return out
@@ -60,7 +59,7 @@ def test_all_gather_vector_stacks_one_row_per_rank(run):
 
 
 @pytest.mark.parametrize("layout", ["even", "first_empty", "last_empty"])
-def test_gather_rows_forward_is_the_concatenation_in_rank_order(run, layout):
+def test_gather_padded_is_the_concatenation_in_rank_order(run, layout):
     """Uneven counts, empty ranks included: every rank gets all rows, unpadded, in rank order."""
     world_size, results = run
     sizes = layouts(world_size)[layout]
@@ -73,7 +72,7 @@ def test_gather_rows_forward_is_the_concatenation_in_rank_order(run, layout):
 
 
 @pytest.mark.parametrize("layout", ["even", "first_empty", "last_empty"])
-def test_gather_rows_backward_sums_every_ranks_gradient_of_my_rows(run, layout):
+def test_reduce_scatter_padded_sums_every_ranks_gradient_of_my_rows(run, layout):
     """With upstream gradient G_q on rank q, rank r's rows get Σ_q G_q[rows of r]; when every
     rank runs the same loss (G_q = G) that is world_size · G[rows of r]."""
     world_size, results = run
@@ -104,7 +103,7 @@ def test_single_process_collectives_without_torch_distributed():
     """Without a process group: gather is the identity, the vector gets a leading 1 (a copy)."""
     assert not dist.is_initialized()
     x = torch.randn(3, WIDTH, generator=torch.Generator().manual_seed(3))
-    assert torch.equal(gather_rows(x, [3]), x)
+    assert torch.equal(gather_padded(x, [3]), x)
     values = torch.tensor([4, 5])
     stacked = all_gather_vector(values)
     values[0] = 9

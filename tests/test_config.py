@@ -13,19 +13,19 @@ from typing import Any
 import pytest
 
 from hybridfc.config import (
-    ArcFaceMargin,
+    ArcFaceMarginConfig,
     CommunicationConfig,
-    CombinedMargin,
+    CombinedMarginConfig,
     ConfigError,
-    CosFaceMargin,
-    FullSelection,
-    HFSelection,
+    CosFaceMarginConfig,
+    FullSelectionConfig,
+    HFSelectionConfig,
     HybridFCConfig,
-    KNNSelection,
-    PartialSelection,
-    SGDOptimizer,
+    KNNSelectionConfig,
+    PartialSelectionConfig,
+    SGDOptimizerConfig,
     SGDParams,
-    SoftmaxMargin,
+    SoftmaxMarginConfig,
     config_fingerprint,
     load_ds_config,
     parse_communication,
@@ -86,10 +86,10 @@ def test_defaults_are_filled() -> None:
     assert isinstance(cfg, HybridFCConfig)
     assert cfg.num_classes == 1000 and cfg.embedding_size == 64
     assert cfg.seed == 0
-    assert cfg.margin == ArcFaceMargin(scale=64.0, margin=0.5)
-    assert cfg.selection == FullSelection(type="full")
+    assert cfg.margin == ArcFaceMarginConfig(scale=64.0, margin=0.5)
+    assert cfg.selection == FullSelectionConfig(type="full")
     assert cfg.storage_dtype == "fp32"
-    assert cfg.optimizer == SGDOptimizer(
+    assert cfg.optimizer == SGDOptimizerConfig(
         type="sgd", params=SGDParams(lr=0.1, momentum=0.9, weight_decay=5e-4)
     )
     assert cfg.gradient_clipping == 0.0
@@ -100,14 +100,14 @@ def test_defaults_are_filled() -> None:
 @pytest.mark.parametrize(
     ("given", "expected"),
     [
-        ({"type": "softmax"}, SoftmaxMargin()),
-        ({"type": "cosface"}, CosFaceMargin(scale=64.0, margin=0.35)),
-        ({"type": "cosface", "scale": 30, "margin": 0.4}, CosFaceMargin(scale=30.0, margin=0.4)),
-        ({"type": "arcface"}, ArcFaceMargin(scale=64.0, margin=0.5)),
-        ({"type": "arcface", "scale": 64, "margin": 0}, ArcFaceMargin(scale=64.0, margin=0.0)),
-        ({"type": "combined"}, CombinedMargin(scale=64.0, m1=1.0, m2=0.5, m3=0.0)),
+        ({"type": "softmax"}, SoftmaxMarginConfig()),
+        ({"type": "cosface"}, CosFaceMarginConfig(scale=64.0, margin=0.35)),
+        ({"type": "cosface", "scale": 30, "margin": 0.4}, CosFaceMarginConfig(scale=30.0, margin=0.4)),
+        ({"type": "arcface"}, ArcFaceMarginConfig(scale=64.0, margin=0.5)),
+        ({"type": "arcface", "scale": 64, "margin": 0}, ArcFaceMarginConfig(scale=64.0, margin=0.0)),
+        ({"type": "combined"}, CombinedMarginConfig(scale=64.0, m1=1.0, m2=0.5, m3=0.0)),
         ({"type": "combined", "m1": 0.9, "m2": 0.4, "m3": 0.15},
-         CombinedMargin(scale=64.0, m1=0.9, m2=0.4, m3=0.15)),
+         CombinedMarginConfig(scale=64.0, m1=0.9, m2=0.4, m3=0.15)),
     ],
 )
 def test_each_margin_type_parses(given: dict[str, Any], expected: Any) -> None:
@@ -430,7 +430,7 @@ def test_readme_documents_every_key_of_the_section():
     """Every key of the section and every key of each selection type has a row in the README."""
     rows = _readme_rows()
     assert set(HybridFCConfig.model_fields) <= rows
-    for model in (PartialSelection, KNNSelection, HFSelection):
+    for model in (PartialSelectionConfig, KNNSelectionConfig, HFSelectionConfig):
         assert {f"selection.{key}" for key in model.model_fields if key != "type"} <= rows, model.__name__
     assert {f"communication.{key}" for key in CommunicationConfig.model_fields} <= rows
 
@@ -445,7 +445,7 @@ def test_parsed_sections_reach_the_head_as_they_are():
     assert parse_selection(cfg.selection) is cfg.selection
     assert parse_head_optimizer(cfg.optimizer) is cfg.optimizer
     assert parse_communication(cfg.communication) is cfg.communication
-    with pytest.raises(ConfigError, match="margin: got a parsed PartialSelection section"):
+    with pytest.raises(ConfigError, match="margin: got a parsed PartialSelectionConfig section"):
         parse_margin(cfg.selection)
     head = ClassParallelFC(10, 4, margin=cfg.margin, selection=cfg.selection,
                            communication=cfg.communication)

@@ -23,7 +23,7 @@ import torch.distributed as dist  # noqa: E402
 from torch.testing import assert_close  # noqa: E402
 
 from hybridfc import build_head_optimizer  # noqa: E402
-from hybridfc.parallel import all_gather_vector, gather_padded, gather_rows  # noqa: E402
+from hybridfc.parallel import all_gather_vector, gather_padded  # noqa: E402
 from reference import random_weight, reference_grads_over  # noqa: E402
 from test_selection import (FULL, MARGINS, OPTIMIZERS, WIDTH, dense_gradient, make_head,  # noqa: E402
                             num_classes, selection, step_batch)
@@ -173,16 +173,6 @@ def test_all_gather_vector_is_the_input_as_one_row():
 def test_gather_padded_is_the_input():
     labels = torch.randint(CLASSES, (5,), device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(1))
     assert torch.equal(gather_padded(labels, [5]), labels)
-
-
-def test_gather_rows_is_the_identity_forward_and_backward():
-    generator = torch.Generator(DEVICE).manual_seed(2)
-    rows = torch.randn(4, WIDTH, device=DEVICE, generator=generator, requires_grad=True)
-    upstream = torch.randn(4, WIDTH, device=DEVICE, generator=generator)
-    gathered = gather_rows(rows, [4])
-    (gathered * upstream).sum().backward()
-    assert torch.equal(gathered.detach(), rows.detach())
-    assert torch.equal(rows.grad, upstream)
 
 
 def test_nccl_all_gather_moves_cuda_tensors():

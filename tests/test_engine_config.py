@@ -9,12 +9,12 @@ import pytest
 from distributed import run_distributed
 from hybridfc.config import ConfigError, parse_hybridfc_section
 from hybridfc import initialize
-from hybridfc.engine import _check_same_config, _read_ds_config
+from hybridfc.runtime.initialize import check_same_config, read_ds_config
 
 
 def _agreement_worker(rank: int, world_size: int, classes_by_rank: list[int]) -> str:
     cfg = parse_hybridfc_section({"num_classes": classes_by_rank[rank], "embedding_size": 8})
-    _check_same_config(cfg, None)
+    check_same_config(cfg, None)
     return "agreed"
 
 
@@ -32,21 +32,21 @@ def test_config_differing_on_one_rank_fails_on_every_rank():
 def test_config_read_from_args_file(tmp_path):
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({"train_micro_batch_size_per_gpu": 4, "hybridfc": {"num_classes": 5, "embedding_size": 3}}))
-    config = _read_ds_config(argparse.Namespace(deepspeed_config=str(path)), None, None)
+    config = read_ds_config(argparse.Namespace(deepspeed_config=str(path)), None, None)
     assert config["hybridfc"]["num_classes"] == 5
 
 
 def test_missing_config_file_names_the_path(tmp_path):
     missing = tmp_path / "nope.json"
     with pytest.raises(ConfigError, match="not found: .*nope.json"):
-        _read_ds_config(argparse.Namespace(deepspeed_config=str(missing)), None, None)
+        read_ds_config(argparse.Namespace(deepspeed_config=str(missing)), None, None)
 
 
 def test_no_config_and_two_configs_are_errors():
     with pytest.raises(ConfigError, match="no DeepSpeed config"):
-        _read_ds_config(argparse.Namespace(deepspeed_config=None), None, None)
+        read_ds_config(argparse.Namespace(deepspeed_config=None), None, None)
     with pytest.raises(ConfigError, match="more than once"):
-        _read_ds_config(argparse.Namespace(deepspeed_config="a.json"), {"x": 1}, None)
+        read_ds_config(argparse.Namespace(deepspeed_config="a.json"), {"x": 1}, None)
 
 
 @pytest.mark.parametrize("warm_start", [{"imprint": True}, {"refresh_interval": 5}])

@@ -67,7 +67,7 @@ def _grow_worker(rank: int, world_size: int, roots: dict[int, str]) -> dict:
             state = read_head(head, Path(root) / name)
             apply_head(head, optimizer, state)
             grown = {"weight": head.weight.detach().clone(), "state": {k: v.clone() for k, v in optimizer.state_dict()["state"][0].items()},
-                     "grown_from": state["grown_from"], "steps": head.steps}
+                     "grown_from": state["head"]["grown_from"], "steps": head.steps}
             train(head, optimizer, rank, world_size, NEW, range(STEPS_BEFORE, STEPS_BEFORE + STEPS_AFTER))
             out[saved_on, name] = {**grown, "after": head.weight.detach().clone()}
     return out

@@ -15,7 +15,7 @@ from torch.testing import assert_close
 
 from distributed import run_distributed
 from hybridfc import ClassParallelFC, ConfigError, build_head_optimizer
-from reference import random_batch, random_weight, rank_rows, reference_grads
+from reference import random_batch, random_weight, rank_rows, reference_grads, sgd_step
 
 WORLD_SIZES = (1, 2, 3)
 WIDTH = 8
@@ -143,13 +143,7 @@ def reference_trajectory(world_size: int, scenario: str, clip: float = 0.0, rese
         norms.append(float(weight.grad.norm()))
         if clip:
             torch.nn.utils.clip_grad_norm_([weight], clip)
-        if lars:   # what enters the momentum, g + wd·w, times the trust ratio
-            norm = weight.detach().norm()
-            trust = float(lars * norm / (weight.grad.norm() + PARAMS["weight_decay"] * norm))
-            weight.grad.mul_(trust)
-            optimizer.param_groups[0]["weight_decay"] = PARAMS["weight_decay"] * trust
-        optimizer.step()
-        optimizer.param_groups[0]["weight_decay"] = PARAMS["weight_decay"]
+        sgd_step(optimizer, weight, lars)
         if scheduler is not None:
             scheduler.step()
         trajectory.append(weight.detach().clone())

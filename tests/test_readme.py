@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from hybridfc.config import (CommunicationConfig, HFSelection, HybridFCConfig, KNNSelection, PartialSelection,
+from hybridfc.config import (CommunicationConfig, HFSelectionConfig, HybridFCConfig, KNNSelectionConfig, PartialSelectionConfig,
                              parse_hybridfc_section, split_ds_config)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -135,7 +135,7 @@ def test_readme_is_short():
 
 def _config_keys() -> set[str]:
     keys = set(HybridFCConfig.model_fields)
-    for model in (PartialSelection, KNNSelection, HFSelection):
+    for model in (PartialSelectionConfig, KNNSelectionConfig, HFSelectionConfig):
         keys |= {f"selection.{key}" for key in model.model_fields if key != "type"}
     return keys | {f"communication.{key}" for key in CommunicationConfig.model_fields}
 

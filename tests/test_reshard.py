@@ -10,7 +10,7 @@ import torch
 
 from distributed import run_distributed
 from hybridfc import ClassParallelFC, build_head_optimizer
-from hybridfc.checkpoint import apply_head, read_head, save_head, shard_file
+from hybridfc.checkpoint import apply_head, part_file, read_head, save_head, shard_file
 from hybridfc.head.optimizer import ROW_STATE
 
 CLASSES, WIDTH, STEPS = 37, 6, 3
@@ -64,12 +64,14 @@ def saved(tmp_path_factory) -> dict[int, str]:
 def saved_head(root: str, saved_on: int, optimizer_name: str, dtype: str) -> dict:
     """The whole head as saved: rows and per-row state concatenated over the shards, the rest of
     the state from rank 0's file."""
-    files = [torch.load(shard_file(Path(root) / f"{optimizer_name}_{dtype}", r, saved_on), weights_only=True)
-             for r in range(saved_on)]
-    state = dict(files[0]["optimizer"]["state"][0])
+    tag_dir = Path(root) / f"{optimizer_name}_{dtype}"
+    files = [torch.load(shard_file(tag_dir, r, saved_on), weights_only=True) for r in range(saved_on)]
+    optimizers = [torch.load(part_file(tag_dir, "optimizer", r, saved_on), weights_only=True)["state"]["state"][0]
+                  for r in range(saved_on)]
+    state = dict(optimizers[0])
     for name in state:
         if name in ROW_STATE:
-            state[name] = torch.cat([f["optimizer"]["state"][0][name] for f in files])
+            state[name] = torch.cat([optimizer[name] for optimizer in optimizers])
     return {"weight": torch.cat([f["weight"] for f in files]), "state": state, "steps": files[0]["steps"]}
 
 

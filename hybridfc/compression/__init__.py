@@ -8,7 +8,7 @@ module                 what it holds
 =====================  =============================================================
 """
 
-from hybridfc.compression.error_feedback import VALUE_DTYPES, TopKGradientReducer
+from hybridfc.compression.error_feedback import TopKGradientReducer
 from hybridfc.compression.topk import density_at, largest_magnitudes
 
-__all__ = ["VALUE_DTYPES", "TopKGradientReducer", "density_at", "largest_magnitudes"]
+__all__ = ["TopKGradientReducer", "density_at", "largest_magnitudes"]

@@ -24,7 +24,7 @@ momentum SGD); the backbone's optimizer runs without momentum.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -32,8 +32,7 @@ from hybridfc.compression.topk import density_at, largest_magnitudes
 from hybridfc.parallel.collectives import all_reduce, sparse_sum
 from hybridfc.parallel.groups import ProcessGroup, group_size
 from hybridfc.parallel.wire import sparse_pays
-
-VALUE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from hybridfc.state import SavedStates
 
 
 class TopKGradientReducer:
@@ -43,7 +42,7 @@ class TopKGradientReducer:
         numel: the entries of all the gradients together (the same on every rank).
         density: the share of entries sent once warmed up, in (0, 1].
         warmup_steps: steps over which the share decays from 1 to ``density`` (0: none).
-        value_dtype: the values' dtype on the wire (the config's names: :data:`VALUE_DTYPES`).
+        value_dtype: the values' dtype on the wire (the config's names: :data:`hybridfc.config.DTYPES`).
         momentum: the momentum of momentum correction (0: off).
         group: the data-parallel group.
         device, dtype: of the residual (the gradients' device; float32, float64 for tests).
@@ -127,6 +126,9 @@ class TopKGradientReducer:
         for gradient in gradients:
             gradient.fill_(float("nan"))
 
+    name = "grad_topk"
+    """Its state part's name (:mod:`hybridfc.state`): the residual, the momentum and the step count."""
+
     def state_dict(self) -> dict[str, Any]:
         return {"residual": self.residual.clone(), "velocity": None if self.velocity is None else self.velocity.clone(),
                 "steps": self.steps}
@@ -140,6 +142,19 @@ class TopKGradientReducer:
         if self.velocity is not None and state.get("velocity") is not None:
             self.velocity.copy_(state["velocity"])
         self.steps = int(state["steps"])
+
+    @staticmethod
+    def merge(saved: SavedStates) -> Optional[dict[str, Any]]:
+        """This rank's own state on as many ranks; on another number every rank starts from the mean
+        of the saved residuals (and momenta), which keeps what the ranks still owed the average."""
+        if saved.same_layout or not len(saved):
+            return saved.own()
+        states = list(saved)
+        if any(state is None for state in states):
+            return None
+        mean = {name: None if states[0][name] is None else torch.stack([s[name] for s in states]).mean(0)
+                for name in ("residual", "velocity")}
+        return {**mean, "steps": states[0]["steps"]}
 
 
 def _to_wire(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

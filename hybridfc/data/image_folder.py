@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from hybridfc.data.recordio import RecordIODataset
 from hybridfc.data.transforms import Transform, decode_image
 
 
@@ -85,3 +86,15 @@ class ImageFolderDataset(Dataset):
         if self.transform is not None:
             image = self.transform(image)
         return image, torch.tensor(label, dtype=torch.int64)
+
+
+def open_image_set(path: str, num_classes: "int | None" = None) -> "ImageFolderDataset | RecordIODataset":
+    """The image set at ``path``: a RecordIO set (a ``.rec`` file, its prefix, or a folder holding
+    ``train.rec``), else an image folder; without a transform yet. ``num_classes`` is passed to a
+    RecordIO set (one without a header then need not hold every class)."""
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "train.rec")):
+        return ImageFolderDataset(path)
+    if os.path.isdir(path) or path.endswith(".rec") or os.path.isfile(path + ".rec"):
+        return RecordIODataset(path, num_classes=num_classes)
+    raise FileNotFoundError(f"{path} is neither an image folder nor a RecordIO set (a .rec file, its prefix, "
+                            "or a folder holding train.rec and train.idx)")

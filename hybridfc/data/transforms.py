@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
@@ -72,3 +73,40 @@ class Compose:
 
     def __repr__(self) -> str:
         return f"Compose({self.transforms!r})"
+
+
+def resize_image(image: Tensor, image_size: tuple[int, int]) -> Tensor:
+    """``(3, h, w)`` -> ``(3, H, W)``, ``image_size = (H, W)``: bilinear, antialiased; as is if it fits."""
+    if tuple(image.shape[1:]) == tuple(image_size):
+        return image
+    return F.interpolate(image[None], size=image_size, mode="bilinear", antialias=True, align_corners=False)[0]
+
+
+class Resize:
+    """``(3, h, w)`` -> ``(3, size, size)``, bilinear and antialiased; as is when it fits."""
+
+    def __init__(self, size: int) -> None:
+        self.size = (size, size)
+
+    def __call__(self, image: Tensor) -> Tensor:
+        return resize_image(image, self.size)
+
+    def __repr__(self) -> str:
+        return f"Resize({self.size[0]})"
+
+
+class RandomShift:
+    """Pads a ``(3, H, W)`` image with ``pad`` black pixels (-1) on each side and crops a random
+    ``H x W`` window of it (torch's global RNG, as ``RandomHorizontalFlip``)."""
+
+    def __init__(self, pad: int) -> None:
+        self.pad = pad
+
+    def __call__(self, image: Tensor) -> Tensor:
+        _, height, width = image.shape
+        padded = F.pad(image, (self.pad,) * 4, value=-1.0)
+        top, left = torch.randint(0, 2 * self.pad + 1, (2,)).tolist()
+        return padded[:, top:top + height, left:left + width]
+
+    def __repr__(self) -> str:
+        return f"RandomShift(pad={self.pad})"

@@ -30,23 +30,15 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
-from hybridfc.data.transforms import decode_image
+from hybridfc.data.transforms import decode_image, resize_image
 from hybridfc.parallel.collectives import exchange_or_raise, gather_padded
 from hybridfc.parallel.groups import ProcessGroup, collective_device, group_rank, group_size, shard_range
 
 EmbedFn = Callable[[Tensor], Tensor]
 PathLike = str | os.PathLike
-
-
-def resize_image(image: Tensor, image_size: tuple[int, int]) -> Tensor:
-    """``(3, h, w)`` -> ``(3, H, W)``, ``image_size = (H, W)``: bilinear, antialiased; as is if it fits."""
-    if tuple(image.shape[1:]) == tuple(image_size):
-        return image
-    return F.interpolate(image[None], size=image_size, mode="bilinear", antialias=True, align_corners=False)[0]
 
 
 def read_image(path: PathLike, image_size: tuple[int, int] = (112, 112)) -> Tensor:

@@ -9,11 +9,12 @@ the ``(C, d)`` weight.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 
 from hybridfc.head.class_parallel_fc import ClassParallelFC
+from hybridfc.log import log_dist
 from hybridfc.parallel.collectives import all_gather_vector, all_reduce, gather_padded
 
 _ROWS_PER_CHUNK = 1024
@@ -76,3 +77,17 @@ def topk_accuracy(head: ClassParallelFC, embeddings: torch.Tensor, labels: torch
                   ks: Sequence[int] = (1,)) -> dict[int, float]:
     """Top-k accuracy over the samples of every rank: ``{k: fraction correct}``."""
     return accuracies(topk_correct(head, embeddings, labels, ks), ks)
+
+
+@torch.no_grad()
+def held_out_accuracy(head: ClassParallelFC, embed: Callable[[torch.Tensor], torch.Tensor], loader: Iterable,
+                      ks: Sequence[int], when: str) -> dict[int, float]:
+    """Top-k accuracy ``{k: fraction}`` of ``head`` on ``embed(x)`` over every ``(x, y)`` of this
+    rank's ``loader`` and the other ranks' (their counts summed), logged as of ``when``."""
+    counts = torch.zeros(1 + len(ks), dtype=torch.float64, device=head.weight.device)
+    for inputs, labels in loader:
+        counts += topk_correct(head, embed(inputs), labels, ks)
+    result = accuracies(counts, ks)
+    summary = ", ".join(f"top-{k} {acc:.4f}" for k, acc in result.items())
+    log_dist(f"{when}: held-out {summary} on {int(counts[0])} samples")
+    return result

@@ -35,8 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from hybridfc.data.transforms import decode_image
-from hybridfc.eval.features import resize_image
+from hybridfc.data.transforms import decode_image, resize_image
 
 try:
     from numpy._core import multiarray as _multiarray, numeric as _numeric
@@ -155,7 +154,7 @@ def load_pair_bin(path: str | os.PathLike, image_size: tuple[int, int] = (112, 1
 
     Images 2i and 2i+1 form pair i. They are decoded as the training data
     (:func:`hybridfc.data.decode_image`: ``(x / 255 - 0.5) / 0.5``); ``image_size = (H, W)``,
-    others are resized (:func:`~hybridfc.eval.features.resize_image`).
+    others are resized (:func:`~hybridfc.data.transforms.resize_image`).
     Raises :class:`PairFileError` naming the file and the problem for a malformed file or a
     pickle that names a global outside :data:`ALLOWED_GLOBALS` (without running it).
     """

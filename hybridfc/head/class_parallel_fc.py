@@ -56,7 +56,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hybridfc.config import CommunicationConfig, ConfigError, ParsedMargin, ParsedSelection, parse_communication
+from hybridfc.config import (DTYPES, CommunicationConfig, ConfigError, ParsedMargin, ParsedSelection,
+                             parse_communication)
 from hybridfc.head.cross_entropy import LogitsWorkspace, margin_cross_entropy
 from hybridfc.head.margins import AngularMargin, Margin, build_margin
 from hybridfc.head.validation import check_inputs, raise_if_any_bad
@@ -69,16 +70,15 @@ from hybridfc.parallel.mappings import scale_gradient
 from hybridfc.selection import Selection, Shard, build_selection
 
 _INIT_BLOCK_ROWS = 4096
-_STORAGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def storage_dtype_of(dtype: "str | torch.dtype") -> torch.dtype:
     """``"fp32"`` / ``"bf16"`` / ``"fp16"`` (or the torch dtype itself) -> the torch dtype."""
     if isinstance(dtype, str):
-        if dtype not in _STORAGE_DTYPES:
-            raise ValueError(f"hybridfc: storage_dtype must be one of {', '.join(_STORAGE_DTYPES)} (got {dtype!r})")
-        return _STORAGE_DTYPES[dtype]
-    if dtype not in _STORAGE_DTYPES.values():
+        if dtype not in DTYPES:
+            raise ValueError(f"hybridfc: storage_dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
+        return DTYPES[dtype]
+    if dtype not in DTYPES.values():
         raise ValueError(f"hybridfc: storage_dtype must be torch.float32, bfloat16 or float16 (got {dtype})")
     return dtype
 

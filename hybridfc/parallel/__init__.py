@@ -8,7 +8,7 @@ module            what it holds
 ``groups``        group size and rank, backend, the sharding rule
 ``collectives``   sync and async collectives, raising on every rank
 ``chunks``        the local batch in chunks: their layout, their exchanges in flight
-``mappings``      collectives as autograd functions (``gather_rows``, ``scale_gradient``)
+``mappings``      the head's gradient mapping (``scale_gradient``)
 ``accounting``    calls, bytes and exposed seconds per collective kind
 ``wire``          the bytes each collective puts on the wire (shared with ``hybridfc plan``)
 ================  ==============================================================
@@ -20,7 +20,7 @@ from hybridfc.parallel.collectives import (Pending, RankError, all_gather, all_g
                                            exchange_or_raise, gather_padded, reduce_scatter_padded, ring_shift,
                                            run_on_every_rank, sparse_sum)
 from hybridfc.parallel.groups import backend_of, collective_device, group_rank, group_size, is_distributed, shard_range
-from hybridfc.parallel.mappings import gather_rows, scale_gradient
+from hybridfc.parallel.mappings import scale_gradient
 
 __all__ = [
     "LEDGER",
@@ -39,7 +39,6 @@ __all__ = [
     "collective_device",
     "exchange_or_raise",
     "gather_padded",
-    "gather_rows",
     "group_rank",
     "group_size",
     "is_distributed",

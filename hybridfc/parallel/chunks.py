@@ -49,6 +49,11 @@ class ChunkLayout:
         most_tiles = -(-max(sizes) // TILE_ROWS)
         return cls(tuple(sizes), max(1, min(chunks, most_tiles)))
 
+    @property
+    def tile_rows(self) -> int:
+        """Rows per tile: a chunk takes whole tiles."""
+        return TILE_ROWS
+
     def local_rows(self, rank: int, chunk: int) -> slice:
         """Rank ``rank``'s local rows in ``chunk``."""
         rows = self.sizes[rank]

@@ -13,11 +13,11 @@ from __future__ import annotations
 from typing import Any
 
 from hybridfc.config import (
-    FullSelection as FullConfig,
-    HFSelection as HFConfig,
-    KNNSelection as KNNConfig,
+    FullSelectionConfig as FullConfig,
+    HFSelectionConfig as HFConfig,
+    KNNSelectionConfig as KNNConfig,
     ParsedSelection,
-    PartialSelection as PartialConfig,
+    PartialSelectionConfig as PartialConfig,
     parse_selection,
 )
 from hybridfc.selection.base import ClassSelection, Selection, Shard, budget_rows

@@ -23,7 +23,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-from hybridfc.config import ConfigError, HFSelection as HFConfig
+from hybridfc.config import ConfigError, HFSelectionConfig as HFConfig
 from hybridfc.selection.base import ClassSelection, Shard
 from hybridfc.selection.index import RECALL_QUERIES, ShardIndex, choose_index_kind, log_recall
 from hybridfc.selection.rebuild import BackgroundRebuild

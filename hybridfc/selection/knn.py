@@ -28,7 +28,7 @@ from typing import Any, Optional
 
 import torch
 
-from hybridfc.config import ConfigError, KNNSelection as KNNConfig
+from hybridfc.config import ConfigError, KNNSelectionConfig as KNNConfig
 from hybridfc.parallel.collectives import all_reduce
 from hybridfc.selection.base import ClassSelection, Shard
 from hybridfc.selection.build_steps import BuildSteps

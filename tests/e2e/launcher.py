@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import worker
-from reference import reference_loss
+from reference import reference_loss, sgd_step
 
 REPO = Path(__file__).resolve().parents[2]
 DEEPSPEED = Path(sys.executable).parent / "deepspeed"
@@ -223,13 +223,7 @@ def single_process_replay(recs: list[dict], optimizer: str = "SGD", accumulation
                 backbone_optimizer.step()
                 backbone_optimizer.zero_grad()
             torch.nn.utils.clip_grad_norm_([weight], HEAD_CLIPPING)
-            if head_lars:   # what enters the momentum, g + wd·w, times the trust ratio
-                norm = weight.detach().norm()
-                trust = float(head_lars * norm / (weight.grad.norm() + HEAD_SGD["weight_decay"] * norm))
-                weight.grad.mul_(trust)
-                head_optimizer.param_groups[0]["weight_decay"] = HEAD_SGD["weight_decay"] * trust
-            head_optimizer.step()
-            head_optimizer.param_groups[0]["weight_decay"] = HEAD_SGD["weight_decay"]
+            sgd_step(head_optimizer, weight, head_lars)
             head_optimizer.zero_grad()
         heads.append(weight.detach().clone())
     return torch.stack(losses), heads
