@@ -17,15 +17,20 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch._dynamo  # noqa: F401  (before the user's init_process_group: see below)
+import torch._dynamo  # noqa: F401  (imports torch.distributed.nn.functional: see below)
 import torch.distributed as dist
 
-# torch 2.13: importing torch._dynamo *after* init_process_group keeps references to the default
-# group, so destroy_process_group() cannot free it and its gloo worker threads outlive the
-# interpreter; the last reference to a collective's tensor then dies on such a thread during
-# finalisation and the process aborts ("terminate called without an active exception", about one
-# exit in three on 2 gloo ranks). Every training script imports dynamo when it builds its first
-# torch.optim optimizer; importing it with hybridfc, before the process group exists, avoids it.
+from hybridfc.parallel.teardown import release_stale_group_references
+
+# torch._dynamo imports torch/distributed/nn/functional.py, whose collectives default their group
+# argument to group.WORLD as it is when that module is imported: after init_process_group, the live
+# default group. Those 10 references kept the group (and its gloo threads) alive past
+# destroy_process_group() and the interpreter's exit, which then aborted now and then ("terminate
+# called without an active exception"). Every training script imports dynamo (torch.optim does, with
+# the first optimizer), often after init_process_group; hybridfc itself may be imported late. So the
+# defaults are put back to None (the default group, as with an early import) here, and again at exit
+# for modules imported later (hybridfc.parallel.teardown), whatever the import order.
+release_stale_group_references()
 
 ProcessGroup = Optional[dist.ProcessGroup]
 
