@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from distributed import run_distributed
 from hybridfc import ClassParallelFC
 from hybridfc.parallel import (RankError, StatsCursor, all_gather, all_gather_vector, all_reduce, barrier,
                                exchange_or_raise, gather_padded, reduce_scatter_padded, ring_shift, run_on_every_rank,
-                               wire)
+                               sparse_sum, wire)
 from hybridfc.parallel.accounting import Ledger
 from hybridfc.plan import PlanInputs, make_plan
 
@@ -96,6 +97,20 @@ def test_sync_and_async_results_are_bitwise_equal(collectives_run):
                 assert all(torch.equal(a, b) for a, b in zip(value, result["async"][name]))
             else:
                 assert torch.equal(value, result["async"][name]), name
+
+
+def _gather_warnings_worker(rank: int, world_size: int) -> list[str]:
+    """The warnings one all-gather of each kind raises (torch 2.13 deprecates all_gather_into_tensor)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        all_gather(torch.ones(3))
+        all_gather(torch.ones(3), async_op=True).wait()
+        sparse_sum(torch.tensor([rank], dtype=torch.int32), torch.ones(1), 4)
+    return [f"{w.category.__name__}: {w.message}" for w in caught]
+
+
+def test_the_gathers_print_no_deprecation_warning():
+    assert run_distributed(_gather_warnings_worker, 2) == [[], []]
 
 
 def _accounting_worker(rank: int, world_size: int) -> dict:
