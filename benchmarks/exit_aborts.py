@@ -66,7 +66,8 @@ SCRIPT = textwrap.dedent("""
 
     for _ in range(steps):
         step()
-    assert head.selection.graph._pending if selection == "knn" else head.selection.index._pending, "no rebuild in flight"
+    rebuild = head.selection.graph if selection == "knn" else head.selection.index
+    assert rebuild._pending, "no rebuild in flight"
     if ending == "destroy":
         dist.all_reduce(torch.ones(1))
         dist.destroy_process_group()
@@ -183,7 +184,7 @@ def main() -> None:
           "| rank exits by SIGABRT | other unexpected | hangs | exit codes seen (rank exits) | s/run |")
     print("|---|---:|---:|---:|---:|---:|---:|---|---:|")
     for row in rows:
-        print(f"| {row[0]} | {row[1]} | {row[2]} | {row[3]} | {row[4]} | {row[5]} | {row[6]} | {row[7]} | {row[8]:.1f} |")
+        print("| " + " | ".join(str(cell) for cell in row[:8]) + f" | {row[8]:.1f} |")
 
 
 if __name__ == "__main__":

@@ -40,16 +40,20 @@ freed before finalisation cannot do this: ``~ProcessGroupGloo`` joins its worker
    right after ``dist.all_reduce(torch.ones(1))``, 1 of 80 when it then raised). So at exit a gloo
    default group still initialised is destroyed here, before finalisation, as the script could
    have done itself (through DeepSpeed's ``comm`` when DeepSpeed initialised it, which also drops
-   DeepSpeed's references). It cannot make the exit wait longer: ``destroy_process_group()`` does
-   not block for gloo (``shutdown()`` returns at once), only the last reference's release joins the
-   threads, and that join happens anyway in ``finalize_modules`` (once the stale references are
-   gone). A peer inside a
-   collective or gone does not hold it up (no collective of this rank in flight: the threads are
-   idle); a collective of this rank left in flight that no peer matches (an uncaught exception
-   between an async call and its wait) holds it until the peers exit or the group's timeout,
-   in the hook as it did in finalisation (measured: 34 s for a peer living 30 s, before and after).
-   NCCL (and mixed) groups are left to torch and the script. An ``atexit`` hook registered before
-   hybridfc was imported runs after this one and finds the group destroyed.
+   DeepSpeed's references).
+
+   It cannot make the exit wait longer: ``destroy_process_group()`` does not block for gloo
+   (``shutdown()`` returns at once); only the release of the group's last reference joins its
+   threads, and that join happens anyway in ``finalize_modules``. A peer inside a collective, or
+   gone, does not hold it up (with no collective of this rank in flight the threads are idle). A
+   collective of this rank left in flight that no peer matches (an uncaught exception between an
+   async call and its wait) holds it until the peers exit or the group's timeout, in this hook as
+   it did in finalisation (measured: 34 s for a peer living 30 s, with and without the hook).
+
+   Not covered: NCCL (and mixed) groups, left to torch and the script; groups the script's own
+   objects still reference (under :func:`hybridfc.initialize`, DeepSpeed's data-parallel group, held
+   by the engine and the head), freed with those objects in finalisation as before. An ``atexit``
+   hook registered before hybridfc was imported runs after this one and finds the group destroyed.
 """
 
 from __future__ import annotations
