@@ -12,6 +12,8 @@ required)::
       "margin": {"type": "arcface", "scale": 64.0, "margin": 0.5},
       "selection": {"type": "full"},
       "storage_dtype": "fp32",
+      "logits": "auto",
+      "logits_budget_mb": 1024,
       "optimizer": {"type": "sgd",
                     "params": {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "lars_coefficient": 0.0}},
       "gradient_clipping": 0.0,
@@ -63,6 +65,10 @@ coefficient over the whole sharded head, 0 = off), ``adam`` or ``adamw`` (params
 betas, eps, weight_decay); with a selection other than ``full`` it updates the touched rows
 only. ``storage_dtype`` (``fp32``, ``bf16``, ``fp16``) is the dtype of the shard and of its
 optimizer state; logits and softmax stay fp32.
+``logits`` is what the head keeps of a step's ``(B, C_r)`` logits between forward and backward
+(:mod:`hybridfc.head.cross_entropy`): ``store`` keeps them in one fp32 buffer (three GEMMs);
+``recompute`` keeps a tile and computes them again in the backward pass (a fourth GEMM);
+``auto`` (default) stores them while the buffer is at most ``logits_budget_mb`` MiB.
 
 ``softmax`` is a plain softmax over ``x·Wᵀ`` without normalisation; the others normalise
 ``x`` and ``W`` and apply their margin to the target logit. ``seed`` seeds the head's
@@ -174,6 +180,7 @@ Number = Annotated[float, Strict(), AllowInfNan(False)]
 """A finite float; an int is accepted and converted, a bool or a string is not."""
 
 DtypeName = Literal["fp32", "bf16", "fp16"]
+LogitsMode = Literal["store", "recompute", "auto"]
 """The dtypes the section names (the head's storage, grad_topk's values)."""
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -447,6 +454,8 @@ class HybridFCConfig(_Section):
     margin: MarginConfig = Field(default_factory=ArcFaceMarginConfig)
     selection: SelectionConfig = Field(default_factory=FullSelectionConfig)
     storage_dtype: DtypeName = "fp32"
+    logits: LogitsMode = "auto"
+    logits_budget_mb: Number = Field(1024, gt=0)
     optimizer: HeadOptimizerConfig = Field(default_factory=SGDOptimizerConfig)
     gradient_clipping: Number = Field(0.0, ge=0)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)

@@ -99,3 +99,15 @@ def sgd_step(optimizer: torch.optim.SGD, weight: torch.Tensor, lars: float = 0.0
         group["weight_decay"] = decay * trust
     optimizer.step()
     group["weight_decay"] = decay
+
+
+TEST_TILE_COLUMNS = 5
+"""Columns of a CPU logits tile in the ranks of tests that call :func:`use_small_tiles`: small shards
+then span several tiles, with targets on their edges."""
+
+
+def use_small_tiles(columns: int = TEST_TILE_COLUMNS) -> None:
+    """Make this process's CPU logits tiles ``columns`` wide (call it in a rank, before the head runs)."""
+    import hybridfc.head.tiles as tiles
+
+    tiles.CPU_COLUMNS = columns

@@ -1,9 +1,11 @@
 """The pipelined head step: K chunks change when the exchanges happen, never what is computed.
 
-For every selection and margin, on 1–4 ranks with uneven local batches (an empty rank, ranks
-with fewer rows than K), the loss, the embedding gradient and the weight gradient of K = 2, 3, 4
-equal those of K = 1: within 1e-12 in float64, and bit for bit in fp32 on 2 ranks. K = 1 itself
-equals the float64 single-process reference under ``full``.
+For every selection and margin, both logits modes (``store``, ``recompute``), on 1–4 ranks with
+uneven local batches (an empty rank, ranks with fewer rows than K), the loss, the embedding
+gradient and the weight gradient of K = 2, 3, 4 equal those of K = 1: within 1e-12 in float64,
+and bit for bit in fp32 on 2 ranks. K = 4 equals the float64 single-process reference under
+``full``, and the two modes agree (1e-12 in float64, fp32 rounding in fp32). The ranks use logits
+tiles a few columns wide, so that every shard spans several.
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ from hybridfc import ClassParallelFC, ConfigError
 from hybridfc.config import parse_hybridfc_section
 from hybridfc.runtime.initialize import check_chunks
 from hybridfc.parallel import ChunkLayout
-from reference import random_batch, random_weight, rank_rows, reference_grads
+from hybridfc.parallel.groups import shard_range
+from reference import random_batch, random_weight, rank_rows, reference_grads, use_small_tiles
 
 TIMEOUT = 240.0
 WIDTH = 6
 CHUNKS = (1, 2, 3, 4)
+LOGITS = ("store", "recompute")
 MARGINS = {"softmax": {"type": "softmax"},
            "cosface": {"type": "cosface", "scale": 8.0, "margin": 0.2},
            "arcface": {"type": "arcface", "scale": 8.0, "margin": 0.3},
@@ -38,14 +42,15 @@ def sizes_of(world_size: int) -> tuple[int, ...]:
     return (300, 0, 70, 130)[:world_size] if world_size > 1 else (300,)
 
 
-def step(rank: int, world_size: int, selection: str, margin: str, chunks: int, dtype: torch.dtype) -> dict:
+def step(rank: int, world_size: int, selection: str, margin: str, chunks: int, dtype: torch.dtype,
+         logits: str) -> dict:
     """One forward and backward of a fresh head on fresh inputs (the same for every K)."""
     classes, sizes = 9 * world_size - 1, sizes_of(world_size)
     seed = 31 * list(SELECTIONS).index(selection) + list(MARGINS).index(margin)
     weight = random_weight(classes, WIDTH, seed)
     embeddings, labels = random_batch(classes, WIDTH, sum(sizes), seed, weight=weight)
     head = ClassParallelFC(classes, WIDTH, margin=MARGINS[margin], seed=1, selection=SELECTIONS[selection],
-                           communication={"chunks": chunks}).to(dtype)
+                           communication={"chunks": chunks}, logits=logits).to(dtype)
     with torch.no_grad():
         head.weight.copy_(weight[head.class_start: head.class_start + head.num_local])
     local = embeddings[rank_rows(sizes, rank)].to(dtype).requires_grad_()
@@ -56,8 +61,9 @@ def step(rank: int, world_size: int, selection: str, margin: str, chunks: int, d
 
 
 def _chunks_worker(rank: int, world_size: int, dtype: torch.dtype) -> dict:
-    return {(selection, margin, chunks): step(rank, world_size, selection, margin, chunks, dtype)
-            for selection in SELECTIONS for margin in MARGINS for chunks in CHUNKS}
+    use_small_tiles()
+    return {(selection, margin, chunks, logits): step(rank, world_size, selection, margin, chunks, dtype, logits)
+            for selection in SELECTIONS for margin in MARGINS for chunks in CHUNKS for logits in LOGITS}
 
 
 @pytest.fixture(scope="module", params=(1, 2, 3, 4), ids=lambda n: f"world{n}")
@@ -65,8 +71,8 @@ def float64_run(request):
     return request.param, run_distributed(_chunks_worker, request.param, args=(torch.float64,), timeout=TIMEOUT)
 
 
-def _assert_same(a: dict, b: dict, what: str, exact: bool) -> None:
-    tolerance = dict(rtol=0, atol=0) if exact else dict(rtol=1e-12, atol=1e-12)
+def _assert_same(a: dict, b: dict, what: str, exact: bool, tolerance: "dict | None" = None) -> None:
+    tolerance = tolerance or (dict(rtol=0, atol=0) if exact else dict(rtol=1e-12, atol=1e-12))
     assert (a["rows"] is None) == (b["rows"] is None) and (a["rows"] is None or torch.equal(a["rows"], b["rows"]))
     for key in ("loss", "embedding_grad", "weight_grad"):
         assert_close(a[key], b[key], **tolerance, msg=lambda m: f"{what}, {key}: {m}")
@@ -77,8 +83,19 @@ def test_every_chunk_count_computes_the_same_in_float64(float64_run, selection):
     world_size, results = float64_run
     for rank, result in enumerate(results):
         for margin in MARGINS:
-            for chunks in CHUNKS[1:]:
-                _assert_same(result[selection, margin, chunks], result[selection, margin, 1],
+            for logits in LOGITS:
+                for chunks in CHUNKS[1:]:
+                    _assert_same(result[selection, margin, chunks, logits], result[selection, margin, 1, logits],
+                                 f"rank {rank}, {selection}, {margin}, {logits}, {chunks} chunks", exact=False)
+
+
+@pytest.mark.parametrize("selection", list(SELECTIONS))
+def test_store_and_recompute_compute_the_same_in_float64(float64_run, selection):
+    world_size, results = float64_run
+    for rank, result in enumerate(results):
+        for margin in MARGINS:
+            for chunks in CHUNKS:
+                _assert_same(result[selection, margin, chunks, "recompute"], result[selection, margin, chunks, "store"],
                              f"rank {rank}, {selection}, {margin}, {chunks} chunks", exact=False)
 
 
@@ -90,25 +107,37 @@ def test_four_chunks_equal_the_single_process_reference(float64_run):
         weight = random_weight(classes, WIDTH, seed)
         embeddings, labels = random_batch(classes, WIDTH, sum(sizes), seed, weight=weight)
         loss, grad_embeddings, grad_weight = reference_grads(embeddings, labels, weight, margin)
-        start = 0
         for rank, result in enumerate(results):
-            mine = result["full", margin_name, 4]
-            assert_close(mine["loss"], loss, rtol=1e-12, atol=1e-12)
-            rows = slice(start, start + mine["weight_grad"].shape[0])
-            assert_close(mine["weight_grad"], grad_weight[rows], rtol=1e-10, atol=1e-12)
-            assert_close(mine["embedding_grad"], world_size * grad_embeddings[rank_rows(sizes, rank)],
-                         rtol=1e-10, atol=1e-12)
-            start = rows.stop
+            start, count = shard_range(classes, world_size, rank)
+            for logits in LOGITS:
+                mine, where = result["full", margin_name, 4, logits], f"{margin_name}, {logits}, rank {rank}"
+                assert_close(mine["loss"], loss, rtol=1e-12, atol=1e-12, msg=where)
+                assert_close(mine["weight_grad"], grad_weight[start: start + count], rtol=1e-10, atol=1e-12, msg=where)
+                assert_close(mine["embedding_grad"], world_size * grad_embeddings[rank_rows(sizes, rank)],
+                             rtol=1e-10, atol=1e-12, msg=where)
 
 
-def test_every_chunk_count_is_bitwise_equal_in_fp32_on_two_ranks():
-    results = run_distributed(_chunks_worker, 2, args=(torch.float32,), timeout=TIMEOUT)
-    for rank, result in enumerate(results):
+@pytest.fixture(scope="module")
+def fp32_run():
+    return run_distributed(_chunks_worker, 2, args=(torch.float32,), timeout=TIMEOUT)
+
+
+def test_every_chunk_count_is_bitwise_equal_in_fp32_on_two_ranks(fp32_run):
+    for rank, result in enumerate(fp32_run):
         for selection in SELECTIONS:
             for margin in MARGINS:
-                for chunks in CHUNKS[1:]:
-                    _assert_same(result[selection, margin, chunks], result[selection, margin, 1],
-                                 f"rank {rank}, {selection}, {margin}, {chunks} chunks", exact=True)
+                for logits in LOGITS:
+                    for chunks in CHUNKS[1:]:
+                        _assert_same(result[selection, margin, chunks, logits], result[selection, margin, 1, logits],
+                                     f"rank {rank}, {selection}, {margin}, {logits}, {chunks} chunks", exact=True)
+
+
+def test_store_and_recompute_agree_to_fp32_rounding(fp32_run):
+    for rank, result in enumerate(fp32_run):
+        for selection in SELECTIONS:
+            for margin in MARGINS:
+                _assert_same(result[selection, margin, 1, "recompute"], result[selection, margin, 1, "store"],
+                             f"rank {rank}, {selection}, {margin}", exact=False, tolerance=dict(rtol=2e-5, atol=2e-6))
 
 
 def test_chunks_take_whole_tiles_and_cover_every_row_once():

@@ -19,9 +19,10 @@ from torch.testing import assert_close
 
 from distributed import run_distributed
 from hybridfc import ClassParallelFC
-from reference import random_batch, random_weight, rank_rows, reference_grads, reference_loss
+from reference import random_batch, random_weight, rank_rows, reference_grads, reference_loss, use_small_tiles
 
 WORLD_SIZES = (1, 2, 3, 4)
+LOGITS = ("store", "recompute")
 WIDTH = 8
 TIMEOUT = 180.0
 INIT_CLASSES = 5003  # prime, and more than one 4096-row init block
@@ -105,9 +106,10 @@ def accumulation_inputs(world_size: int):
     return weight, micro
 
 
-def make_head(weight: torch.Tensor, margin: dict, dtype: torch.dtype = torch.float64) -> ClassParallelFC:
+def make_head(weight: torch.Tensor, margin: dict, dtype: torch.dtype = torch.float64,
+              logits: str = "auto") -> ClassParallelFC:
     """A head of ``len(weight)`` classes whose shard holds its rows of ``weight``."""
-    head = ClassParallelFC(weight.shape[0], weight.shape[1], margin=margin, seed=1).to(dtype)
+    head = ClassParallelFC(weight.shape[0], weight.shape[1], margin=margin, seed=1, logits=logits).to(dtype)
     with torch.no_grad():
         head.weight.copy_(weight[head.class_start : head.class_start + head.num_local])
     return head
@@ -122,34 +124,38 @@ def local_step(head, embeddings, labels, sizes, rank, dtype=torch.float64, loss_
     return loss.detach(), local.grad
 
 
-def _run_case(case: Case, rank: int) -> dict:
+def _run_case(case: Case, rank: int, logits: str) -> dict:
     weight, embeddings, labels = case.inputs()
-    head = make_head(weight, case.margin, case.dtype)
+    head = make_head(weight, case.margin, case.dtype, logits)
     loss, embedding_grad = local_step(head, embeddings, labels, case.sizes, rank, case.embedding_dtype)
     return {"loss": loss, "weight_grad": head.weight.grad, "embedding_grad": embedding_grad,
             "shard": (head.class_start, head.num_local)}
 
 
-def _run_accumulation(rank: int, world_size: int) -> dict:
+def _run_accumulation(rank: int, world_size: int, logits: str) -> dict:
     weight, micro = accumulation_inputs(world_size)
-    head = make_head(weight, MARGINS["arcface"])
+    head = make_head(weight, MARGINS["arcface"], logits=logits)
     steps = [local_step(head, e, y, sizes, rank, loss_factor=0.5) for e, y, sizes in micro]
     return {"losses": [loss for loss, _ in steps], "embedding_grads": [g for _, g in steps],
             "weight_grad": head.weight.grad}
 
 
-def _head_worker(rank: int, world_size: int) -> dict:
+def _head_worker(rank: int, world_size: int, logits: str) -> dict:
+    use_small_tiles()
     return {
-        "cases": {name: _run_case(case, rank) for name, case in cases(world_size).items()},
-        "accumulation": _run_accumulation(rank, world_size),
+        "cases": {name: _run_case(case, rank, logits) for name, case in cases(world_size).items()},
+        "accumulation": _run_accumulation(rank, world_size, logits),
         "init": {seed: ClassParallelFC(INIT_CLASSES, WIDTH, seed=seed).weight.detach() for seed in INIT_SEEDS},
     }
 
 
-@pytest.fixture(scope="module", params=WORLD_SIZES, ids=lambda n: f"world{n}")
+@pytest.fixture(scope="module", params=[(n, logits) for n in WORLD_SIZES for logits in LOGITS],
+                ids=lambda param: f"world{param[0]}-{param[1]}")
 def run(request):
-    """``(world_size, [what each rank returned])``, one spawn per world size."""
-    return request.param, run_distributed(_head_worker, request.param, timeout=TIMEOUT)
+    """``(world_size, [what each rank returned])``, one spawn per world size and logits mode, the
+    logits in tiles of a few columns."""
+    world_size, logits = request.param
+    return world_size, run_distributed(_head_worker, world_size, args=(logits,), timeout=TIMEOUT)
 
 
 def _margin_cases(world_size: int) -> dict[str, Case]:

@@ -23,7 +23,7 @@ from hybridfc import ClassParallelFC, ConfigError, build_head_optimizer
 from hybridfc.checkpoint import load_head, save_head
 from hybridfc.config import parse_selection
 from hybridfc.parallel.groups import shard_range
-from reference import random_batch, random_weight, rank_rows, reference_grads_over
+from reference import random_batch, random_weight, rank_rows, reference_grads_over, use_small_tiles
 
 WORLD_SIZES = (1, 2, 3, 4)
 OPTIMIZER_WORLD_SIZES = (1, 2, 3)
@@ -163,6 +163,7 @@ class Scenario:
     seed: int
     micro: int = 1  # micro-batches accumulated, each loss divided by their count
     spread: bool = False  # many distinct labels in every shard
+    logits: str = "store"
 
     def weight(self, world_size: int) -> torch.Tensor:
         return random_weight(num_classes(world_size), WIDTH, self.seed)
@@ -187,13 +188,15 @@ def reference_scenarios(world_size: int) -> dict[str, Scenario]:
         if kind != "partial":
             specs[f"{kind}/hard_only"] = (selection(kind, budget, hard_fraction=1.0), ARCFACE, 1, False)
     specs["positives_only"] = (selection("partial", 2), ARCFACE, 2, True)
-    return {name: Scenario(spec, margin, 1000 * world_size + 10 * i, micro, spread)
+    return {f"{name}@{logits}": Scenario(spec, margin, 1000 * world_size + 10 * i, micro, spread, logits)
+            for logits in ("store", "recompute")
             for i, (name, (spec, margin, micro, spread)) in enumerate(specs.items())}
 
 
 def _run_scenario(scenario: Scenario, rank: int, world_size: int) -> dict:
     """Each micro-batch's loss, embeddings' gradient and active classes; the touched rows' gradient."""
-    head = make_head(scenario.weight(world_size), scenario.spec, scenario.margin, double=True)
+    head = make_head(scenario.weight(world_size), scenario.spec, scenario.margin, double=True,
+                     logits=scenario.logits)
     micro = []
     for embeddings, labels in scenario.batches(world_size):
         loss, embedding_grad = forward_backward(head, embeddings, labels, rank, factor=1 / scenario.micro)
@@ -289,6 +292,7 @@ def _construct(spec: dict, world_size: int) -> str:
 
 
 def _selection_worker(rank: int, world_size: int) -> dict:
+    use_small_tiles()
     out = {"reference": {name: _run_scenario(scenario, rank, world_size)
                          for name, scenario in reference_scenarios(world_size).items()}}
     if world_size in OPTIMIZER_WORLD_SIZES:
@@ -388,7 +392,7 @@ def test_active_rows_number_the_budget(run):
     ⌊rate·C_r⌋ for a rate, the count (at most the shard) for an integer."""
     world_size, results = run
     for name, scenario in reference_scenarios(world_size).items():
-        if name == "positives_only":
+        if name.startswith("positives_only"):
             continue
         for rank, result in enumerate(results):
             got = result["reference"][name]
@@ -446,10 +450,10 @@ def test_positives_beyond_the_budget_are_the_active_set(run):
     """With more positives than the budget (2 rows), a rank's active set is exactly its
     positives, the selection says so, and ``positives_only_steps`` counts both micro-batches."""
     world_size, results = run
-    scenario = reference_scenarios(world_size)["positives_only"]
+    scenario = reference_scenarios(world_size)["positives_only@store"]
     for m, (_, labels) in enumerate(scenario.batches(world_size)):
         for rank, result in enumerate(results):
-            got = result["reference"]["positives_only"]
+            got = result["reference"]["positives_only@store"]
             positives = _positives(labels, got["shard"])
             assert positives.numel() > 2
             assert torch.equal(got["micro"][m]["classes"], positives), f"rank {rank}"

@@ -117,6 +117,10 @@ class ClassParallelFC(nn.Module):
         communication: ``{"chunks": K}`` (default 1; or the parsed section): the local batch's
             feature exchange in K chunks, overlapped with the head's compute
             (:mod:`hybridfc.head.cross_entropy`).
+        logits: what a step keeps of its ``(B, C_r)`` logits for the backward pass: ``"store"``
+            (one fp32 buffer), ``"recompute"`` (a tile; the backward computes them again, a
+            fourth GEMM) or ``"auto"``: ``store`` while the buffer fits ``logits_budget_mb``.
+        logits_budget_mb: the largest logits buffer ``auto`` stores, in MiB.
 
     Attributes:
         weight: ``(num_local, d)`` this rank's rows.
@@ -138,6 +142,8 @@ class ClassParallelFC(nn.Module):
         selection: "dict | ParsedSelection | None" = None,
         storage_dtype: "str | torch.dtype" = torch.float32,
         communication: "dict | CommunicationConfig | None" = None,
+        logits: str = "auto",
+        logits_budget_mb: float = 1024,
     ) -> None:
         super().__init__()
         self.group = group
@@ -157,6 +163,7 @@ class ClassParallelFC(nn.Module):
         shard = Shard(num_classes, self.class_start, self.num_local, self.rank, self.world_size, group)
         self.selection = build_selection(selection or {"type": "full"}, shard, seed)
         self.chunks = _chunks_of(communication)
+        self.logits, self.logits_budget_mb = _logits_mode_of(logits, logits_budget_mb)
         self.non_finite_batches = 0
         self.non_finite_inputs: set[int] = set()
         self.non_finite_loss = False
@@ -185,12 +192,19 @@ class ClassParallelFC(nn.Module):
         else:
             weight = self._active_rows(selection.rows, embeddings.dtype)
         losses = margin_cross_entropy(scale_gradient(embeddings, self.world_size), gathered, weight, selection.target,
-                                      self.margin, self.rank, self.group, self._workspace, selection.logit_offset)
+                                      self.margin, self.rank, self.group, self._workspace, selection.logit_offset,
+                                      self.logits_mode(sum(sizes), weight.shape[0]))
         loss = losses.mean()
         loss_is_finite = bool(torch.isfinite(loss))
         if bad_ranks or not loss_is_finite:
             self._count_non_finite(bad_ranks, loss_is_finite)
         return loss
+
+    def logits_mode(self, batch: int, rows: int) -> str:
+        """``"store"`` or ``"recompute"`` for a step of ``batch`` samples over ``rows`` rows of the shard."""
+        if self.logits != "auto":
+            return self.logits
+        return "store" if batch * rows * 4 <= self.logits_budget_mb * 2**20 else "recompute"
 
     def _select(self, labels: torch.Tensor, features: Optional[torch.Tensor]) -> Selection:
         """This micro-batch's active rows for the gathered ``labels (B,)`` (and raw ``features (B, d)``
@@ -293,6 +307,15 @@ class ClassParallelFC(nn.Module):
             f"shard=[{self.class_start}, {self.class_start + self.num_local}) of rank "
             f"{self.rank}/{self.world_size}, margin={self.margin}"
         )
+
+
+def _logits_mode_of(logits: str, budget_mb: float) -> tuple[str, float]:
+    """The validated ``logits`` mode and its budget."""
+    if logits not in ("store", "recompute", "auto"):
+        raise ConfigError(f"logits: must be store, recompute or auto (got {logits!r})")
+    if not budget_mb > 0:
+        raise ConfigError(f"logits_budget_mb: must be a positive number of MiB (got {budget_mb!r})")
+    return logits, float(budget_mb)
 
 
 def _chunks_of(communication: "dict | CommunicationConfig | None") -> int:

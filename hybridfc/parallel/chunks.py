@@ -31,9 +31,9 @@ TILE_ROWS = 64
 """Rows of one tile: the unit of the head's GEMMs and of a chunk."""
 
 
-def tiles(start: int, end: int) -> list[slice]:
+def tiles(start: int, end: int, rows: int = TILE_ROWS) -> list[slice]:
     """The tiles of the rows ``[start, end)``, which begin at a tile boundary of their rank."""
-    return [slice(first, min(first + TILE_ROWS, end)) for first in range(start, end, TILE_ROWS)]
+    return [slice(first, min(first + rows, end)) for first in range(start, end, rows)]
 
 
 @dataclass(frozen=True)

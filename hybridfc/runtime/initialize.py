@@ -180,7 +180,8 @@ def initialize(args: Optional[argparse.Namespace] = None, model: Optional[torch.
     run_on_every_rank(lambda: check_grad_topk(backbone, cfg.communication), "checking grad_topk", group)
     head = ClassParallelFC(cfg.num_classes, cfg.embedding_size, margin=cfg.margin, group=group, seed=cfg.seed,
                            device=backbone.device, selection=cfg.selection, storage_dtype=cfg.storage_dtype,
-                           communication={"chunks": cfg.communication.chunks})
+                           communication={"chunks": cfg.communication.chunks}, logits=cfg.logits,
+                           logits_budget_mb=cfg.logits_budget_mb)
     loader = None
     if training_data is not None:
         loader = DistributedLoader(training_data, backbone.train_micro_batch_size_per_gpu(), rank=group_rank(group),

@@ -1,0 +1,123 @@
+"""The tiles of a step's ``(B, C_r)`` logits: their shape per device, and where the targets fall.
+
+The head never makes a pass over the whole ``(B, C_r)`` logits: it computes them one tile of
+rows × columns at a time and does all the elementwise work of the softmax on that tile while it
+is in cache (:mod:`hybridfc.head.cross_entropy`).
+
+* Rows: on CPU, the 64-row tiles of :mod:`hybridfc.parallel.chunks`, so that every GEMM sees the
+  same rows whatever the number of chunks and K chunks stay bitwise-identical. On CUDA a tile
+  takes a rank's whole block of a chunk: a 64-row GEMM would leave most of the device idle.
+* Columns: on CPU :data:`CPU_COLUMNS` (a ``64 × 2048`` fp32 tile is 512 KiB and the rows it reads
+  1 MiB: both stay in a 2 MiB L2); on CUDA the whole shard when the logits are stored, and
+  :data:`CUDA_RECOMPUTE_COLUMNS` when they are recomputed (the tile is then all the head keeps).
+
+>>> shape = TileShape.for_device(torch.device("cpu"), "store")
+>>> grid = TileGrid(layout, num_cols=500_000, shape=shape, local_target=target)
+>>> grid.row_tiles(chunk=0), grid.col_tiles[:2]
+>>> grid.cells(row_tile, j)     # the targets inside that tile: (row in tile, column in tile, sample)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+from hybridfc.parallel.chunks import TILE_ROWS, ChunkLayout, tiles
+
+CPU_COLUMNS = 2048
+"""Columns of a CPU tile."""
+
+CUDA_RECOMPUTE_COLUMNS = 16384
+"""Columns of a CUDA tile when the logits are recomputed in the backward pass."""
+
+
+@dataclass(frozen=True)
+class TileShape:
+    """Rows and columns of a tile; ``None``: a rank's whole block of a chunk, or every column."""
+
+    rows: Optional[int]
+    cols: Optional[int]
+
+    @classmethod
+    def for_device(cls, device: torch.device, logits: str) -> "TileShape":
+        """The tile for ``device`` and the logits mode (``"store"`` or ``"recompute"``)."""
+        if device.type == "cpu":
+            return cls(TILE_ROWS, CPU_COLUMNS)
+        return cls(None, None if logits == "store" else CUDA_RECOMPUTE_COLUMNS)
+
+    def elements(self, layout: ChunkLayout, num_cols: int) -> int:
+        """The most elements one tile holds."""
+        rows = self.rows or max(max(layout.chunk_sizes(chunk)) for chunk in range(layout.chunks))
+        return rows * min(self.cols or num_cols, num_cols)
+
+
+Cells = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+"""``(row in tile, column in tile, sample)``, three ``(n,)`` int64 tensors."""
+
+
+class TileGrid:
+    """The tiles of one step's logits and the cells of its local targets.
+
+    Args:
+        layout: the chunks of the gathered batch (B rows).
+        num_cols: C_r, the shard's rows that enter the softmax.
+        shape: the tile shape.
+        local_target: ``(B,)`` the target's column, -1 where the target lives on another rank.
+
+    Building the grid reads the targets on the host: the one host synchronisation of the loss,
+    made before its loops.
+    """
+
+    def __init__(self, layout: ChunkLayout, num_cols: int, shape: TileShape, local_target: torch.Tensor) -> None:
+        self.layout = layout
+        self.num_cols = num_cols
+        width = shape.cols or max(num_cols, 1)
+        self.col_tiles = [slice(first, min(first + width, num_cols)) for first in range(0, num_cols, width)]
+        self._by_chunk = [[tile for start, end in layout.blocks(chunk) for tile in _row_tiles(start, end, shape.rows)]
+                          for chunk in range(layout.chunks)]
+        self._row_index = {tile.start: i for i, tile in enumerate(self.all_row_tiles())}
+        self.has_target = local_target >= 0
+        self._cells = _place_targets(local_target, self.all_row_tiles(), width, len(self.col_tiles))
+
+    def row_tiles(self, chunk: int) -> list[slice]:
+        """The row tiles of ``chunk``, in the gathered batch's order."""
+        return self._by_chunk[chunk]
+
+    def all_row_tiles(self) -> list[slice]:
+        """Every row tile, in the gathered batch's order (whatever the chunks)."""
+        return sorted((tile for chunk in self._by_chunk for tile in chunk), key=lambda tile: tile.start)
+
+    def cells(self, rows: slice, col_tile: int) -> Optional[Cells]:
+        """The local targets in the tile of ``rows`` and column tile ``col_tile``, or None."""
+        return self._cells.get((self._row_index[rows.start], col_tile))
+
+
+def _row_tiles(start: int, end: int, rows: Optional[int]) -> list[slice]:
+    if rows is None:
+        return [slice(start, end)] if end > start else []
+    return tiles(start, end, rows)
+
+
+def _place_targets(local_target: torch.Tensor, row_tiles: list[slice], width: int,
+                   num_col_tiles: int) -> dict[tuple[int, int], Cells]:
+    """The cells of the local targets, grouped by tile, moved to the device in one copy."""
+    target = local_target.cpu().numpy()
+    samples = np.nonzero(target >= 0)[0]
+    if samples.size == 0:
+        return {}
+    cols = target[samples]
+    starts = np.array([tile.start for tile in row_tiles])
+    row_tile = np.searchsorted(starts, samples, side="right") - 1
+    col_tile = cols // width
+    key = row_tile * num_col_tiles + col_tile
+    order = np.argsort(key, kind="stable")
+    samples, cols, row_tile, col_tile, key = (a[order] for a in (samples, cols, row_tile, col_tile, key))
+    table = torch.from_numpy(np.stack([samples - starts[row_tile], cols - col_tile * width, samples]))
+    table = table.to(local_target.device)
+    keys, first = np.unique(key, return_index=True)
+    last = np.append(first[1:], key.size)
+    return {(int(k) // num_col_tiles, int(k) % num_col_tiles): tuple(table[:, lo:hi])
+            for k, lo, hi in zip(keys, first, last)}
