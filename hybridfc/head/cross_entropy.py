@@ -36,6 +36,7 @@ same whatever K is, so K changes when work happens, never a bit of what is compu
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -47,6 +48,7 @@ from hybridfc.parallel.collectives import all_reduce
 from hybridfc.parallel.groups import ProcessGroup
 
 LOGITS_MODES = ("store", "recompute")
+LOG2E, LN2 = 1 / math.log(2), math.log(2)
 _NORM_FLOOR = 1e-12
 
 
@@ -73,13 +75,17 @@ class LogitsWorkspace:
 
 
 class _Columns:
-    """What the logits' columns need beside the GEMM: the scale ``s/‖w_c‖`` (angular margins),
-    the inverse row norms, and the logit offset, each ``(C_r,)`` or None."""
+    """What the logits' columns need beside the GEMM, each ``(C_r,)``: the scale to base-2 logits
+    (``log2(e)·s/‖w_c‖`` for angular margins, ``log2(e)`` for softmax), the offset in base 2 (or
+    None) and the inverse row norms (angular margins; else None)."""
 
     def __init__(self, weight: torch.Tensor, margin: Margin, logit_offset: Optional[torch.Tensor]) -> None:
         self.inv_norm = _inverse_row_norms(weight) if margin.normalize else None
-        self.scale = None if self.inv_norm is None else self.inv_norm * margin.scale
-        self.offset = logit_offset
+        if self.inv_norm is None:
+            self.scale = weight.new_full((weight.shape[0],), LOG2E)
+        else:
+            self.scale = self.inv_norm * (margin.scale * LOG2E)
+        self.offset = None if logit_offset is None else logit_offset.to(weight.dtype) * LOG2E
 
 
 class _MarginCrossEntropy(torch.autograd.Function):
@@ -115,16 +121,16 @@ class _MarginCrossEntropy(torch.autograd.Function):
                     _tile_logits_(tile, features[rows], weight_t[:, cols], columns, cols, target_logit,
                                   grid.cells(rows, j))
                     torch.amax(tile, dim=1, out=tile_max[rows, j])
-                    tile.sub_(tile_max[rows, j].unsqueeze(1)).exp_()
+                    tile.sub_(tile_max[rows, j].unsqueeze(1)).exp2_()
                     torch.sum(tile, dim=1, out=tile_sum[rows, j])
 
         row_max = tile_max.amax(dim=1) if grid.col_tiles else tile_max.new_full((batch,), -torch.inf)
         row_max = all_reduce(row_max, "max", group)
         stats = features.new_empty(2, batch)
-        torch.sum(tile_sum * torch.exp(tile_max - row_max.unsqueeze(1)), dim=1, out=stats[0])
-        stats[1] = (target_logit - row_max).masked_fill_(~grid.has_target, 0.0)
+        torch.sum(tile_sum * torch.exp2(tile_max - row_max.unsqueeze(1)), dim=1, out=stats[0])
+        stats[1] = ((target_logit - row_max) * LN2).masked_fill_(~grid.has_target, 0.0)
         sum_exp, target = all_reduce(stats, "sum", group)
-        log_sum_exp = row_max + sum_exp.log()
+        log_sum_exp = row_max + sum_exp.log2()
 
         ctx.save_for_backward(features, inv_feature_norm, weight, buffer, tile_max, log_sum_exp, target_logit, dpsi)
         ctx.columns, ctx.grid, ctx.store, ctx.shape = columns, grid, store, shape
@@ -136,10 +142,10 @@ class _MarginCrossEntropy(torch.autograd.Function):
         features, inv_feature_norm, weight, buffer, tile_max, log_sum_exp, target_logit, dpsi = ctx.saved_tensors
         grid, columns = ctx.grid, ctx.columns
         grad_scale = ctx.scale * grad_loss
-        target_prob = torch.exp(target_logit - log_sum_exp)
+        target_prob = torch.exp2(target_logit - log_sum_exp)
         target_grad = (ctx.scale * dpsi * (target_prob - 1) * grad_loss).masked_fill_(~grid.has_target, 0.0)
         if buffer is not None:
-            row_factor = torch.exp(tile_max - log_sum_exp.unsqueeze(1)) * grad_scale.unsqueeze(1)
+            row_factor = torch.exp2(tile_max - log_sum_exp.unsqueeze(1)) * grad_scale.unsqueeze(1)
             grad_weight, scattered = _backward_from_store(ctx, buffer, row_factor, target_grad, features,
                                                           inv_feature_norm, weight)
             ctx.store.give_back(buffer)
@@ -187,7 +193,7 @@ def _backward_by_recompute(ctx, log_sum_exp, grad_scale, target_logit, target_gr
         for rows in row_tiles:
             tile = _tile_view(scratch, rows, cols)
             _tile_logits_(tile, features[rows], weight_t[:, cols], columns, cols, target_logit, grid.cells(rows, j))
-            tile.sub_(log_sum_exp[rows].unsqueeze(1)).exp_().mul_(grad_scale[rows].unsqueeze(1))
+            tile.sub_(log_sum_exp[rows].unsqueeze(1)).exp2_().mul_(grad_scale[rows].unsqueeze(1))
             _logits_gradient_fixups_(tile, cols, columns, target_grad, grid.cells(rows, j))
             grad_features[rows].addmm_(tile, weight[cols])
             grad_weight[cols].addmm_(tile.t(), features[rows])
@@ -225,8 +231,8 @@ def _prepare_features_(out: torch.Tensor, rows: torch.Tensor, inv_norm: Optional
 
 def _target_logits_(target_logit: torch.Tensor, dpsi: torch.Tensor, features: torch.Tensor, weight: torch.Tensor,
                     local_target: torch.Tensor, columns: _Columns, margin: Margin) -> None:
-    """Fill ``s·ψ(c)`` and ``ψ'(c)`` of a row tile's local targets ``(n,)`` (rows whose target lives
-    on another rank get values that are never read)."""
+    """Fill the base-2 target logit ``log2(e)·s·ψ(c)`` and ``ψ'(c)`` of a row tile's local targets
+    ``(n,)`` (rows whose target lives on another rank get values that are never read)."""
     if weight.shape[0] == 0:
         return
     col = local_target.clamp_min(0)
@@ -234,16 +240,16 @@ def _target_logits_(target_logit: torch.Tensor, dpsi: torch.Tensor, features: to
     if columns.inv_norm is not None:
         similarity.mul_(columns.inv_norm[col])
     psi, slope = margin.target_logit(similarity)
-    torch.mul(psi, margin.scale, out=target_logit)
+    torch.mul(psi, margin.scale * LOG2E, out=target_logit)
     dpsi.copy_(slope)
 
 
 def _tile_logits_(tile: torch.Tensor, features: torch.Tensor, weight_t: torch.Tensor, columns: _Columns,
                   cols: slice, target_logit: torch.Tensor, cells: Optional[Cells]) -> None:
-    """One tile's logits ``(rows, cols)``: the GEMM, the column scale, the offset, the targets' ``s·ψ``."""
+    """One tile's base-2 logits ``(rows, cols)``: the GEMM, the column scale, the offset, the targets'
+    ``log2(e)·s·ψ``."""
     torch.mm(features, weight_t, out=tile)
-    if columns.scale is not None:
-        tile.mul_(columns.scale[cols])
+    tile.mul_(columns.scale[cols])
     if columns.offset is not None:
         tile.add_(columns.offset[cols])
     if cells is not None:
