@@ -2,7 +2,7 @@
 
 import torch
 
-from hybridfc import ClassParallelFC
+from hybridfc import ClassParallelFC, build_head_optimizer
 from hybridfc.head.cross_entropy import LogitsWorkspace
 
 CLASSES, WIDTH = 37, 5
@@ -59,3 +59,21 @@ def test_workspace_allocates_when_the_shape_changes():
     workspace.give_back(first)
     assert workspace.take(2, 3, like) is first
     assert workspace.take(4, 3, like).shape == (4, 3)
+
+
+def test_zero_grad_hands_the_dense_gradient_back_and_the_next_step_overwrites_it():
+    """The head optimizer's ``zero_grad`` recycles ``weight.grad``: the next backward pass writes
+    into the same memory, and what it writes is exactly a fresh head's gradient."""
+    head = ClassParallelFC(CLASSES, WIDTH, seed=4).double()
+    fresh = ClassParallelFC(CLASSES, WIDTH, seed=4).double()
+    optimizer = build_head_optimizer(head, {"type": "sgd", "params": {"lr": 0.1}})
+    embeddings, labels = _batch(5)
+    head(embeddings, labels).backward()
+    first = head.weight.grad.data_ptr()
+    optimizer.zero_grad()
+    assert head.weight.grad is None and head._workspace._gradient.data_ptr() == first
+    (e2, y2) = _batch(6)
+    head(e2, y2).backward()
+    fresh(e2, y2).backward()
+    assert head.weight.grad.data_ptr() == first
+    assert torch.equal(head.weight.grad, fresh.weight.grad)

@@ -274,6 +274,11 @@ class ClassParallelFC(nn.Module):
         self._touched = None
         self._micro_batches = 0
 
+    def recycle_gradient(self, gradient: torch.Tensor) -> None:
+        """Take back a dense weight gradient that nothing reads any more: the next backward pass
+        writes into it instead of allocating (and page-faulting) ``(C_r, d)`` afresh."""
+        self._workspace.recycle_gradient(gradient)
+
     def finish_step(self) -> None:
         """Count an optimizer step (applied or skipped; called by the head optimizer's ``step``);
         selections that rebuild a structure from the rows schedule it here."""

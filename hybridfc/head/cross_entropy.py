@@ -37,14 +37,14 @@ same whatever K is, so K changes when work happens, never a bit of what is compu
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 from hybridfc.head.margins import Margin
 from hybridfc.head.tiles import Cells, TileGrid, TileShape
 from hybridfc.parallel.chunks import ChunkedGather, ChunkLayout, scatter_chunk
-from hybridfc.parallel.collectives import all_reduce
+from hybridfc.parallel.collectives import Pending, all_reduce
 from hybridfc.parallel.groups import ProcessGroup
 
 LOGITS_MODES = ("store", "recompute")
@@ -53,25 +53,42 @@ _NORM_FLOOR = 1e-12
 
 
 class LogitsWorkspace:
-    """One ``(B, C_r)`` buffer lent to a forward pass and handed back by its backward pass.
+    """The loss's two large buffers, kept from one step to the next: the ``(B, C_r)`` logits that
+    ``store`` lends to a forward pass and gets back from its backward pass, and a ``(C_r, d)``
+    weight gradient handed back by the head optimizer's ``zero_grad``.
 
-    Reusing the buffer saves the page faults of a fresh allocation of that size every step
-    (about a fifth of the step on CPU at a million classes). A forward pass that finds the
-    buffer lent out, or of another shape, allocates a new one, so overlapping forward passes
-    stay correct; a graph that is never backpropagated just keeps its buffer until freed.
+    Reusing them saves the page faults of fresh allocations of that size every step (about a
+    fifth of the step on CPU at a million classes). A pass that finds a buffer lent out, or of
+    another shape, allocates a new one, so overlapping forward passes stay correct; a graph that
+    is never backpropagated just keeps its buffer until freed.
     """
 
     def __init__(self) -> None:
         self._buffer: Optional[torch.Tensor] = None
+        self._gradient: Optional[torch.Tensor] = None
 
     def take(self, rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
+        """A ``(rows, cols)`` buffer of ``like``'s dtype and device."""
         buffer, self._buffer = self._buffer, None
-        if buffer is None or buffer.shape != (rows, cols) or buffer.dtype != like.dtype or buffer.device != like.device:
-            return like.new_empty(rows, cols)
-        return buffer
+        return _reuse_or_allocate(buffer, (rows, cols), like)
 
     def give_back(self, buffer: torch.Tensor) -> None:
         self._buffer = buffer
+
+    def take_gradient(self, like: torch.Tensor) -> torch.Tensor:
+        """A tensor shaped as ``like`` to write a weight gradient into; no other reference to it is kept."""
+        gradient, self._gradient = self._gradient, None
+        return _reuse_or_allocate(gradient, tuple(like.shape), like)
+
+    def recycle_gradient(self, gradient: torch.Tensor) -> None:
+        """Take back a weight gradient that nothing will read again (the head optimizer's ``zero_grad``)."""
+        self._gradient = gradient
+
+
+def _reuse_or_allocate(buffer: Optional[torch.Tensor], shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    if buffer is None or tuple(buffer.shape) != shape or buffer.dtype != like.dtype or buffer.device != like.device:
+        return like.new_empty(shape)
+    return buffer
 
 
 class _Columns:
@@ -95,7 +112,7 @@ class _MarginCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, embeddings, weight, local_target, margin: Margin, gathered: ChunkedGather, rank: int,
-                group: ProcessGroup, store: Optional[LogitsWorkspace], shape: TileShape,
+                group: ProcessGroup, workspace: LogitsWorkspace, store: bool, shape: TileShape,
                 logit_offset: Optional[torch.Tensor]):
         layout = gathered.layout
         batch, num_cols = sum(layout.sizes), weight.shape[0]
@@ -104,7 +121,7 @@ class _MarginCrossEntropy(torch.autograd.Function):
         features = embeddings.new_empty(batch, embeddings.shape[1])
         inv_feature_norm = embeddings.new_empty(batch) if margin.normalize else None
         target_logit, dpsi = embeddings.new_zeros(batch), embeddings.new_zeros(batch)
-        buffer = None if store is None else store.take(batch, num_cols, features)
+        buffer = workspace.take(batch, num_cols, features) if store else None
         scratch = features.new_empty(shape.elements(layout, num_cols)) if buffer is None else None
         tile_max = features.new_full((batch, len(grid.col_tiles)), -torch.inf)
         tile_sum = features.new_zeros(batch, len(grid.col_tiles))
@@ -133,7 +150,7 @@ class _MarginCrossEntropy(torch.autograd.Function):
         log_sum_exp = row_max + sum_exp.log2()
 
         ctx.save_for_backward(features, inv_feature_norm, weight, buffer, tile_max, log_sum_exp, target_logit, dpsi)
-        ctx.columns, ctx.grid, ctx.store, ctx.shape = columns, grid, store, shape
+        ctx.columns, ctx.grid, ctx.workspace, ctx.shape = columns, grid, workspace, shape
         ctx.scale, ctx.rank, ctx.group = margin.scale, rank, group
         return sum_exp.log() - target
 
@@ -144,67 +161,98 @@ class _MarginCrossEntropy(torch.autograd.Function):
         grad_scale = ctx.scale * grad_loss
         target_prob = torch.exp2(target_logit - log_sum_exp)
         target_grad = (ctx.scale * dpsi * (target_prob - 1) * grad_loss).masked_fill_(~grid.has_target, 0.0)
+        grad_features = features.new_zeros(features.shape)
+        grad_weight = ctx.workspace.take_gradient(weight)
+
+        def fixed(tile: torch.Tensor, rows: slice, j: int, cols: slice) -> torch.Tensor:
+            _logits_gradient_fixups_(tile, cols, columns, target_grad, grid.cells(rows, j))
+            return tile
+
         if buffer is not None:
             row_factor = torch.exp2(tile_max - log_sum_exp.unsqueeze(1)) * grad_scale.unsqueeze(1)
-            grad_weight, scattered = _backward_from_store(ctx, buffer, row_factor, target_grad, features,
-                                                          inv_feature_norm, weight)
-            ctx.store.give_back(buffer)
+
+            def gradient(rows: slice, j: int, cols: slice) -> torch.Tensor:
+                return fixed(buffer[rows, cols].mul_(row_factor[rows, j].unsqueeze(1)), rows, j, cols)
+
+            scattered = _store_sweeps(ctx, gradient, buffer, features, inv_feature_norm, weight, grad_features,
+                                      grad_weight)
+            ctx.workspace.give_back(buffer)
         else:
-            grad_weight, scattered = _backward_by_recompute(ctx, log_sum_exp, grad_scale, target_logit, target_grad,
-                                                            features, inv_feature_norm, weight)
+            scratch, weight_t = features.new_empty(ctx.shape.elements(grid.layout, grid.num_cols)), weight.t()
+
+            def gradient(rows: slice, j: int, cols: slice) -> torch.Tensor:
+                tile = _tile_view(scratch, rows, cols)
+                _tile_logits_(tile, features[rows], weight_t[:, cols], columns, cols, target_logit, grid.cells(rows, j))
+                tile.sub_(log_sum_exp[rows].unsqueeze(1)).exp2_().mul_(grad_scale[rows].unsqueeze(1))
+                return fixed(tile, rows, j, cols)
+
+            _sweep(grid, gradient, grid.all_row_tiles(), features, weight, grad_features, grad_weight)
+            scattered = [_send_chunk(grad_features, features, inv_feature_norm, grid, chunk, ctx.group)
+                         for chunk in range(grid.layout.chunks)]
         if columns.inv_norm is not None:
             _project_out_row_direction_(grad_weight, weight, columns.inv_norm)
         layout = grid.layout
         grad_embeddings = features.new_empty(layout.sizes[ctx.rank], features.shape[1])
         for chunk, pending in enumerate(scattered):
             grad_embeddings[layout.local_rows(ctx.rank, chunk)] = pending.wait()
-        return grad_embeddings, grad_weight, None, None, None, None, None, None, None, None
+        return grad_embeddings, grad_weight, None, None, None, None, None, None, None, None, None
 
 
-def _backward_from_store(ctx, buffer, row_factor, target_grad, features, inv_feature_norm, weight):
-    """The gradients from the stored ``exp(x − m_t)``: each chunk's feature gradient sent as soon
-    as it is computed, then ``dW = Gᵀ E`` over the whole buffer."""
-    grid, columns = ctx.grid, ctx.columns
+TileGradient = Callable[[slice, int, slice], torch.Tensor]
+"""``(rows, column tile index, cols)`` -> that tile of ∂L/∂(raw logits)."""
+
+
+def _store_sweeps(ctx, gradient: TileGradient, buffer, features, inv_feature_norm, weight, grad_features,
+                  grad_weight) -> list[Pending]:
+    """The gradients from the stored ``exp(x − m_t)``. One chunk: one sweep that adds each tile to
+    both gradients while it is in cache. K chunks: a sweep per chunk for its feature gradient, sent
+    at once, then one sweep for the weight gradient; every sum runs in the one-chunk sweep's order."""
+    grid = ctx.grid
+    if grid.layout.chunks == 1:
+        _sweep(grid, gradient, grid.all_row_tiles(), features, weight, grad_features, grad_weight)
+        return [_send_chunk(grad_features, features, inv_feature_norm, grid, 0, ctx.group)]
     scattered = []
     for chunk in range(grid.layout.chunks):
-        grad_chunk, places = _chunk_gradient_rows(features, grid, chunk)
-        for j, cols in enumerate(grid.col_tiles):
-            for rows, place in places:
-                tile = buffer[rows, cols]
-                tile.mul_(row_factor[rows, j].unsqueeze(1))
-                _logits_gradient_fixups_(tile, cols, columns, target_grad, grid.cells(rows, j))
-                grad_chunk[place].addmm_(tile, weight[cols])
-        _normalize_backward_rows_(grad_chunk, places, features, inv_feature_norm)
-        scattered.append(scatter_chunk(grad_chunk, grid.layout, chunk, ctx.group))
-    return buffer.t() @ features, scattered
+        _sweep(grid, gradient, grid.row_tiles(chunk), features, weight, grad_features, None)
+        scattered.append(_send_chunk(grad_features, features, inv_feature_norm, grid, chunk, ctx.group))
+    _sweep(grid, lambda rows, j, cols: buffer[rows, cols], grid.all_row_tiles(), features, weight, None, grad_weight)
+    return scattered
 
 
-def _backward_by_recompute(ctx, log_sum_exp, grad_scale, target_logit, target_grad, features, inv_feature_norm,
-                           weight):
-    """The gradients with each tile's logits computed again: one sweep over the column tiles, each
-    row tile's share of ``dE`` and ``dW`` added while the tile is in cache."""
-    grid, columns = ctx.grid, ctx.columns
-    grad_features = features.new_zeros(features.shape)
-    grad_weight = weight.new_zeros(weight.shape)
-    scratch = features.new_empty(ctx.shape.elements(grid.layout, grid.num_cols))
-    weight_t = weight.t()
-    row_tiles = grid.all_row_tiles()
+def _sweep(grid: TileGrid, gradient: TileGradient, row_tiles: list[slice], features: torch.Tensor,
+           weight: torch.Tensor, grad_features: Optional[torch.Tensor], grad_weight: Optional[torch.Tensor]) -> None:
+    """Column tiles outside, ``row_tiles`` inside: each tile's gradient added to the rows of
+    ``grad_features`` ``(B, d)`` and, when given, written or added to the rows of ``grad_weight``
+    ``(C_r, d)`` (the first row tile writes them: ``row_tiles`` must then be every row tile)."""
+    if grad_weight is not None and not row_tiles:
+        grad_weight.zero_()
     for j, cols in enumerate(grid.col_tiles):
-        for rows in row_tiles:
-            tile = _tile_view(scratch, rows, cols)
-            _tile_logits_(tile, features[rows], weight_t[:, cols], columns, cols, target_logit, grid.cells(rows, j))
-            tile.sub_(log_sum_exp[rows].unsqueeze(1)).exp2_().mul_(grad_scale[rows].unsqueeze(1))
-            _logits_gradient_fixups_(tile, cols, columns, target_grad, grid.cells(rows, j))
-            grad_features[rows].addmm_(tile, weight[cols])
-            grad_weight[cols].addmm_(tile.t(), features[rows])
-    scattered = []
-    for chunk in range(grid.layout.chunks):
-        grad_chunk, places = _chunk_gradient_rows(features, grid, chunk)
-        for rows, place in places:
-            grad_chunk[place] = grad_features[rows]
-        _normalize_backward_rows_(grad_chunk, places, features, inv_feature_norm)
-        scattered.append(scatter_chunk(grad_chunk, grid.layout, chunk, ctx.group))
-    return grad_weight, scattered
+        for i, rows in enumerate(row_tiles):
+            tile = gradient(rows, j, cols)
+            if grad_features is not None:
+                grad_features[rows].addmm_(tile, weight[cols])
+            if grad_weight is not None and i == 0:
+                torch.mm(tile.t(), features[rows], out=grad_weight[cols])
+            elif grad_weight is not None:
+                grad_weight[cols].addmm_(tile.t(), features[rows])
+
+
+def _send_chunk(grad_features: torch.Tensor, features: torch.Tensor, inv_feature_norm: Optional[torch.Tensor],
+                grid: TileGrid, chunk: int, group: ProcessGroup) -> Pending:
+    """Start the reduce-scatter of ``chunk``'s rows of ∂L/∂(features) (rank order), taken through
+    the features' normalisation first."""
+    layout = grid.layout
+    grad = grad_features.new_empty(sum(layout.chunk_sizes(chunk)), grad_features.shape[1])
+    offset = 0
+    for start, end in layout.blocks(chunk):
+        for rows in grid.row_tiles(chunk):
+            if start <= rows.start < end:
+                place = grad[offset + rows.start - start: offset + rows.stop - start]
+                place.copy_(grad_features[rows])
+                if inv_feature_norm is not None:
+                    _normalize_backward_(place, features[rows], inv_feature_norm[rows])
+        offset += end - start
+    return scatter_chunk(grad, layout, chunk, group)
 
 
 def _prepare_chunk_(features: torch.Tensor, inv_feature_norm: Optional[torch.Tensor], arrived: torch.Tensor,
@@ -273,29 +321,6 @@ def _tile_view(scratch: torch.Tensor, rows: slice, cols: slice) -> torch.Tensor:
                                                                                cols.stop - cols.start)
 
 
-def _chunk_gradient_rows(features: torch.Tensor, grid: TileGrid,
-                         chunk: int) -> tuple[torch.Tensor, list[tuple[slice, slice]]]:
-    """A zeroed ``(Σ_r rows of chunk, d)`` feature gradient in rank order, and for each row tile of
-    the chunk its rows in the batch and its place in that gradient."""
-    layout = grid.layout
-    grad = features.new_zeros(sum(layout.chunk_sizes(chunk)), features.shape[1])
-    places, offset = [], 0
-    for start, end in layout.blocks(chunk):
-        for rows in grid.row_tiles(chunk):
-            if start <= rows.start < end:
-                places.append((rows, slice(offset + rows.start - start, offset + rows.stop - start)))
-        offset += end - start
-    return grad, places
-
-
-def _normalize_backward_rows_(grad: torch.Tensor, places: list[tuple[slice, slice]], features: torch.Tensor,
-                              inv_feature_norm: Optional[torch.Tensor]) -> None:
-    if inv_feature_norm is None:
-        return
-    for rows, place in places:
-        _normalize_backward_(grad[place], features[rows], inv_feature_norm[rows])
-
-
 def _normalize_backward_(grad: torch.Tensor, normalized: torch.Tensor, inv_norm: torch.Tensor) -> None:
     """Turn ∂L/∂x̂ into ∂L/∂x in place, x̂ = x / max(‖x‖, floor): ``(g − x̂ (x̂·g)) / ‖x‖``
     (``g / floor`` where the floor held, as ``F.normalize``'s gradient)."""
@@ -342,7 +367,7 @@ def margin_cross_entropy(
             class lives on another rank; B is the gathered batch in rank-major order.
         margin: the target-logit transform and scale.
         rank, group: this rank, and the ranks that hold the other classes.
-        workspace: where ``store`` borrows its logits buffer from (default: a fresh one).
+        workspace: where the logits buffer and the weight gradient are borrowed from (default: fresh ones).
         logit_offset: ``(C_r,)`` added to the (scaled) logits of each class before the softmax,
             never to a target logit; a constant, so the gradient keeps its form.
         logits: ``"store"`` (one ``(B, C_r)`` buffer between forward and backward) or
@@ -355,7 +380,7 @@ def margin_cross_entropy(
         raise ValueError(f"hybridfc: logits must be one of {', '.join(LOGITS_MODES)} (got {logits!r})")
     dtype = torch.promote_types(embeddings.dtype, torch.float32)
     backward_follows = torch.is_grad_enabled() and (embeddings.requires_grad or weight.requires_grad)
-    store = (workspace or LogitsWorkspace()) if logits == "store" and backward_follows else None
     shape = TileShape.for_device(weight.device, logits)
     return _MarginCrossEntropy.apply(embeddings.to(dtype), weight.to(dtype), local_target, margin, gathered, rank,
-                                     group, store, shape, logit_offset)
+                                     group, workspace or LogitsWorkspace(), logits == "store" and backward_follows,
+                                     shape, logit_offset)

@@ -87,7 +87,12 @@ class HeadOptimizer(torch.optim.Optimizer):
         self.trust_ratio = 1.0
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the gradients. With ``set_to_none`` the head keeps the dense gradient's memory and
+        writes the next step's gradient into it (a tensor kept from ``weight.grad`` then changes)."""
+        gradient = self.head.weight.grad
         super().zero_grad(set_to_none)
+        if set_to_none and gradient is not None:
+            self.head.recycle_gradient(gradient)
         self.head.reset_step_state()
 
     def check_peak_lr(self, lr: float) -> None:
