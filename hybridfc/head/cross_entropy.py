@@ -97,12 +97,39 @@ class _Columns:
     None) and the inverse row norms (angular margins; else None)."""
 
     def __init__(self, weight: torch.Tensor, margin: Margin, logit_offset: Optional[torch.Tensor]) -> None:
+        self.weight = weight
         self.inv_norm = _inverse_row_norms(weight) if margin.normalize else None
         if self.inv_norm is None:
             self.scale = weight.new_full((weight.shape[0],), LOG2E)
         else:
             self.scale = self.inv_norm * (margin.scale * LOG2E)
         self.offset = None if logit_offset is None else logit_offset.to(weight.dtype) * LOG2E
+        self.base2_scale = margin.scale * LOG2E
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def scaled_rows(self, cols: "slice | torch.Tensor") -> torch.Tensor:
+        """The rows ``cols`` times their scale, ``(n, d)``: their GEMM gives base-2 logits. A column
+        tile's rows are written over the previous tile's."""
+        return torch.mul(self.weight[cols], self.scale[cols].unsqueeze(1), out=self._reused("scaled", cols))
+
+    def unit_rows(self, cols: "slice | torch.Tensor") -> torch.Tensor:
+        """The rows ``cols`` over their norm (angular margins) or as they are, ``(n, d)``: what a
+        logit's gradient multiplies to give the features' gradient. A column tile's rows are
+        written over the previous tile's."""
+        if self.inv_norm is None:
+            return self.weight[cols]
+        return torch.mul(self.weight[cols], self.inv_norm[cols].unsqueeze(1), out=self._reused("unit", cols))
+
+    def _reused(self, name: str, cols: "slice | torch.Tensor") -> Optional[torch.Tensor]:
+        """Where a column tile's rows go: one buffer per use, kept (a fresh megabyte per tile costs
+        its page faults); None (a fresh tensor) for rows picked by index."""
+        if not isinstance(cols, slice):
+            return None
+        rows = cols.stop - cols.start
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.shape[0] < rows:
+            buffer = self._buffers[name] = self.weight.new_empty(rows, self.weight.shape[1])
+        return buffer[:rows]
 
 
 class _MarginCrossEntropy(torch.autograd.Function):
@@ -125,21 +152,22 @@ class _MarginCrossEntropy(torch.autograd.Function):
         scratch = features.new_empty(shape.elements(layout, num_cols)) if buffer is None else None
         tile_max = features.new_full((batch, len(grid.col_tiles)), -torch.inf)
         tile_sum = features.new_zeros(batch, len(grid.col_tiles))
-        weight_t = weight.t()
         for chunk in range(layout.chunks):
             row_tiles = grid.row_tiles(chunk)
             _prepare_chunk_(features, inv_feature_norm, gathered.wait(chunk), layout, chunk, row_tiles)
             for rows in row_tiles:
-                _target_logits_(target_logit[rows], dpsi[rows], features[rows], weight, local_target[rows],
-                                columns, margin)
+                _target_logits_(target_logit[rows], dpsi[rows], features[rows], local_target[rows], columns, margin)
             for j, cols in enumerate(grid.col_tiles):
+                scaled_t = columns.scaled_rows(cols).t()
                 for rows in row_tiles:
                     tile = buffer[rows, cols] if buffer is not None else _tile_view(scratch, rows, cols)
-                    _tile_logits_(tile, features[rows], weight_t[:, cols], columns, cols, target_logit,
-                                  grid.cells(rows, j))
+                    cells = grid.cells(rows, j)
+                    _tile_logits_(tile, features[rows], scaled_t, columns, cols, target_logit, cells)
                     torch.amax(tile, dim=1, out=tile_max[rows, j])
                     tile.sub_(tile_max[rows, j].unsqueeze(1)).exp2_()
                     torch.sum(tile, dim=1, out=tile_sum[rows, j])
+                    if cells is not None:   # the backward pass adds the targets' gradient on its own
+                        tile[cells[0], cells[1]] = 0
 
         row_max = tile_max.amax(dim=1) if grid.col_tiles else tile_max.new_full((batch,), -torch.inf)
         row_max = all_reduce(row_max, "max", group)
@@ -158,39 +186,30 @@ class _MarginCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         features, inv_feature_norm, weight, buffer, tile_max, log_sum_exp, target_logit, dpsi = ctx.saved_tensors
         grid, columns = ctx.grid, ctx.columns
-        grad_scale = ctx.scale * grad_loss
-        target_prob = torch.exp2(target_logit - log_sum_exp)
-        target_grad = (ctx.scale * dpsi * (target_prob - 1) * grad_loss).masked_fill_(~grid.has_target, 0.0)
-        grad_features = features.new_zeros(features.shape)
-        grad_weight = ctx.workspace.take_gradient(weight)
-
-        def fixed(tile: torch.Tensor, rows: slice, j: int, cols: slice) -> torch.Tensor:
-            _logits_gradient_fixups_(tile, cols, columns, target_grad, grid.cells(rows, j))
-            return tile
-
+        row_scale = ctx.scale * grad_loss
+        target_grad = row_scale * dpsi * (torch.exp2(target_logit - log_sum_exp) - 1)
+        gradients = _Gradients(grid, columns, features, inv_feature_norm, row_scale, target_grad,
+                               ctx.workspace.take_gradient(weight))
         if buffer is not None:
-            row_factor = torch.exp2(tile_max - log_sum_exp.unsqueeze(1)) * grad_scale.unsqueeze(1)
-
-            def gradient(rows: slice, j: int, cols: slice) -> torch.Tensor:
-                return fixed(buffer[rows, cols].mul_(row_factor[rows, j].unsqueeze(1)), rows, j, cols)
-
-            scattered = _store_sweeps(ctx, gradient, buffer, features, inv_feature_norm, weight, grad_features,
-                                      grad_weight)
+            tile_factor = torch.exp2(tile_max - log_sum_exp.unsqueeze(1))
+            scattered = _store_sweeps(ctx, gradients,
+                                      lambda rows, j, cols, _: (buffer[rows, cols], tile_factor[rows, j]))
             ctx.workspace.give_back(buffer)
         else:
-            scratch, weight_t = features.new_empty(ctx.shape.elements(grid.layout, grid.num_cols)), weight.t()
+            scratch = features.new_empty(ctx.shape.elements(grid.layout, grid.num_cols))
 
-            def gradient(rows: slice, j: int, cols: slice) -> torch.Tensor:
+            def recomputed(rows: slice, j: int, cols: slice, scaled_t: torch.Tensor):
                 tile = _tile_view(scratch, rows, cols)
-                _tile_logits_(tile, features[rows], weight_t[:, cols], columns, cols, target_logit, grid.cells(rows, j))
-                tile.sub_(log_sum_exp[rows].unsqueeze(1)).exp2_().mul_(grad_scale[rows].unsqueeze(1))
-                return fixed(tile, rows, j, cols)
+                _tile_logits_(tile, features[rows], scaled_t, columns, cols, target_logit, None)
+                tile.sub_(log_sum_exp[rows].unsqueeze(1)).exp2_()
+                cells = grid.cells(rows, j)
+                if cells is not None:
+                    tile[cells[0], cells[1]] = 0
+                return tile, None
 
-            _sweep(grid, gradient, grid.all_row_tiles(), features, weight, grad_features, grad_weight)
-            scattered = [_send_chunk(grad_features, features, inv_feature_norm, grid, chunk, ctx.group)
-                         for chunk in range(grid.layout.chunks)]
-        if columns.inv_norm is not None:
-            _project_out_row_direction_(grad_weight, weight, columns.inv_norm)
+            gradients.sweep(recomputed, grid.all_row_tiles(), features_too=True, weight_too=True)
+            scattered = [gradients.send_chunk(chunk, ctx.group) for chunk in range(grid.layout.chunks)]
+        grad_weight = gradients.finish_weight()
         layout = grid.layout
         grad_embeddings = features.new_empty(layout.sizes[ctx.rank], features.shape[1])
         for chunk, pending in enumerate(scattered):
@@ -198,61 +217,118 @@ class _MarginCrossEntropy(torch.autograd.Function):
         return grad_embeddings, grad_weight, None, None, None, None, None, None, None, None, None
 
 
-TileGradient = Callable[[slice, int, slice], torch.Tensor]
-"""``(rows, column tile index, cols)`` -> that tile of ∂L/∂(raw logits)."""
+TileGradient = Callable[[slice, int, slice, torch.Tensor], tuple[torch.Tensor, Optional[torch.Tensor]]]
+"""``(rows, column tile index, cols, the tile's scaled rows ᵀ (d, cols))`` -> ``(T, f)``: that tile's
+∂L/∂(logits) is ``T · f · row_scale`` (``f`` ``(rows,)`` or None for 1) off the targets, whose cells
+``T`` holds as 0."""
 
 
-def _store_sweeps(ctx, gradient: TileGradient, buffer, features, inv_feature_norm, weight, grad_features,
-                  grad_weight) -> list[Pending]:
-    """The gradients from the stored ``exp(x − m_t)``. One chunk: one sweep that adds each tile to
-    both gradients while it is in cache. K chunks: a sweep per chunk for its feature gradient, sent
-    at once, then one sweep for the weight gradient; every sum runs in the one-chunk sweep's order."""
+class _Gradients:
+    """Both gradients of the loss, summed tile by tile in a factored form that leaves every large
+    tile as it is: ``∂L/∂x = T · f · row_scale`` off the targets, so the features' gradient sums
+    ``f · (T @ Ŵ)`` (``Ŵ``: the scaled rows, the logits' own) and takes ``row_scale`` once per row at
+    the end, and the
+    weight gradient sums ``Tᵀ @ (f · row_scale · E)``. The targets' own gradient is added on its
+    own (no difference of large numbers), then the rows' normalisation is undone."""
+
+    def __init__(self, grid: TileGrid, columns: _Columns, features: torch.Tensor,
+                 inv_feature_norm: Optional[torch.Tensor], row_scale: torch.Tensor, target_grad: torch.Tensor,
+                 grad_weight: torch.Tensor) -> None:
+        self.grid, self.columns, self.features, self.inv_feature_norm = grid, columns, features, inv_feature_norm
+        self.row_scale, self.target_grad = row_scale, target_grad
+        self.scaled_features = features * row_scale.unsqueeze(1)
+        self.features_grad = features.new_zeros(features.shape)
+        self.weight_grad = grad_weight
+
+    def sweep(self, gradient: TileGradient, row_tiles: list[slice], features_too: bool, weight_too: bool) -> None:
+        """Column tiles outside, ``row_tiles`` inside: each tile added to the features' gradient of its
+        rows (then finished for ``row_tiles``) and to the weight gradient of its columns (the first
+        row tile writes them: ``row_tiles`` must then be every row tile, in order)."""
+        if weight_too and not row_tiles:
+            self.weight_grad.zero_()
+        for j, cols in enumerate(self.grid.col_tiles):
+            scaled_rows = self.columns.scaled_rows(cols)
+            for i, rows in enumerate(row_tiles):
+                tile, factor = gradient(rows, j, cols, scaled_rows.t())
+                if features_too:
+                    self._add_features(rows, tile, factor, scaled_rows)
+                if weight_too:
+                    self._add_weight(rows, cols, tile, factor, first=i == 0)
+        if features_too:
+            for rows in row_tiles:
+                self._finish_feature_rows(rows)
+
+    def _add_features(self, rows: slice, tile: torch.Tensor, factor: Optional[torch.Tensor],
+                      scaled_rows: torch.Tensor) -> None:
+        if factor is None:
+            self.features_grad[rows].addmm_(tile, scaled_rows)
+        else:
+            self.features_grad[rows].addcmul_(tile @ scaled_rows, factor.unsqueeze(1))
+
+    def _add_weight(self, rows: slice, cols: slice, tile: torch.Tensor, factor: Optional[torch.Tensor],
+                    first: bool) -> None:
+        right = self.scaled_features[rows]
+        if factor is not None:
+            right = right * factor.unsqueeze(1)
+        if first:
+            torch.mm(tile.t(), right, out=self.weight_grad[cols])
+        else:
+            self.weight_grad[cols].addmm_(tile.t(), right)
+
+    def _finish_feature_rows(self, rows: slice) -> None:
+        """``row_scale`` on the rows' sums (of products with the scaled rows: ``Ŵ·log2(e)·s``), then
+        their targets' gradient."""
+        self.features_grad[rows].mul_(self.row_scale[rows].unsqueeze(1) / self.columns.base2_scale)
+        targets = self.grid.targets_in(rows)
+        if targets is not None:
+            samples, cols = targets
+            self.features_grad.index_add_(0, samples, self.target_grad[samples].unsqueeze(1) *
+                                          self.columns.unit_rows(cols))
+
+    def send_chunk(self, chunk: int, group: ProcessGroup) -> Pending:
+        """Start the reduce-scatter of ``chunk``'s rows of ∂L/∂(gathered features) (rank order), taken
+        through the features' normalisation."""
+        layout, grid = self.grid.layout, self.grid
+        grad = self.features_grad.new_empty(sum(layout.chunk_sizes(chunk)), self.features_grad.shape[1])
+        offset = 0
+        for start, end in layout.blocks(chunk):
+            for rows in grid.row_tiles(chunk):
+                if start <= rows.start < end:
+                    place = grad[offset + rows.start - start: offset + rows.stop - start]
+                    place.copy_(self.features_grad[rows])
+                    if self.inv_feature_norm is not None:
+                        _normalize_backward_(place, self.features[rows], self.inv_feature_norm[rows])
+            offset += end - start
+        return scatter_chunk(grad, layout, chunk, group)
+
+    def finish_weight(self) -> torch.Tensor:
+        """The weight gradient: the targets' own part added, the rows' normalisation undone."""
+        targets = self.grid.all_targets()
+        if targets is not None:
+            samples, cols = targets
+            self.weight_grad.index_add_(0, cols, self.target_grad[samples].unsqueeze(1) * self.features[samples])
+        inv_norm = self.columns.inv_norm
+        if inv_norm is not None:
+            self.weight_grad.mul_(inv_norm.unsqueeze(1))
+            _project_out_row_direction_(self.weight_grad, self.columns.weight, inv_norm)
+        return self.weight_grad
+
+
+def _store_sweeps(ctx, gradients: _Gradients, stored: TileGradient) -> list[Pending]:
+    """The gradients from the stored ``exp2(x − m_t)`` (``f = exp2(m_t − lse)``). One chunk: one
+    sweep that adds each tile to both gradients while it is in cache. K chunks: a sweep per chunk for
+    its features' gradient, sent at once, then one for the weight gradient; every sum runs in the
+    one-chunk sweep's order."""
     grid = ctx.grid
     if grid.layout.chunks == 1:
-        _sweep(grid, gradient, grid.all_row_tiles(), features, weight, grad_features, grad_weight)
-        return [_send_chunk(grad_features, features, inv_feature_norm, grid, 0, ctx.group)]
+        gradients.sweep(stored, grid.all_row_tiles(), features_too=True, weight_too=True)
+        return [gradients.send_chunk(0, ctx.group)]
     scattered = []
     for chunk in range(grid.layout.chunks):
-        _sweep(grid, gradient, grid.row_tiles(chunk), features, weight, grad_features, None)
-        scattered.append(_send_chunk(grad_features, features, inv_feature_norm, grid, chunk, ctx.group))
-    _sweep(grid, lambda rows, j, cols: buffer[rows, cols], grid.all_row_tiles(), features, weight, None, grad_weight)
+        gradients.sweep(stored, grid.row_tiles(chunk), features_too=True, weight_too=False)
+        scattered.append(gradients.send_chunk(chunk, ctx.group))
+    gradients.sweep(stored, grid.all_row_tiles(), features_too=False, weight_too=True)
     return scattered
-
-
-def _sweep(grid: TileGrid, gradient: TileGradient, row_tiles: list[slice], features: torch.Tensor,
-           weight: torch.Tensor, grad_features: Optional[torch.Tensor], grad_weight: Optional[torch.Tensor]) -> None:
-    """Column tiles outside, ``row_tiles`` inside: each tile's gradient added to the rows of
-    ``grad_features`` ``(B, d)`` and, when given, written or added to the rows of ``grad_weight``
-    ``(C_r, d)`` (the first row tile writes them: ``row_tiles`` must then be every row tile)."""
-    if grad_weight is not None and not row_tiles:
-        grad_weight.zero_()
-    for j, cols in enumerate(grid.col_tiles):
-        for i, rows in enumerate(row_tiles):
-            tile = gradient(rows, j, cols)
-            if grad_features is not None:
-                grad_features[rows].addmm_(tile, weight[cols])
-            if grad_weight is not None and i == 0:
-                torch.mm(tile.t(), features[rows], out=grad_weight[cols])
-            elif grad_weight is not None:
-                grad_weight[cols].addmm_(tile.t(), features[rows])
-
-
-def _send_chunk(grad_features: torch.Tensor, features: torch.Tensor, inv_feature_norm: Optional[torch.Tensor],
-                grid: TileGrid, chunk: int, group: ProcessGroup) -> Pending:
-    """Start the reduce-scatter of ``chunk``'s rows of ∂L/∂(features) (rank order), taken through
-    the features' normalisation first."""
-    layout = grid.layout
-    grad = grad_features.new_empty(sum(layout.chunk_sizes(chunk)), grad_features.shape[1])
-    offset = 0
-    for start, end in layout.blocks(chunk):
-        for rows in grid.row_tiles(chunk):
-            if start <= rows.start < end:
-                place = grad[offset + rows.start - start: offset + rows.stop - start]
-                place.copy_(grad_features[rows])
-                if inv_feature_norm is not None:
-                    _normalize_backward_(place, features[rows], inv_feature_norm[rows])
-        offset += end - start
-    return scatter_chunk(grad, layout, chunk, group)
 
 
 def _prepare_chunk_(features: torch.Tensor, inv_feature_norm: Optional[torch.Tensor], arrived: torch.Tensor,
@@ -277,42 +353,28 @@ def _prepare_features_(out: torch.Tensor, rows: torch.Tensor, inv_norm: Optional
     torch.mul(rows, inv_norm.unsqueeze(1), out=out)
 
 
-def _target_logits_(target_logit: torch.Tensor, dpsi: torch.Tensor, features: torch.Tensor, weight: torch.Tensor,
+def _target_logits_(target_logit: torch.Tensor, dpsi: torch.Tensor, features: torch.Tensor,
                     local_target: torch.Tensor, columns: _Columns, margin: Margin) -> None:
     """Fill the base-2 target logit ``log2(e)·s·ψ(c)`` and ``ψ'(c)`` of a row tile's local targets
     ``(n,)`` (rows whose target lives on another rank get values that are never read)."""
-    if weight.shape[0] == 0:
+    if columns.weight.shape[0] == 0:
         return
-    col = local_target.clamp_min(0)
-    similarity = (features * weight[col]).sum(dim=1)
-    if columns.inv_norm is not None:
-        similarity.mul_(columns.inv_norm[col])
+    similarity = (features * columns.unit_rows(local_target.clamp_min(0))).sum(dim=1)
     psi, slope = margin.target_logit(similarity)
     torch.mul(psi, margin.scale * LOG2E, out=target_logit)
     dpsi.copy_(slope)
 
 
-def _tile_logits_(tile: torch.Tensor, features: torch.Tensor, weight_t: torch.Tensor, columns: _Columns,
+def _tile_logits_(tile: torch.Tensor, features: torch.Tensor, scaled_t: torch.Tensor, columns: _Columns,
                   cols: slice, target_logit: torch.Tensor, cells: Optional[Cells]) -> None:
-    """One tile's base-2 logits ``(rows, cols)``: the GEMM, the column scale, the offset, the targets'
-    ``log2(e)·s·ψ``."""
-    torch.mm(features, weight_t, out=tile)
-    tile.mul_(columns.scale[cols])
+    """One tile's base-2 logits ``(rows, cols)``: the GEMM with the scaled rows ``(d, cols)``, the
+    offset, the targets' ``log2(e)·s·ψ``."""
+    torch.mm(features, scaled_t, out=tile)
     if columns.offset is not None:
         tile.add_(columns.offset[cols])
     if cells is not None:
         row, col, sample = cells
         tile[row, col] = target_logit[sample]
-
-
-def _logits_gradient_fixups_(tile: torch.Tensor, cols: slice, columns: _Columns, target_grad: torch.Tensor,
-                             cells: Optional[Cells]) -> None:
-    """``s·g·p`` -> ∂L/∂(raw logits) of one tile: the targets' own gradient, then the columns' ``1/‖w_c‖``."""
-    if cells is not None:
-        row, col, sample = cells
-        tile[row, col] = target_grad[sample]
-    if columns.inv_norm is not None:
-        tile.mul_(columns.inv_norm[cols])
 
 
 def _tile_view(scratch: torch.Tensor, rows: slice, cols: slice) -> torch.Tensor:

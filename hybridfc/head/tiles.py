@@ -80,7 +80,8 @@ class TileGrid:
                           for chunk in range(layout.chunks)]
         self._row_index = {tile.start: i for i, tile in enumerate(self.all_row_tiles())}
         self.has_target = local_target >= 0
-        self._cells = _place_targets(local_target, self.all_row_tiles(), width, len(self.col_tiles))
+        self._targets, self._cells, self._row_targets = _place_targets(local_target, self.all_row_tiles(), width,
+                                                                       len(self.col_tiles))
 
     def row_tiles(self, chunk: int) -> list[slice]:
         """The row tiles of ``chunk``, in the gathered batch's order."""
@@ -94,6 +95,14 @@ class TileGrid:
         """The local targets in the tile of ``rows`` and column tile ``col_tile``, or None."""
         return self._cells.get((self._row_index[rows.start], col_tile))
 
+    def targets_in(self, rows: slice) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """``(sample, column)`` of the local targets in the row tile ``rows``, or None."""
+        return self._row_targets.get(self._row_index[rows.start])
+
+    def all_targets(self) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """``(sample, column)`` of every local target, by tile (the same order whatever the chunks), or None."""
+        return self._targets
+
 
 def _row_tiles(start: int, end: int, rows: Optional[int]) -> list[slice]:
     if rows is None:
@@ -101,13 +110,13 @@ def _row_tiles(start: int, end: int, rows: Optional[int]) -> list[slice]:
     return tiles(start, end, rows)
 
 
-def _place_targets(local_target: torch.Tensor, row_tiles: list[slice], width: int,
-                   num_col_tiles: int) -> dict[tuple[int, int], Cells]:
-    """The cells of the local targets, grouped by tile, moved to the device in one copy."""
+def _place_targets(local_target: torch.Tensor, row_tiles: list[slice], width: int, num_col_tiles: int):
+    """The local targets, ordered by tile and moved to the device in one copy: all of them as
+    ``(sample, column)``, their cells by tile, and ``(sample, column)`` by row tile."""
     target = local_target.cpu().numpy()
     samples = np.nonzero(target >= 0)[0]
     if samples.size == 0:
-        return {}
+        return None, {}, {}
     cols = target[samples]
     starts = np.array([tile.start for tile in row_tiles])
     row_tile = np.searchsorted(starts, samples, side="right") - 1
@@ -115,9 +124,14 @@ def _place_targets(local_target: torch.Tensor, row_tiles: list[slice], width: in
     key = row_tile * num_col_tiles + col_tile
     order = np.argsort(key, kind="stable")
     samples, cols, row_tile, col_tile, key = (a[order] for a in (samples, cols, row_tile, col_tile, key))
-    table = torch.from_numpy(np.stack([samples - starts[row_tile], cols - col_tile * width, samples]))
+    table = torch.from_numpy(np.stack([samples - starts[row_tile], cols - col_tile * width, samples, cols]))
     table = table.to(local_target.device)
+    return ((table[2], table[3]), _slices(table[:3], key, lambda k: (k // num_col_tiles, k % num_col_tiles)),
+            _slices(table[2:], row_tile, lambda k: k))
+
+
+def _slices(table: torch.Tensor, key: np.ndarray, name) -> dict:
+    """``{name(k): the columns of table whose key is k}`` for a sorted ``key``, as tuples of rows."""
     keys, first = np.unique(key, return_index=True)
     last = np.append(first[1:], key.size)
-    return {(int(k) // num_col_tiles, int(k) % num_col_tiles): tuple(table[:, lo:hi])
-            for k, lo, hi in zip(keys, first, last)}
+    return {name(int(k)): tuple(table[:, lo:hi]) for k, lo, hi in zip(keys, first, last)}
