@@ -21,7 +21,7 @@ import re
 import sys
 from typing import Optional, Sequence
 
-from hybridfc.plan import (DTYPE_BYTES, OPTIMIZER_STATES, SELECTIONS, Budget, GradientExchange, Plan, PlanInputs,
+from hybridfc.plan import (DTYPE_BYTES, LOGITS_MODES, OPTIMIZER_STATES, SELECTIONS, Budget, GradientExchange, Plan, PlanInputs,
                            backbone_gradient_exchange, make_plan, max_num_classes)
 
 GIB = 2**30
@@ -33,7 +33,7 @@ MEMORY_ROWS = (
     ("weight", "weight ({storage})"),
     ("optimizer_state", "optimizer state ({optimizer}: {states} x weight)"),
     ("weight_gradient", "weight gradient (fp32, of the normalised rows)"),
-    ("logits", "logits (batch x computed rows, fp32)"),
+    ("logits", "logits (store: batch x computed rows; recompute: a tile)"),
     ("row_copy", "fp32 copy of the rows fed to normalise"),
     ("normalized_rows", "normalised rows (fp32)"),
     ("normalize_temporaries", "normalise-backward temporaries (4 x rows, fp32)"),
@@ -92,6 +92,12 @@ def _add_plan_parser(commands: argparse._SubParsersAction) -> None:
                         "(default fp32)")
     p.add_argument("--optimizer", choices=tuple(OPTIMIZER_STATES), default="sgd",
                    help="sgd: momentum SGD, 1 state tensor; adam: 2 (default sgd)")
+    p.add_argument("--logits", choices=LOGITS_MODES, default="auto",
+                   help="what the sharded head keeps of its logits for the backward pass: store (one fp32 "
+                        "buffer), recompute (a tile) or auto (store while the buffer fits --logits-budget-mb; "
+                        "default auto)")
+    p.add_argument("--logits-budget-mb", type=_positive_float, default=1024,
+                   help="the largest logits buffer auto stores, MiB (default 1024)")
     p.add_argument("--k", type=int, default=32,
                    help="knn: neighbours per class, whose lists of the batch's labels travel each step (default 32)")
     p.add_argument("--backbone-params", type=int,
@@ -142,7 +148,8 @@ def _inputs(args: argparse.Namespace, num_classes: int) -> PlanInputs:
     return PlanInputs(num_classes=num_classes, embedding_size=args.embedding_size,
                       world_size=args.world_size, local_batch=args.local_batch, selection=selection,
                       budget=args.budget, storage_dtype=args.storage_dtype,
-                      feature_dtype=args.feature_dtype, optimizer=args.optimizer, k=args.k)
+                      feature_dtype=args.feature_dtype, optimizer=args.optimizer, k=args.k,
+                      logits=args.logits, logits_budget_mb=args.logits_budget_mb)
 
 
 def _resolve(args: argparse.Namespace) -> tuple[PlanInputs, Optional[int]]:
@@ -202,6 +209,7 @@ def render(plan: Plan, fits: Optional[int] = None, memory_gib: Optional[float] =
     lines += [_row("classes held per rank", [f"{m.rows_held:,}" for m in plan.methods]),
               _row("classes computed per rank", [f"{m.rows_computed:,}" for m in plan.methods]),
               _row("batch rows in the logits", [f"{m.logits_batch:,}" for m in plan.methods]),
+              _row(f"logits kept ({inputs.logits})", [m.logits_mode for m in plan.methods]),
               "", "memory per rank (the head's buffers at the step's peak)"]
     lines += [_row("  " + label.format(**names), [format_bytes(getattr(m.memory, key)) for m in plan.methods])
               for key, label in MEMORY_ROWS]

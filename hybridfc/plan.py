@@ -33,8 +33,13 @@ weight                     rows·d·s               the rows held
 optimizer_state            k·rows·d·s             dense over the rows held (a row-sparse update
                                                   touches only selected rows, but stores all)
 weight_gradient            comp·d·4               ∂L/∂ of the normalised rows, fp32
-logits                     batch·comp·4           logits, softmax in place, then the gradient of
-                                                  the logits in place: one fp32 buffer
+logits                     batch·comp·4, or a     ``store``: the fp32 logits' exponentials, one
+                           tile                   buffer kept for the backward pass;
+                                                  ``recompute``: a tile, b·min(comp, 16384)·4
+                                                  (a CUDA tile; the CPU's is 64 × 2048); the
+                                                  sharded methods' ``logits`` mode, ``auto``
+                                                  storing while the buffer fits its budget
+                                                  (data-parallel: always the buffer)
 row_copy                   comp·d·4 or 0          the fp32 rows fed to the normalisation when they
                                                   are not the weight itself: the fp32 cast of a
                                                   bf16/fp16 weight, or the gathered selected rows
@@ -44,9 +49,10 @@ normalized_rows            comp·d·4 or 0          data-parallel only: ``F.norm
 normalize_temporaries      4·comp·d·4 or 0        data-parallel only: backward of ``F.normalize``
                                                   w.r.t. the row norm: ``x/n``, ``x/n/n``, ``-g``
                                                   and their product
-feature_buffers            batch·d·4·(2 or 3)     normalised features and their gradient, plus the
+feature_buffers            batch·d·4·(2, 3 or 4)  normalised features and their gradient, plus the
                                                   fp32 gathered (or cast) features when the head
-                                                  made them
+                                                  made them, plus (sharded) the features scaled
+                                                  by each sample's loss gradient
 =========================  =====================  ==============================================
 
 Two moments can be the peak; ``total`` is the larger:
@@ -122,6 +128,8 @@ INT64 = 8
 VERDICT_VALUES = 4
 SOFTMAX_EXCHANGES = (1, 2)   # fp32 per sample in the softmax's all-reduces: row max; sum-exp and target
 NORMALIZE_TEMPORARIES = 4
+LOGITS_MODES = ("store", "recompute", "auto")
+RECOMPUTE_TILE_COLUMNS = 16384   # hybridfc.head.tiles.CUDA_RECOMPUTE_COLUMNS, the larger tile
 
 Budget = Union[int, float]
 
@@ -141,6 +149,8 @@ class PlanInputs:
     feature_dtype: str = "fp32"
     optimizer: str = "sgd"
     k: int = 32
+    logits: str = "auto"
+    logits_budget_mb: float = 1024
 
     def __post_init__(self) -> None:
         check_inputs(self)
@@ -194,6 +204,7 @@ class MethodPlan:
     rows_held: int
     rows_computed: int
     logits_batch: int
+    logits_mode: str
     memory: Memory
     communication: Communication
 
@@ -239,10 +250,21 @@ def check_inputs(inputs: PlanInputs) -> None:
              f"num_classes={inputs.num_classes} is smaller than world_size={inputs.world_size}: "
              "every rank needs at least one class")
     for name, allowed in (("selection", SELECTIONS), ("storage_dtype", DTYPE_BYTES),
-                          ("feature_dtype", DTYPE_BYTES), ("optimizer", OPTIMIZER_STATES)):
+                          ("feature_dtype", DTYPE_BYTES), ("optimizer", OPTIMIZER_STATES),
+                          ("logits", LOGITS_MODES)):
         _require(getattr(inputs, name) in allowed,
                  f"{name} must be one of {', '.join(allowed)}, got {getattr(inputs, name)!r}")
+    _require(isinstance(inputs.logits_budget_mb, (int, float)) and inputs.logits_budget_mb > 0,
+             f"logits_budget_mb must be a positive number of MiB, got {inputs.logits_budget_mb!r}")
     _check_budget(inputs)
+
+
+def logits_mode(inputs: PlanInputs, batch: int, comp: int) -> str:
+    """What a sharded head keeps of ``batch × comp`` logits: the ``logits`` input, ``auto`` resolved
+    as the head resolves it (``store`` while the fp32 buffer fits ``logits_budget_mb``)."""
+    if inputs.logits != "auto":
+        return inputs.logits
+    return "store" if batch * comp * FP32 <= inputs.logits_budget_mb * 2**20 else "recompute"
 
 
 def _check_budget(inputs: PlanInputs) -> None:
@@ -271,7 +293,8 @@ def budget_rows(inputs: PlanInputs, shard: int) -> int:
     return max(1, math.floor(Fraction(repr(inputs.budget)) * shard))
 
 
-def _memory(inputs: PlanInputs, rows: int, comp: int, batch: int, sharded: bool, selected: bool) -> Memory:
+def _memory(inputs: PlanInputs, rows: int, comp: int, batch: int, sharded: bool, selected: bool,
+            mode: str) -> Memory:
     d, s = inputs.embedding_size, DTYPE_BYTES[inputs.storage_dtype]
     weight = rows * d * s
     state = OPTIMIZER_STATES[inputs.optimizer] * weight
@@ -280,8 +303,8 @@ def _memory(inputs: PlanInputs, rows: int, comp: int, batch: int, sharded: bool,
     temporaries = 0 if sharded else NORMALIZE_TEMPORARIES * comp * d * FP32
     row_copy = comp * d * FP32 if selected or s != FP32 else 0
     made_features = (sharded and inputs.world_size > 1) or DTYPE_BYTES[inputs.feature_dtype] != FP32
-    features = batch * d * FP32 * (3 if made_features else 2)
-    logits = batch * comp * FP32
+    features = batch * d * FP32 * ((3 if made_features else 2) + (1 if sharded else 0))
+    logits = batch * comp * FP32 if mode == "store" else inputs.local_batch * min(comp, RECOMPUTE_TILE_COLUMNS) * FP32
     softmax_peak = weight + state + row_copy + normalized + logits + gradient + features
     normalize_peak = weight + state + row_copy + gradient + temporaries if not sharded else 0
     return Memory(weight, state, gradient, logits, row_copy, normalized, temporaries, features,
@@ -315,8 +338,9 @@ def _method(inputs: PlanInputs, method: str) -> MethodPlan:
     rows = inputs.shard_rows if sharded else inputs.num_classes
     comp = budget_rows(inputs, rows) if selected else rows
     batch = inputs.global_batch if sharded else inputs.local_batch
-    return MethodPlan(method, _label(inputs, method), rows, comp, batch,
-                      _memory(inputs, rows, comp, batch, sharded, selected),
+    mode = logits_mode(inputs, batch, comp) if sharded else "store"
+    return MethodPlan(method, _label(inputs, method), rows, comp, batch, mode,
+                      _memory(inputs, rows, comp, batch, sharded, selected, mode),
                       _communication(inputs, sharded, selected))
 
 

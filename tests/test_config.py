@@ -47,6 +47,8 @@ FULL = {
     "selection": {"type": "knn", "budget": 0.2, "k": 8, "rebuild_interval": 50, "rebuild_delay": 5,
                   "late_rebuild": "wait", "index": "exact", "hard_fraction": 0.75, "min_recall": 0.95, "sampling_correction": False},
     "storage_dtype": "bf16",
+    "logits": "recompute",
+    "logits_budget_mb": 512.0,
     "optimizer": {"type": "adamw", "params": {"lr": 0.2, "betas": [0.8, 0.99], "eps": 1e-6, "weight_decay": 1e-4}},
     "gradient_clipping": 5.0,
     "evaluation": {"interval": 100, "top_k": [1, 5]},
@@ -224,8 +226,8 @@ def test_bad_value_names_key_value_and_allowed(bad: dict[str, Any], expected: st
          "hybridfc.margin.m4: unknown key; allowed keys: m1, m2, m3, scale, type"),
         (section(num_clases=10),
          "hybridfc.num_clases: unknown key; allowed keys: communication, embedding_size, evaluation, "
-         "gradient_clipping, margin, max_consecutive_skips, num_classes, optimizer, schedule, seed, selection, "
-             "storage_dtype, warm_start"),
+         "gradient_clipping, logits, logits_budget_mb, margin, max_consecutive_skips, num_classes, optimizer, "
+         "schedule, seed, selection, storage_dtype, warm_start"),
         (section(selection={"type": "full", "budget": 0.1}),
          "hybridfc.selection.budget: unknown key; allowed keys: type"),
         (sgd(betas=[0.9, 0.99]),

@@ -17,9 +17,9 @@ from hybridfc.plan import METHODS, Plan, PlanInputs, budget_rows, make_plan, max
 REPO = Path(__file__).resolve().parents[1]
 GIB, MIB, KIB = 2**30, 2**20, 2**10
 SEED_ARGS = ["--num-classes", "10000000", "--embedding-size", "512", "--world-size", "64",
-             "--local-batch", "64", "--budget", "0.1"]
+             "--local-batch", "64", "--budget", "0.1", "--logits", "store"]
 SEED = PlanInputs(num_classes=10_000_000, embedding_size=512, world_size=64, local_batch=64,
-                  selection="partial", budget=0.1)
+                  selection="partial", budget=0.1, logits="store")
 
 # (figure, the seed's number, its unit read literally (GB as GiB, MB as MiB), the unit that
 # reproduces it exactly): the seed's table (N=64, 64/GPU, d=512, C=10M, r=0.1, fp32).
@@ -183,3 +183,28 @@ def test_sizes_keep_every_digit(nbytes, text):
     """Four significant digits; from a thousand up every digit before the point (no ``1335. GiB``)."""
     assert format_bytes(nbytes) == text
 
+
+
+def test_auto_stores_the_logits_while_they_fit_the_budget_then_recomputes():
+    """``auto`` keeps the (B, C_r) buffer up to ``logits_budget_mb`` and a tile beyond, as the head
+    decides; the model's logits term and total follow the mode."""
+    base = dict(num_classes=1_000_000, embedding_size=128, world_size=2, local_batch=128)
+    small = make_plan(PlanInputs(**base)).method("model_parallel")
+    assert small.logits_mode == "store" and small.memory.logits == 256 * 500_000 * 4
+    big = make_plan(PlanInputs(**base, logits_budget_mb=400)).method("model_parallel")
+    assert big.logits_mode == "recompute" and big.memory.logits == 128 * 16384 * 4
+    assert small.memory.total - big.memory.total == small.memory.logits - big.memory.logits
+    assert make_plan(PlanInputs(**base, logits="recompute")).method("model_parallel").logits_mode == "recompute"
+    assert make_plan(PlanInputs(**base, logits_budget_mb=400)).method("data_parallel").logits_mode == "store"
+    with pytest.raises(ValueError, match="logits must be one of store, recompute, auto"):
+        PlanInputs(**base, logits="keep")
+
+
+def test_the_planner_and_the_head_pick_the_same_mode():
+    from hybridfc import ClassParallelFC
+
+    head = ClassParallelFC(1000, 4, logits_budget_mb=1)
+    for batch in (200, 300):
+        plan = make_plan(PlanInputs(num_classes=1000, embedding_size=4, world_size=1, local_batch=batch,
+                                    logits_budget_mb=1))
+        assert plan.method("model_parallel").logits_mode == head.logits_mode(batch, 1000)
