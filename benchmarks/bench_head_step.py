@@ -316,6 +316,17 @@ def expected_parts(method: str, C: int, d: int, B: int, world: int) -> dict:
     return {"weight": w, "grad": w, "momentum": w, "logits": logits}
 
 
+def planned_bytes(cfg: dict) -> int:
+    """What ``hybridfc plan`` predicts for this configuration's peak, per rank."""
+    from hybridfc.plan import PlanInputs, make_plan
+
+    world = cfg["world_size"]
+    logits = cfg["method"] if cfg["method"] in OURS else "store"
+    inputs = PlanInputs(num_classes=cfg["classes"], embedding_size=cfg["dim"], world_size=world,
+                        local_batch=cfg["batch"] // world, logits=logits)
+    return make_plan(inputs).method("model_parallel" if cfg["method"] in OURS else "data_parallel").memory.total
+
+
 def summarize(cfg: dict, ranks: list[dict]) -> dict:
     n = cfg["steps"]
 
@@ -340,6 +351,7 @@ def summarize(cfg: dict, ranks: list[dict]) -> dict:
         "model_mib": max(r["after_build"] - r["baseline"] for r in ranks) / MIB,
         "baseline_mib": max(r["baseline"] for r in ranks) / MIB,
         "expected_mib": sum(exp.values()) / MIB, "expected_parts": {k: v / MIB for k, v in exp.items()},
+        "plan_mib": planned_bytes(cfg) / MIB,
         "losses": ranks[0]["losses"], "gemm_shape": ranks[0]["gemm_shape"],
     }
 
@@ -423,7 +435,7 @@ def print_report(args, rows: list[dict]) -> None:
     print()
     print(f"MEMORY (MiB per rank, max over ranks, {memory_basis(args, 'model')})")
     hdr = (f"{'C':>9} {'method':>9} | {'baseline':>8} {'model':>6} {'peak':>6} {'sampled':>7} | "
-           f"{'expect':>6} {'peak/exp':>8} | expect = weight + grad + momentum + logits buffer")
+           f"{'expect':>6} {'peak/exp':>8} {'plan':>6} {'peak/plan':>9} | expect = weight + grad + momentum + logits buffer")
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
@@ -431,7 +443,8 @@ def print_report(args, rows: list[dict]) -> None:
         m, n = r["gemm_shape"]
         print(f"{r['C']:>9,} {r['method']:>9} | {r['baseline_mib']:>8.0f} {r['model_mib']:>6.0f} "
               f"{r['peak_mib']:>6.0f} {r['sampled_mib']:>7.0f} | {r['expected_mib']:>6.0f} "
-              f"{r['peak_mib'] / r['expected_mib']:>8.2f} | {p['weight']:.0f} + {p['grad']:.0f} + "
+              f"{r['peak_mib'] / r['expected_mib']:>8.2f} {r['plan_mib']:>6.0f} {r['peak_mib'] / r['plan_mib']:>9.2f} | "
+              f"{p['weight']:.0f} + {p['grad']:.0f} + "
               f"{p['momentum']:.0f} + {p['logits']:.0f} ({m}x{n})")
     print()
     print("wall = median step time between barriers; cpu = CPU time of the rank's process (all threads) in the")
@@ -441,7 +454,8 @@ def print_report(args, rows: list[dict]) -> None:
     print("  thread, both ranks at once (wall, GF/s; and CPU time); fl alloc = the same GEMMs with torch.mm")
     print("  allocating its output, as a step does (fresh pages, page faults); model = RSS after building")
     print("  model + optimizer; peak = kernel RSS high-water mark (VmHWM, reset after the build) during the")
-    print("  steps; sampled = max of 5 ms RSS samples (cross-check); store and recompute run the same GEMM")
+    print("  steps; sampled = max of 5 ms RSS samples (cross-check); plan = what `hybridfc plan` predicts for the")
+    print("  peak (model-parallel with the method's logits mode; naive: data-parallel); store and recompute run the same GEMM")
     print("  shapes and share the faster of their two floor measurements")
     print_cuda_memory_note(args)
     print("  GEMM GF/s (logits/dE/dW): " + "; ".join(

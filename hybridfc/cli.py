@@ -33,7 +33,7 @@ MEMORY_ROWS = (
     ("weight", "weight ({storage})"),
     ("optimizer_state", "optimizer state ({optimizer}: {states} x weight)"),
     ("weight_gradient", "weight gradient (fp32, of the normalised rows)"),
-    ("logits", "logits (store: batch x computed rows; recompute: a tile)"),
+    ("logits", "logits (B x rows buffer, or a recompute tile)"),
     ("row_copy", "fp32 copy of the rows fed to normalise"),
     ("normalized_rows", "normalised rows (fp32)"),
     ("normalize_temporaries", "normalise-backward temporaries (4 x rows, fp32)"),
