@@ -81,18 +81,24 @@ def reference_of(head, weight, embeddings, labels, margin):
     return loss, embedding_grad, dense
 
 
+@pytest.mark.parametrize("logits", ["store", "recompute", "recompute/narrow"])
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("margin", ["arcface", "softmax"])
 @pytest.mark.parametrize("name", SELECTIONS)
-def test_step_equals_float64_reference(name, margin, precision):
+def test_step_equals_float64_reference(name, margin, precision, logits, monkeypatch):
     """Loss, embeddings' gradient and the shard's gradient of one step on the GPU equal the
-    float64 reference over the classes the step selected (all of them for full)."""
+    float64 reference over the classes the step selected (all of them for full), for both logits
+    modes; ``recompute/narrow`` cuts the shard into column tiles of 7."""
+    import hybridfc.head.tiles as tiles
+
+    if logits.endswith("/narrow"):
+        monkeypatch.setattr(tiles, "CUDA_RECOMPUTE_COLUMNS", 7)
     dtype = PRECISIONS[precision]
     seed = 10 * list(SELECTIONS).index(name)
     weight = random_weight(CLASSES, WIDTH, seed).to(dtype).double()
     embeddings, labels = step_batch(1, seed)
     embeddings = embeddings.to(dtype).double()
-    head = cuda_head(weight, SELECTIONS[name], MARGINS[margin], dtype)
+    head = cuda_head(weight, SELECTIONS[name], MARGINS[margin], dtype, logits=logits.split("/")[0])
     loss, embedding_grad = cuda_step(head, embeddings, labels, dtype)
     if name != "full":
         assert head.last_selection.rows.device == DEVICE

@@ -1,0 +1,85 @@
+"""The tiles of the logits: their shape per device, the targets' cells, and the head computed with
+CUDA's tile shape (a rank's whole block of a chunk × a few columns) on CPU against the float64
+reference, so that the GPU's tiling arithmetic is checked where CI runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from distributed import run_distributed
+from hybridfc import ClassParallelFC
+from hybridfc.head import tiles
+from hybridfc.head.tiles import TileGrid, TileShape
+from hybridfc.parallel import ChunkLayout
+from hybridfc.parallel.groups import shard_range
+from reference import random_batch, random_weight, rank_rows, reference_grads
+
+WIDTH = 5
+MARGIN = {"type": "arcface", "scale": 8.0, "margin": 0.3}
+
+
+def test_tile_shape_per_device_and_mode():
+    assert TileShape.for_device(torch.device("cpu"), "store") == TileShape(64, tiles.CPU_COLUMNS)
+    assert TileShape.for_device(torch.device("cpu"), "recompute") == TileShape(64, tiles.CPU_COLUMNS)
+    assert TileShape.for_device(torch.device("cuda", 0), "store") == TileShape(None, None)
+    assert TileShape.for_device(torch.device("cuda", 0), "recompute") == TileShape(None, tiles.CUDA_RECOMPUTE_COLUMNS)
+
+
+@pytest.mark.parametrize("shape", [TileShape(64, 7), TileShape(None, 7), TileShape(None, None)], ids=str)
+@pytest.mark.parametrize("chunks", [1, 3])
+def test_every_local_target_has_one_cell_in_the_tile_that_holds_it(shape, chunks):
+    layout = ChunkLayout.of([200, 0, 70], chunks)
+    batch, cols = sum(layout.sizes), 40
+    target = torch.randint(-1, cols, (batch,), generator=torch.Generator().manual_seed(chunks))
+    grid = TileGrid(layout, cols, shape, target)
+    found = torch.full((batch,), -1)
+    for chunk in range(layout.chunks):
+        for rows in grid.row_tiles(chunk):
+            for j, span in enumerate(grid.col_tiles):
+                cells = grid.cells(rows, j)
+                if cells is not None:
+                    row, col, sample = cells
+                    assert torch.equal(sample, row + rows.start) and (found[sample] == -1).all()
+                    found[sample] = col + span.start
+    assert torch.equal(found, target)
+    samples, columns = grid.all_targets()
+    assert torch.equal(target[samples], columns) and torch.equal(samples.sort().values, torch.nonzero(target >= 0)[:, 0])
+    covered = sorted(i for rows in grid.all_row_tiles() for i in range(rows.start, rows.stop))
+    assert covered == list(range(batch))
+
+
+def _block_tiles_worker(rank: int, world_size: int) -> dict:
+    """One float64 step per logits mode and K with CUDA's tile shape, 7 columns wide."""
+    tiles.TileShape.for_device = classmethod(lambda cls, device, logits: cls(None, 7))
+    classes, sizes = 9 * world_size - 1, (130, 70)
+    weight = random_weight(classes, WIDTH, 3)
+    embeddings, labels = random_batch(classes, WIDTH, sum(sizes), 3, weight=weight)
+    out = {}
+    for logits in ("store", "recompute"):
+        for chunks in (1, 3):
+            head = ClassParallelFC(classes, WIDTH, margin=MARGIN, logits=logits,
+                                   communication={"chunks": chunks}).double()
+            with torch.no_grad():
+                head.weight.copy_(weight[head.class_start: head.class_start + head.num_local])
+            local = embeddings[rank_rows(sizes, rank)].clone().requires_grad_()
+            loss = head(local, labels[rank_rows(sizes, rank)])
+            loss.backward()
+            out[logits, chunks] = (loss.detach(), local.grad, head.weight.grad)
+    return out
+
+
+def test_block_tiles_equal_the_float64_reference_on_two_ranks():
+    results = run_distributed(_block_tiles_worker, 2, timeout=120.0)
+    classes, sizes = 17, (130, 70)
+    weight = random_weight(classes, WIDTH, 3)
+    embeddings, labels = random_batch(classes, WIDTH, sum(sizes), 3, weight=weight)
+    loss, grad_embeddings, grad_weight = reference_grads(embeddings, labels, weight, MARGIN)
+    for rank, result in enumerate(results):
+        start, count = shard_range(classes, 2, rank)
+        for (logits, chunks), (got_loss, got_embeddings, got_weight) in result.items():
+            where = f"rank {rank}, {logits}, {chunks} chunks"
+            assert_close(got_loss, loss, rtol=1e-12, atol=1e-12, msg=where)
+            assert_close(got_embeddings, 2 * grad_embeddings[rank_rows(sizes, rank)], rtol=1e-10, atol=1e-12, msg=where)
+            assert_close(got_weight, grad_weight[start: start + count], rtol=1e-10, atol=1e-12, msg=where)
