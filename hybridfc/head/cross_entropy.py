@@ -3,20 +3,23 @@
 Each rank holds the rows ``W_r`` of its shard and the gathered batch ``E`` ``(B, d)``. Rank r
 computes the logits of its classes only, ``(B, C_r)``, one tile at a time
 (:mod:`hybridfc.head.tiles`), and does the rest of the forward pass on each tile right after its
-GEMM, while it is in cache: the column scale, the logit offset, the target's margin logit, and the
-tile's softmax statistics, its row maxima ``m_t`` and ``Σ exp(x − m_t)``. The ranks then agree on
-the softmax with two all-reduces: the row maximum ``M``, then the sums of exponentials rescaled to
-``M`` and the target logit, fused in one ``(2, B)`` tensor.
+GEMM, while it is in cache: the logit offset, the targets' margin logit, and the tile's softmax
+statistics, its row maxima ``m_t`` and ``Σ 2^(x − m_t)``. The logits are in base 2
+(``x = log2(e)·logit``, the factor folded into the rows' column scale): ``exp2`` is 2.7× faster
+than ``exp`` on CPU. The ranks then agree on the softmax with two all-reduces: the row maximum
+``M``, then the sums rescaled to ``M`` and the target logit, fused in one ``(2, B)`` tensor.
 
 What survives the forward pass is the mode's choice (``logits``):
 
-* ``"store"``: one ``(B, C_r)`` buffer holding ``exp(x − m_t)``, kept from one step to the next
-  by a :class:`LogitsWorkspace`. The backward pass turns each tile into the logits' gradient in
-  place (one product by a row factor, one by a column factor) and adds the tile's share of the
-  feature gradient at once; the weight gradient is one GEMM over the buffer. Three GEMMs.
-* ``"recompute"``: the per-sample log-sum-exp ``(B,)`` only. The backward pass computes each
-  tile's logits again (a fourth GEMM) and adds its share to both gradients, so the loss needs a
-  tile of memory, not ``B · C_r``.
+* ``"store"``: one ``(B, C_r)`` buffer holding ``2^(x − m_t)`` (the targets' cells zeroed), kept
+  from one step to the next by a :class:`LogitsWorkspace`. Three GEMMs.
+* ``"recompute"``: the per-sample log-sum-exp ``(B,)`` only; the backward pass computes each
+  tile's logits again (a fourth GEMM), so the loss needs a tile of memory, not ``B · C_r``.
+
+The backward pass is factored so that every large tile is only read, by the two GEMMs that need
+it: off the targets ``∂L/∂x = T · f · row_scale``, with ``T`` the tile, ``f`` a factor per row
+and tile, and the factors applied on the ``(rows, d)`` side (:class:`_Gradients`); the targets'
+own gradient is added on its own, never as a difference of large numbers.
 
 For angular margins the class rows are normalised inside the kernel: the logits' columns are
 scaled by ``s/‖w_c‖`` and the backward pass projects the row gradient, so no normalised copy of
@@ -27,11 +30,12 @@ least fp32, whatever the input dtype. No probability is clamped: a sample's loss
 The feature exchange is part of the same autograd function, so that it can overlap the compute.
 The local batch travels in K chunks (:mod:`hybridfc.parallel.chunks`), all their all-gathers
 started before the function runs: chunk j's logits are computed as soon as chunk j has arrived,
-while the later chunks are still on the wire. With ``store``, each chunk's feature gradient is
-sent as soon as it is computed, while the next chunk's and then the weight gradient are
-computed; ``recompute`` sends them after its one sweep over the tiles, whose sum of the weight
-gradient runs over the rows in one order whatever K is. On CPU every tile and every sum is the
-same whatever K is, so K changes when work happens, never a bit of what is computed.
+while the later chunks are still on the wire. With ``store`` and K > 1 each chunk's feature
+gradient is sent as soon as it is computed, then the weight gradient is summed in a sweep of its
+own; with one chunk, and with ``recompute``, one sweep adds each tile to both gradients while it
+is in cache and the feature gradients travel after it. The weight gradient's sum runs over the
+rows in one order whatever K is, and on CPU every tile is the same whatever K is, so K changes
+when work happens, never a bit of what is computed.
 """
 
 from __future__ import annotations
@@ -226,10 +230,10 @@ TileGradient = Callable[[slice, int, slice, torch.Tensor], tuple[torch.Tensor, O
 class _Gradients:
     """Both gradients of the loss, summed tile by tile in a factored form that leaves every large
     tile as it is: ``∂L/∂x = T · f · row_scale`` off the targets, so the features' gradient sums
-    ``f · (T @ Ŵ)`` (``Ŵ``: the scaled rows, the logits' own) and takes ``row_scale`` once per row at
-    the end, and the
-    weight gradient sums ``Tᵀ @ (f · row_scale · E)``. The targets' own gradient is added on its
-    own (no difference of large numbers), then the rows' normalisation is undone."""
+    ``f · (T @ Ŵ)`` (``Ŵ``: the scaled rows, the logits' own) and takes ``row_scale`` once per row
+    at the end, and the weight gradient sums ``Tᵀ @ (f · row_scale · E)``. The targets' own
+    gradient is added on its own (no difference of large numbers), then the rows' normalisation
+    is undone."""
 
     def __init__(self, grid: TileGrid, columns: _Columns, features: torch.Tensor,
                  inv_feature_norm: Optional[torch.Tensor], row_scale: torch.Tensor, target_grad: torch.Tensor,
