@@ -48,8 +48,10 @@ barriers) and the head and DDP communicate over an NCCL group of the same ranks.
 after ``torch.cuda.synchronize()``, so a phase counts its kernels; the memory columns are the bytes
 torch's CUDA allocator hands out to tensors (``memory_allocated``; peak: ``max_memory_allocated``,
 reset after the build), not RSS; the CPU-time columns only show the host's share. Options left at
-their defaults take a preset sized for a 1-2 minute run on one H100/H200: C = 1M and 2M, global
-batch 1024, 20 timed steps, 1 rank.
+their defaults take a preset sized for a 1-2 minute run on one H100/H200: C = 2M, global batch
+1024 (an 8 GB logits buffer for ``store``), the three methods, 20 timed steps, 1 rank; the CUDA
+tiles are a chunk's rows × the shard (``store``) or × 16,384 columns (``recompute``), and the
+GEMMs follow torch's TF32 setting.
 
 The library measured is whatever ``import hybridfc`` finds (printed in the report, with its git
 commit); to pin a commit while the tree changes, put a clone first on ``PYTHONPATH``.
@@ -78,7 +80,7 @@ from ranks import run_on_ranks
 
 MIB = 1024 * 1024
 SGD_PARAMS = {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}
-GPU_PRESET = {"classes": [1_000_000, 2_000_000], "batch": 1024, "steps": 20, "world_size": 1}
+GPU_PRESET = {"classes": [2_000_000], "batch": 1024, "steps": 20, "world_size": 1}
 
 
 # ----------------------------------------------------------------------------- the device

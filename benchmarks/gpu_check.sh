@@ -9,7 +9,8 @@
 #   2. device    nvidia-smi; python, torch, CUDA, cuDNN, NCCL and package versions
 #   3. tests     tests/test_cuda.py: the head, selections, optimizer and collectives on CUDA/NCCL
 #   4. train     examples/train.py through the deepspeed launcher, 1 GPU, fp16 then bf16
-#   5. bench     bench_head_step.py and bench_selection.py with --device cuda (their GPU presets)
+#   5. bench     bench_head_step.py (store, recompute, naive at 2M classes) and bench_selection.py with
+#                --device cuda (their GPU presets)
 #
 # A step that fails or runs out of time is recorded (status, seconds, its output's tail) and the
 # next one runs. The whole run stays under 5 minutes: each step gets its own cap, and never more

@@ -2,8 +2,9 @@
 ``tests/data/checkpoint_v1/make_fixtures.py``, by ``save_head`` of commit 2664307) loads with
 today's code: on 2 ranks every rank gets back its rows, optimizer state, counters, selection
 (a knn rebuild in flight) and run state (grad_topk residual, loader position, plateau rule, random
-generators), and the next steps equal the saving run's bit for bit; on 3 ranks the rows are cut
-by ownership."""
+generators) bit for bit, and the next steps equal the saving run's to fp32 rounding (today's head
+computes its logits in tiles and in base 2, and rounds differently from the code that saved); on
+3 ranks the rows are cut by ownership."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+from torch.testing import assert_close
 
 from distributed import run_distributed
 from hybridfc import ClassParallelFC, build_head_optimizer
@@ -25,6 +27,9 @@ from hybridfc.schedule import PlateauLR
 from hybridfc.state import SavedStates
 
 FIXTURES = Path(__file__).resolve().parent / "data" / "checkpoint_v1"
+CONTINUATION = dict(rtol=1e-5, atol=1e-6)
+"""How close the steps after the load come to the saving run's: fp32 rounding, far below what a
+state restored wrong (rows, Adam moments, step counts, the selection) would change."""
 TAG_DIR = FIXTURES / "head"
 CLASSES, WIDTH, BATCH, SAVE_AFTER, AFTER_SAVE = 37, 6, 5, 3, 3
 SELECTION = {"type": "knn", "budget": 12, "k": 3, "rebuild_interval": 2, "rebuild_delay": 2, "late_rebuild": "wait"}
@@ -128,11 +133,13 @@ def assert_equal(actual: Any, expected: Any, what: str) -> None:
         assert actual == expected, what
 
 
-def test_a_layout_1_head_checkpoint_loads_on_as_many_ranks_and_resumes_bit_for_bit():
+def test_a_layout_1_head_checkpoint_loads_on_as_many_ranks_and_resumes():
     expected = torch.load(FIXTURES / "head_expected.pt", weights_only=False)
     for rank, (saved, loaded) in enumerate(zip(expected, run_distributed(_load_worker, 2, timeout=240))):
-        for key in ("weight", "steps", "skipped_steps", "selection", "losses", "rows"):
+        for key in ("weight", "steps", "skipped_steps", "selection"):
             assert_equal(loaded[key], saved[key], f"rank {rank}: {key}")
+        for key in ("losses", "rows"):   # today's head rounds differently from the code that saved (tiles, base 2)
+            assert_close(torch.stack(loaded[key]), torch.stack(saved[key]), **CONTINUATION, msg=f"rank {rank}: {key}")
         assert_equal(loaded["optimizer"], saved_file(rank)["optimizer"], f"rank {rank}: optimizer")
         assert saved["selection"]["pending"] is not None   # a rebuild was in flight at the save
         run = loaded["run_state"]
