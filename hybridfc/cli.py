@@ -21,7 +21,8 @@ import re
 import sys
 from typing import Optional, Sequence
 
-from hybridfc.plan import (DTYPE_BYTES, LOGITS_MODES, OPTIMIZER_STATES, SELECTIONS, Budget, GradientExchange, Plan, PlanInputs,
+from hybridfc.config import LOGITS_CHOICES
+from hybridfc.plan import (DTYPE_BYTES, OPTIMIZER_STATES, SELECTIONS, Budget, GradientExchange, Plan, PlanInputs,
                            backbone_gradient_exchange, make_plan, max_num_classes)
 
 GIB = 2**30
@@ -35,7 +36,7 @@ MEMORY_ROWS = (
     ("weight_gradient", "weight gradient (fp32, of the normalised rows)"),
     ("logits", "logits (B x rows buffer, or a recompute tile)"),
     ("row_copy", "fp32 copy of the rows fed to normalise"),
-    ("normalized_rows", "normalised rows (fp32)"),
+    ("normalized_rows", "normalised rows (fp32; sharded: a column tile)"),
     ("normalize_temporaries", "normalise-backward temporaries (4 x rows, fp32)"),
     ("feature_buffers", "feature buffers (gathered, normalised, gradient)"),
     ("softmax_peak", "A: peak in the softmax backward"),
@@ -92,7 +93,7 @@ def _add_plan_parser(commands: argparse._SubParsersAction) -> None:
                         "(default fp32)")
     p.add_argument("--optimizer", choices=tuple(OPTIMIZER_STATES), default="sgd",
                    help="sgd: momentum SGD, 1 state tensor; adam: 2 (default sgd)")
-    p.add_argument("--logits", choices=LOGITS_MODES, default="auto",
+    p.add_argument("--logits", choices=LOGITS_CHOICES, default="auto",
                    help="what the sharded head keeps of its logits for the backward pass: store (one fp32 "
                         "buffer), recompute (a tile) or auto (store while the buffer fits --logits-budget-mb; "
                         "default auto)")

@@ -180,11 +180,24 @@ Number = Annotated[float, Strict(), AllowInfNan(False)]
 """A finite float; an int is accepted and converted, a bool or a string is not."""
 
 DtypeName = Literal["fp32", "bf16", "fp16"]
-LogitsMode = Literal["store", "recompute", "auto"]
 """The dtypes the section names (the head's storage, grad_topk's values)."""
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 """The one table from those names to torch dtypes."""
+
+LogitsMode = Literal["store", "recompute", "auto"]
+"""What the head keeps of a step's logits for the backward pass (``logits``)."""
+
+LOGITS_CHOICES: tuple[str, ...] = ("store", "recompute", "auto")
+
+
+def resolve_logits(choice: str, batch: int, rows: int, budget_mb: float, value_bytes: int = 4) -> str:
+    """``"store"`` or ``"recompute"`` for a step of ``batch`` samples over ``rows`` rows: the choice,
+    ``auto`` storing while the ``batch × rows`` buffer of ``value_bytes`` values fits ``budget_mb``
+    MiB (the head and ``hybridfc plan`` decide with this one rule)."""
+    if choice != "auto":
+        return choice
+    return "store" if batch * rows * value_bytes <= budget_mb * 2**20 else "recompute"
 
 
 class ConfigError(ValueError):

@@ -43,9 +43,10 @@ logits                     batch·comp·4, or a     ``store``: the fp32 logits' 
 row_copy                   comp·d·4 or 0          the fp32 rows fed to the normalisation when they
                                                   are not the weight itself: the fp32 cast of a
                                                   bf16/fp16 weight, or the gathered selected rows
-normalized_rows            comp·d·4 or 0          data-parallel only: ``F.normalize`` of the rows,
-                                                  saved for backward (hybridfc's head normalises
-                                                  inside its kernel and keeps no such copy)
+normalized_rows            comp·d·4, or a tile    data-parallel: ``F.normalize`` of the rows,
+                           of min(comp, 16384)    saved for backward; hybridfc's head normalises
+                           rows                   one column tile at a time into one buffer
+                                                  (a CUDA tile; the CPU's is 2048 rows)
 normalize_temporaries      4·comp·d·4 or 0        data-parallel only: backward of ``F.normalize``
                                                   w.r.t. the row norm: ``x/n``, ``x/n/n``, ``-g``
                                                   and their product
@@ -117,6 +118,8 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Optional, Union
 
+from hybridfc.config import LOGITS_CHOICES, resolve_logits
+from hybridfc.head.tiles import CUDA_COLUMNS
 from hybridfc.parallel import wire
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -128,8 +131,6 @@ INT64 = 8
 VERDICT_VALUES = 4
 SOFTMAX_EXCHANGES = (1, 2)   # fp32 per sample in the softmax's all-reduces: row max; sum-exp and target
 NORMALIZE_TEMPORARIES = 4
-LOGITS_MODES = ("store", "recompute", "auto")
-RECOMPUTE_TILE_COLUMNS = 16384   # hybridfc.head.tiles.CUDA_RECOMPUTE_COLUMNS, the larger tile
 
 Budget = Union[int, float]
 
@@ -251,20 +252,12 @@ def check_inputs(inputs: PlanInputs) -> None:
              "every rank needs at least one class")
     for name, allowed in (("selection", SELECTIONS), ("storage_dtype", DTYPE_BYTES),
                           ("feature_dtype", DTYPE_BYTES), ("optimizer", OPTIMIZER_STATES),
-                          ("logits", LOGITS_MODES)):
+                          ("logits", LOGITS_CHOICES)):
         _require(getattr(inputs, name) in allowed,
                  f"{name} must be one of {', '.join(allowed)}, got {getattr(inputs, name)!r}")
     _require(isinstance(inputs.logits_budget_mb, (int, float)) and inputs.logits_budget_mb > 0,
              f"logits_budget_mb must be a positive number of MiB, got {inputs.logits_budget_mb!r}")
     _check_budget(inputs)
-
-
-def logits_mode(inputs: PlanInputs, batch: int, comp: int) -> str:
-    """What a sharded head keeps of ``batch × comp`` logits: the ``logits`` input, ``auto`` resolved
-    as the head resolves it (``store`` while the fp32 buffer fits ``logits_budget_mb``)."""
-    if inputs.logits != "auto":
-        return inputs.logits
-    return "store" if batch * comp * FP32 <= inputs.logits_budget_mb * 2**20 else "recompute"
 
 
 def _check_budget(inputs: PlanInputs) -> None:
@@ -299,12 +292,13 @@ def _memory(inputs: PlanInputs, rows: int, comp: int, batch: int, sharded: bool,
     weight = rows * d * s
     state = OPTIMIZER_STATES[inputs.optimizer] * weight
     gradient = comp * d * FP32
-    normalized = 0 if sharded else comp * d * FP32
+    tile_columns = min(comp, CUDA_COLUMNS)
+    normalized = tile_columns * d * FP32 if sharded else comp * d * FP32
     temporaries = 0 if sharded else NORMALIZE_TEMPORARIES * comp * d * FP32
     row_copy = comp * d * FP32 if selected or s != FP32 else 0
     made_features = (sharded and inputs.world_size > 1) or DTYPE_BYTES[inputs.feature_dtype] != FP32
     features = batch * d * FP32 * ((3 if made_features else 2) + (1 if sharded else 0))
-    logits = batch * comp * FP32 if mode == "store" else inputs.local_batch * min(comp, RECOMPUTE_TILE_COLUMNS) * FP32
+    logits = batch * comp * FP32 if mode == "store" else inputs.local_batch * tile_columns * FP32
     softmax_peak = weight + state + row_copy + normalized + logits + gradient + features
     normalize_peak = weight + state + row_copy + gradient + temporaries if not sharded else 0
     return Memory(weight, state, gradient, logits, row_copy, normalized, temporaries, features,
@@ -338,7 +332,7 @@ def _method(inputs: PlanInputs, method: str) -> MethodPlan:
     rows = inputs.shard_rows if sharded else inputs.num_classes
     comp = budget_rows(inputs, rows) if selected else rows
     batch = inputs.global_batch if sharded else inputs.local_batch
-    mode = logits_mode(inputs, batch, comp) if sharded else "store"
+    mode = resolve_logits(inputs.logits, batch, comp, inputs.logits_budget_mb) if sharded else "store"
     return MethodPlan(method, _label(inputs, method), rows, comp, batch, mode,
                       _memory(inputs, rows, comp, batch, sharded, selected, mode),
                       _communication(inputs, sharded, selected))

@@ -92,7 +92,7 @@ def test_step_equals_float64_reference(name, margin, precision, logits, monkeypa
     import hybridfc.head.tiles as tiles
 
     if logits.endswith("/narrow"):
-        monkeypatch.setattr(tiles, "CUDA_RECOMPUTE_COLUMNS", 7)
+        monkeypatch.setattr(tiles, "CUDA_COLUMNS", 7)
     dtype = PRECISIONS[precision]
     seed = 10 * list(SELECTIONS).index(name)
     weight = random_weight(CLASSES, WIDTH, seed).to(dtype).double()

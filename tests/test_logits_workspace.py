@@ -1,5 +1,6 @@
 """The head reuses its logits buffer between steps, and overlapping steps stay correct."""
 
+import pytest
 import torch
 
 from hybridfc import ClassParallelFC, build_head_optimizer
@@ -77,3 +78,42 @@ def test_zero_grad_hands_the_dense_gradient_back_and_the_next_step_overwrites_it
     fresh(e2, y2).backward()
     assert head.weight.grad.data_ptr() == first
     assert torch.equal(head.weight.grad, fresh.weight.grad)
+
+
+def test_a_gradient_the_user_keeps_is_not_recycled():
+    """``zero_grad`` hands ``weight.grad`` back only when nothing else refers to it: a kept
+    reference, or a view, keeps its values through the next step."""
+    head = ClassParallelFC(CLASSES, WIDTH, seed=4).double()
+    optimizer = build_head_optimizer(head, {"type": "sgd", "params": {"lr": 0.1}})
+    embeddings, labels = _batch(5)
+    head(embeddings, labels).backward()
+    kept = head.weight.grad
+    before = kept.clone()
+    optimizer.zero_grad()
+    head(*_batch(6)).backward()
+    assert torch.equal(kept, before) and head.weight.grad.data_ptr() != kept.data_ptr()
+    optimizer.zero_grad()
+    head(embeddings, labels).backward()
+    row = head.weight.grad[0]
+    first = row.clone()
+    optimizer.zero_grad()
+    head(*_batch(6)).backward()
+    assert torch.equal(row, first)
+
+
+def test_a_bf16_shard_keeps_no_gradient_it_cannot_reuse():
+    """A bf16 shard's gradient is cast from the loss's fp32 one: holding it would only cost memory."""
+    head = ClassParallelFC(CLASSES, WIDTH, seed=4, storage_dtype="bf16")
+    optimizer = build_head_optimizer(head, {"type": "sgd", "params": {"lr": 0.1}})
+    embeddings, labels = _batch(5)
+    head(embeddings.float(), labels).backward()
+    optimizer.zero_grad()
+    assert head._workspace._gradient is None
+
+
+def test_a_second_backward_through_the_loss_raises():
+    head = ClassParallelFC(CLASSES, WIDTH, seed=4).double()
+    loss = head(*_batch(5))
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backpropagated once"):
+        loss.backward()

@@ -75,7 +75,8 @@ def test_memory_total_is_the_larger_peak():
                 assert mem.normalize_peak == (mem.weight + mem.optimizer_state + mem.row_copy + mem.weight_gradient
                                               + mem.normalize_temporaries)
             else:
-                assert mem.normalize_peak == mem.normalized_rows == mem.normalize_temporaries == 0
+                assert mem.normalize_peak == mem.normalize_temporaries == 0
+                assert mem.normalized_rows == min(m.rows_computed, 16384) * inputs.embedding_size * 4
 
 
 def test_rate_rounds_down_the_written_decimal():
@@ -191,6 +192,7 @@ def test_auto_stores_the_logits_while_they_fit_the_budget_then_recomputes():
     base = dict(num_classes=1_000_000, embedding_size=128, world_size=2, local_batch=128)
     small = make_plan(PlanInputs(**base)).method("model_parallel")
     assert small.logits_mode == "store" and small.memory.logits == 256 * 500_000 * 4
+    assert small.memory.normalized_rows == 16384 * 128 * 4, "a CUDA column tile's scaled rows"
     big = make_plan(PlanInputs(**base, logits_budget_mb=400)).method("model_parallel")
     assert big.logits_mode == "recompute" and big.memory.logits == 128 * 16384 * 4
     assert small.memory.total - big.memory.total == small.memory.logits - big.memory.logits

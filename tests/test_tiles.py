@@ -20,11 +20,9 @@ WIDTH = 5
 MARGIN = {"type": "arcface", "scale": 8.0, "margin": 0.3}
 
 
-def test_tile_shape_per_device_and_mode():
-    assert TileShape.for_device(torch.device("cpu"), "store") == TileShape(64, tiles.CPU_COLUMNS)
-    assert TileShape.for_device(torch.device("cpu"), "recompute") == TileShape(64, tiles.CPU_COLUMNS)
-    assert TileShape.for_device(torch.device("cuda", 0), "store") == TileShape(None, None)
-    assert TileShape.for_device(torch.device("cuda", 0), "recompute") == TileShape(None, tiles.CUDA_RECOMPUTE_COLUMNS)
+def test_tile_shape_per_device():
+    assert TileShape.for_device(torch.device("cpu")) == TileShape(64, tiles.CPU_COLUMNS)
+    assert TileShape.for_device(torch.device("cuda", 0)) == TileShape(None, tiles.CUDA_COLUMNS)
 
 
 @pytest.mark.parametrize("shape", [TileShape(64, 7), TileShape(None, 7), TileShape(None, None)], ids=str)
@@ -44,15 +42,21 @@ def test_every_local_target_has_one_cell_in_the_tile_that_holds_it(shape, chunks
                     assert torch.equal(sample, row + rows.start) and (found[sample] == -1).all()
                     found[sample] = col + span.start
     assert torch.equal(found, target)
-    samples, columns = grid.all_targets()
-    assert torch.equal(target[samples], columns) and torch.equal(samples.sort().values, torch.nonzero(target >= 0)[:, 0])
+    levels = grid.target_levels()
+    for samples, columns in levels:
+        assert torch.equal(target[samples], columns) and columns.unique().numel() == columns.numel()
+        assert torch.equal(columns, columns.sort().values)
+    everyone = torch.cat([samples for samples, _ in levels]) if levels else torch.empty(0, dtype=torch.int64)
+    assert torch.equal(everyone.sort().values, torch.nonzero(target >= 0)[:, 0])
+    most = int(torch.bincount(target[target >= 0]).max()) if (target >= 0).any() else 0
+    assert len(levels) == most, "one level per repetition of the most repeated class"
     covered = sorted(i for rows in grid.all_row_tiles() for i in range(rows.start, rows.stop))
     assert covered == list(range(batch))
 
 
 def _block_tiles_worker(rank: int, world_size: int) -> dict:
     """One float64 step per logits mode and K with CUDA's tile shape, 7 columns wide."""
-    tiles.TileShape.for_device = classmethod(lambda cls, device, logits: cls(None, 7))
+    tiles.TileShape.for_device = classmethod(lambda cls, device: cls(None, 7))
     classes, sizes = 9 * world_size - 1, (130, 70)
     weight = random_weight(classes, WIDTH, 3)
     embeddings, labels = random_batch(classes, WIDTH, sum(sizes), 3, weight=weight)

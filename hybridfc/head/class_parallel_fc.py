@@ -56,8 +56,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hybridfc.config import (DTYPES, CommunicationConfig, ConfigError, ParsedMargin, ParsedSelection,
-                             parse_communication)
+from hybridfc.config import (DTYPES, LOGITS_CHOICES, CommunicationConfig, ConfigError, ParsedMargin,
+                             ParsedSelection, parse_communication, resolve_logits)
 from hybridfc.head.cross_entropy import LogitsWorkspace, margin_cross_entropy
 from hybridfc.head.margins import AngularMargin, Margin, build_margin
 from hybridfc.head.validation import check_inputs, raise_if_any_bad
@@ -193,18 +193,17 @@ class ClassParallelFC(nn.Module):
             weight = self._active_rows(selection.rows, embeddings.dtype)
         losses = margin_cross_entropy(scale_gradient(embeddings, self.world_size), gathered, weight, selection.target,
                                       self.margin, self.rank, self.group, self._workspace, selection.logit_offset,
-                                      self.logits_mode(sum(sizes), weight.shape[0]))
+                                      self.logits_mode(sum(sizes), weight.shape[0], embeddings.element_size()))
         loss = losses.mean()
         loss_is_finite = bool(torch.isfinite(loss))
         if bad_ranks or not loss_is_finite:
             self._count_non_finite(bad_ranks, loss_is_finite)
         return loss
 
-    def logits_mode(self, batch: int, rows: int) -> str:
-        """``"store"`` or ``"recompute"`` for a step of ``batch`` samples over ``rows`` rows of the shard."""
-        if self.logits != "auto":
-            return self.logits
-        return "store" if batch * rows * 4 <= self.logits_budget_mb * 2**20 else "recompute"
+    def logits_mode(self, batch: int, rows: int, value_bytes: int = 4) -> str:
+        """``"store"`` or ``"recompute"`` for a step of ``batch`` samples over ``rows`` rows of the
+        shard, its logits ``value_bytes`` wide."""
+        return resolve_logits(self.logits, batch, rows, self.logits_budget_mb, value_bytes)
 
     def _select(self, labels: torch.Tensor, features: Optional[torch.Tensor]) -> Selection:
         """This micro-batch's active rows for the gathered ``labels (B,)`` (and raw ``features (B, d)``
@@ -276,8 +275,10 @@ class ClassParallelFC(nn.Module):
 
     def recycle_gradient(self, gradient: torch.Tensor) -> None:
         """Take back a dense weight gradient that nothing reads any more: the next backward pass
-        writes into it instead of allocating (and page-faulting) ``(C_r, d)`` afresh."""
-        self._workspace.recycle_gradient(gradient)
+        writes into it instead of allocating (and page-faulting) ``(C_r, d)`` afresh. Only a
+        gradient of the dtype the loss computes (a bf16/fp16 shard's is cast from it) is kept."""
+        if gradient.dtype == torch.promote_types(self.weight.dtype, torch.float32):
+            self._workspace.recycle_gradient(gradient)
 
     def finish_step(self) -> None:
         """Count an optimizer step (applied or skipped; called by the head optimizer's ``step``);
@@ -316,8 +317,8 @@ class ClassParallelFC(nn.Module):
 
 def _logits_mode_of(logits: str, budget_mb: float) -> tuple[str, float]:
     """The validated ``logits`` mode and its budget."""
-    if logits not in ("store", "recompute", "auto"):
-        raise ConfigError(f"logits: must be store, recompute or auto (got {logits!r})")
+    if logits not in LOGITS_CHOICES:
+        raise ConfigError(f"logits: must be one of {', '.join(LOGITS_CHOICES)} (got {logits!r})")
     if not budget_mb > 0:
         raise ConfigError(f"logits_budget_mb: must be a positive number of MiB (got {budget_mb!r})")
     return logits, float(budget_mb)

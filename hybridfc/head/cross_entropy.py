@@ -21,9 +21,10 @@ it: off the targets ``∂L/∂x = T · f · row_scale``, with ``T`` the tile, ``
 and tile, and the factors applied on the ``(rows, d)`` side (:class:`_Gradients`); the targets'
 own gradient is added on its own, never as a difference of large numbers.
 
-For angular margins the class rows are normalised inside the kernel: the logits' columns are
-scaled by ``s/‖w_c‖`` and the backward pass projects the row gradient, so no normalised copy of
-the ``(C_r, d)`` shard, and none of its gradient, is ever made. Logits, softmax and loss are at
+For angular margins the class rows are normalised inside the kernel: each column tile's rows are
+scaled by ``log2(e)·s/‖w_c‖`` into one reused ``(cols, d)`` buffer and the backward pass projects
+the row gradient, so no normalised copy of the ``(C_r, d)`` shard, and none of its gradient, is
+ever made. Logits, softmax and loss are at
 least fp32, whatever the input dtype. No probability is clamped: a sample's loss is
 ``log Σ exp − target`` however large it is.
 
@@ -109,31 +110,23 @@ class _Columns:
             self.scale = self.inv_norm * (margin.scale * LOG2E)
         self.offset = None if logit_offset is None else logit_offset.to(weight.dtype) * LOG2E
         self.base2_scale = margin.scale * LOG2E
-        self._buffers: dict[str, torch.Tensor] = {}
+        self._scaled: Optional[torch.Tensor] = None
 
-    def scaled_rows(self, cols: "slice | torch.Tensor") -> torch.Tensor:
-        """The rows ``cols`` times their scale, ``(n, d)``: their GEMM gives base-2 logits. A column
-        tile's rows are written over the previous tile's."""
-        return torch.mul(self.weight[cols], self.scale[cols].unsqueeze(1), out=self._reused("scaled", cols))
-
-    def unit_rows(self, cols: "slice | torch.Tensor") -> torch.Tensor:
-        """The rows ``cols`` over their norm (angular margins) or as they are, ``(n, d)``: what a
-        logit's gradient multiplies to give the features' gradient. A column tile's rows are
-        written over the previous tile's."""
-        if self.inv_norm is None:
-            return self.weight[cols]
-        return torch.mul(self.weight[cols], self.inv_norm[cols].unsqueeze(1), out=self._reused("unit", cols))
-
-    def _reused(self, name: str, cols: "slice | torch.Tensor") -> Optional[torch.Tensor]:
-        """Where a column tile's rows go: one buffer per use, kept (a fresh megabyte per tile costs
-        its page faults); None (a fresh tensor) for rows picked by index."""
-        if not isinstance(cols, slice):
-            return None
+    def scaled_rows(self, cols: slice) -> torch.Tensor:
+        """The column tile's rows times their scale, ``(cols, d)``: their GEMM gives base-2 logits.
+        Written over the previous tile's, in one kept buffer (a fresh megabyte per tile costs its
+        page faults)."""
         rows = cols.stop - cols.start
-        buffer = self._buffers.get(name)
-        if buffer is None or buffer.shape[0] < rows:
-            buffer = self._buffers[name] = self.weight.new_empty(rows, self.weight.shape[1])
-        return buffer[:rows]
+        if self._scaled is None or self._scaled.shape[0] < rows:
+            self._scaled = self.weight.new_empty(rows, self.weight.shape[1])
+        return torch.mul(self.weight[cols], self.scale[cols].unsqueeze(1), out=self._scaled[:rows])
+
+    def unit_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """The rows ``rows`` (indices) over their norm (angular margins) or as they are, ``(n, d)``:
+        what a logit's gradient multiplies to give the features' gradient."""
+        if self.inv_norm is None:
+            return self.weight[rows]
+        return self.weight[rows] * self.inv_norm[rows].unsqueeze(1)
 
 
 class _MarginCrossEntropy(torch.autograd.Function):
@@ -181,13 +174,19 @@ class _MarginCrossEntropy(torch.autograd.Function):
         sum_exp, target = all_reduce(stats, "sum", group)
         log_sum_exp = row_max + sum_exp.log2()
 
-        ctx.save_for_backward(features, inv_feature_norm, weight, buffer, tile_max, log_sum_exp, target_logit, dpsi)
+        ctx.save_for_backward(features, inv_feature_norm, weight, buffer, tile_max if store else None, log_sum_exp,
+                              target_logit, dpsi)
         ctx.columns, ctx.grid, ctx.workspace, ctx.shape = columns, grid, workspace, shape
+        ctx.backpropagated = False
         ctx.scale, ctx.rank, ctx.group = margin.scale, rank, group
         return sum_exp.log() - target
 
     @staticmethod
     def backward(ctx, grad_loss):
+        if ctx.backpropagated:
+            raise RuntimeError("hybridfc: the head's loss can be backpropagated once (its logits buffer is lent "
+                               "to the next forward pass); retain_graph is not supported through it")
+        ctx.backpropagated = True
         features, inv_feature_norm, weight, buffer, tile_max, log_sum_exp, target_logit, dpsi = ctx.saved_tensors
         grid, columns = ctx.grid, ctx.columns
         row_scale = ctx.scale * grad_loss
@@ -306,10 +305,9 @@ class _Gradients:
         return scatter_chunk(grad, layout, chunk, group)
 
     def finish_weight(self) -> torch.Tensor:
-        """The weight gradient: the targets' own part added, the rows' normalisation undone."""
-        targets = self.grid.all_targets()
-        if targets is not None:
-            samples, cols = targets
+        """The weight gradient: the targets' own part added (a class twice in the batch: in two
+        levels, deterministic on every device), the rows' normalisation undone."""
+        for samples, cols in self.grid.target_levels():
             self.weight_grad.index_add_(0, cols, self.target_grad[samples].unsqueeze(1) * self.features[samples])
         inv_norm = self.columns.inv_norm
         if inv_norm is not None:
@@ -439,14 +437,14 @@ def margin_cross_entropy(
         logits: ``"store"`` (one ``(B, C_r)`` buffer between forward and backward) or
             ``"recompute"`` (no buffer; the backward computes the logits again).
 
-    Returns the same ``(B,)`` losses on every rank. The backward pass may run once: with
-    ``store`` it reuses the buffer for the gradient.
+    Returns the same ``(B,)`` losses on every rank. The backward pass may run once (a second one
+    raises): ``store`` lends its buffer to the next forward pass.
     """
     if logits not in LOGITS_MODES:
         raise ValueError(f"hybridfc: logits must be one of {', '.join(LOGITS_MODES)} (got {logits!r})")
     dtype = torch.promote_types(embeddings.dtype, torch.float32)
     backward_follows = torch.is_grad_enabled() and (embeddings.requires_grad or weight.requires_grad)
-    shape = TileShape.for_device(weight.device, logits)
+    shape = TileShape.for_device(weight.device)
     return _MarginCrossEntropy.apply(embeddings.to(dtype), weight.to(dtype), local_target, margin, gathered, rank,
                                      group, workspace or LogitsWorkspace(), logits == "store" and backward_follows,
                                      shape, logit_offset)

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 from typing import Iterator, Optional
 
 import torch
@@ -87,12 +88,14 @@ class HeadOptimizer(torch.optim.Optimizer):
         self.trust_ratio = 1.0
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Clear the gradients. With ``set_to_none`` the head keeps the dense gradient's memory and
-        writes the next step's gradient into it (a tensor kept from ``weight.grad`` then changes)."""
+        """Clear the gradients. With ``set_to_none``, a dense fp32 gradient that nothing else refers
+        to (no other reference, no view) goes back to the head, which writes the next step's
+        gradient into its memory."""
         gradient = self.head.weight.grad
         super().zero_grad(set_to_none)
-        if set_to_none and gradient is not None:
+        if set_to_none and gradient is not None and _unshared(gradient):
             self.head.recycle_gradient(gradient)
+        del gradient
         self.head.reset_step_state()
 
     def check_peak_lr(self, lr: float) -> None:
@@ -339,6 +342,16 @@ class HeadAdam(HeadOptimizer):
         bias2_sqrt = (1 - beta2 ** steps).sqrt().to(weight.dtype)
         denom = (exp_avg_sq.sqrt() / bias2_sqrt).add_(eps)
         weight.sub_(exp_avg / denom * step_size)
+
+
+def _unshared(tensor: torch.Tensor) -> bool:
+    """No Python reference to ``tensor`` but the caller's, and no view of its memory (CPython's
+    count; where torch cannot tell, shared)."""
+    storage_uses = getattr(torch._C, "_storage_Use_Count", None)
+    if storage_uses is None:
+        return False
+    # the caller's name and getrefcount's argument; the tensor itself and the storage() temporary
+    return sys.getrefcount(tensor) <= 3 and storage_uses(tensor.untyped_storage()._cdata) <= 2
 
 
 def build_head_optimizer(head: ClassParallelFC, spec: "dict | ParsedHeadOptimizer",

@@ -8,10 +8,10 @@ is in cache (:mod:`hybridfc.head.cross_entropy`).
   same rows whatever the number of chunks and K chunks stay bitwise-identical. On CUDA a tile
   takes a rank's whole block of a chunk: a 64-row GEMM would leave most of the device idle.
 * Columns: on CPU :data:`CPU_COLUMNS` (a ``64 × 2048`` fp32 tile is 512 KiB and the rows it reads
-  1 MiB: both stay in a 2 MiB L2); on CUDA the whole shard when the logits are stored, and
-  :data:`CUDA_RECOMPUTE_COLUMNS` when they are recomputed (the tile is then all the head keeps).
+  1 MiB: both stay in a 2 MiB L2); on CUDA :data:`CUDA_COLUMNS`, so that a column tile's scaled
+  rows and, with ``recompute``, the tile itself stay small beside the shard.
 
->>> shape = TileShape.for_device(torch.device("cpu"), "store")
+>>> shape = TileShape.for_device(torch.device("cpu"))
 >>> grid = TileGrid(layout, num_cols=500_000, shape=shape, local_target=target)
 >>> grid.row_tiles(chunk=0), grid.col_tiles[:2]
 >>> grid.cells(row_tile, j)     # the targets inside that tile: (row in tile, column in tile, sample)
@@ -30,8 +30,8 @@ from hybridfc.parallel.chunks import TILE_ROWS, ChunkLayout, tiles
 CPU_COLUMNS = 2048
 """Columns of a CPU tile."""
 
-CUDA_RECOMPUTE_COLUMNS = 16384
-"""Columns of a CUDA tile when the logits are recomputed in the backward pass."""
+CUDA_COLUMNS = 16384
+"""Columns of a CUDA tile."""
 
 
 @dataclass(frozen=True)
@@ -42,11 +42,11 @@ class TileShape:
     cols: Optional[int]
 
     @classmethod
-    def for_device(cls, device: torch.device, logits: str) -> "TileShape":
-        """The tile for ``device`` and the logits mode (``"store"`` or ``"recompute"``)."""
+    def for_device(cls, device: torch.device) -> "TileShape":
+        """The tile for ``device``."""
         if device.type == "cpu":
             return cls(TILE_ROWS, CPU_COLUMNS)
-        return cls(None, None if logits == "store" else CUDA_RECOMPUTE_COLUMNS)
+        return cls(None, CUDA_COLUMNS)
 
     def elements(self, layout: ChunkLayout, num_cols: int) -> int:
         """The most elements one tile holds."""
@@ -80,8 +80,8 @@ class TileGrid:
                           for chunk in range(layout.chunks)]
         self._row_index = {tile.start: i for i, tile in enumerate(self.all_row_tiles())}
         self.has_target = local_target >= 0
-        self._targets, self._cells, self._row_targets = _place_targets(local_target, self.all_row_tiles(), width,
-                                                                       len(self.col_tiles))
+        self._levels, self._cells, self._row_targets = _place_targets(local_target, self.all_row_tiles(), width,
+                                                                      len(self.col_tiles))
 
     def row_tiles(self, chunk: int) -> list[slice]:
         """The row tiles of ``chunk``, in the gathered batch's order."""
@@ -99,9 +99,11 @@ class TileGrid:
         """``(sample, column)`` of the local targets in the row tile ``rows``, or None."""
         return self._row_targets.get(self._row_index[rows.start])
 
-    def all_targets(self) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-        """``(sample, column)`` of every local target, by tile (the same order whatever the chunks), or None."""
-        return self._targets
+    def target_levels(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``(sample, column)`` of every local target, in levels that name each column at most once
+        (the first sample of each class, then the second…), each in column order: adding per level
+        is deterministic on every device, as no two additions of a level meet."""
+        return self._levels
 
 
 def _row_tiles(start: int, end: int, rows: Optional[int]) -> list[slice]:
@@ -111,12 +113,12 @@ def _row_tiles(start: int, end: int, rows: Optional[int]) -> list[slice]:
 
 
 def _place_targets(local_target: torch.Tensor, row_tiles: list[slice], width: int, num_col_tiles: int):
-    """The local targets, ordered by tile and moved to the device in one copy: all of them as
-    ``(sample, column)``, their cells by tile, and ``(sample, column)`` by row tile."""
+    """The local targets moved to the device in one copy: ``(sample, column)`` by level (see
+    :meth:`TileGrid.target_levels`), the cells by tile, and ``(sample, column)`` by row tile."""
     target = local_target.cpu().numpy()
     samples = np.nonzero(target >= 0)[0]
     if samples.size == 0:
-        return None, {}, {}
+        return [], {}, {}
     cols = target[samples]
     starts = np.array([tile.start for tile in row_tiles])
     row_tile = np.searchsorted(starts, samples, side="right") - 1
@@ -124,10 +126,25 @@ def _place_targets(local_target: torch.Tensor, row_tiles: list[slice], width: in
     key = row_tile * num_col_tiles + col_tile
     order = np.argsort(key, kind="stable")
     samples, cols, row_tile, col_tile, key = (a[order] for a in (samples, cols, row_tile, col_tile, key))
-    table = torch.from_numpy(np.stack([samples - starts[row_tile], cols - col_tile * width, samples, cols]))
+    by_column = np.lexsort((samples, cols))
+    level = np.empty(samples.size, dtype=np.int64)
+    level[by_column] = _rank_within_runs(cols[by_column])
+    by_level = np.lexsort((cols, level))
+    table = torch.from_numpy(np.concatenate([
+        np.stack([samples - starts[row_tile], cols - col_tile * width, samples, cols]),
+        np.stack([samples[by_level], cols[by_level], level[by_level], level[by_level]])], axis=1))
     table = table.to(local_target.device)
-    return ((table[2], table[3]), _slices(table[:3], key, lambda k: (k // num_col_tiles, k % num_col_tiles)),
-            _slices(table[2:], row_tile, lambda k: k))
+    cells, levels = table[:, :samples.size], table[:2, samples.size:]
+    return (list(_slices(levels, level[by_level], lambda k: k).values()),
+            _slices(cells[:3], key, lambda k: (k // num_col_tiles, k % num_col_tiles)),
+            _slices(cells[2:], row_tile, lambda k: k))
+
+
+def _rank_within_runs(values: np.ndarray) -> np.ndarray:
+    """For sorted ``values``, each entry's place among the equal entries before it (0, 1, …)."""
+    first = np.r_[0, np.nonzero(values[1:] != values[:-1])[0] + 1]
+    starts = np.repeat(first, np.diff(np.r_[first, values.size]))
+    return np.arange(values.size) - starts
 
 
 def _slices(table: torch.Tensor, key: np.ndarray, name) -> dict:
