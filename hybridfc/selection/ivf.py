@@ -119,28 +119,33 @@ class InvertedFileIndex:
               bar: "torch.Tensor | None" = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Score every (query, probed list) pair, one matmul per list. Without ``bar``: each pair's
         best ``k``; with it: the pair's scores at or above the query's bar. Returns flat
-        ``(query, score, row id)`` candidates."""
-        probes = probed.shape[1]
+        ``(query, score, row id)`` candidates. The pairs are sorted by list once, with their
+        queries (and bars) gathered in that order, so a list's work is a slice, a matmul and the
+        selection of what it keeps."""
         lists = probed.flatten()
         pairs = torch.argsort(lists, stable=True)
+        who_sorted = pairs // probed.shape[1]
+        queries_sorted = queries[who_sorted]
+        bar_sorted = None if bar is None else bar[who_sorted].unsqueeze(1)
         counts = torch.bincount(lists, minlength=self.num_lists).tolist()
         who_parts, score_parts, id_parts = [], [], []
         start = 0
         for lst, count in enumerate(counts):
             begin, end = self.offsets[lst], self.offsets[lst + 1]
             if count and end > begin:
-                who = pairs[start:start + count] // probes
-                scores = queries[who] @ self.sorted_rows[begin:end].t()
-                if bar is None:
+                pair_slice = slice(start, start + count)
+                who = who_sorted[pair_slice]
+                scores = queries_sorted[pair_slice] @ self.sorted_rows[begin:end].t()
+                if bar_sorted is None:
                     best = scores.topk(min(k, end - begin), dim=1)
                     who = who.repeat_interleave(best.indices.shape[1])
                     columns, values = best.indices.flatten(), best.values.flatten()
                 else:
-                    at, columns = torch.nonzero(scores >= bar[who].unsqueeze(1), as_tuple=True)
+                    at, columns = torch.nonzero(scores >= bar_sorted[pair_slice], as_tuple=True)
                     who, values = who[at], scores[at, columns]
                 who_parts.append(who)
                 score_parts.append(values)
-                id_parts.append(self.row_ids[begin + columns])
+                id_parts.append(self.row_ids[begin:end][columns])
             start += count
         if not who_parts:
             return torch.empty(0, dtype=torch.int64), queries.new_empty(0), torch.empty(0, dtype=torch.int64)
