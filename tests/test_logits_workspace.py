@@ -117,3 +117,36 @@ def test_a_second_backward_through_the_loss_raises():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backpropagated once"):
         loss.backward()
+
+
+def test_a_selection_reuses_its_active_rows_and_their_gradient_and_computes_the_same():
+    """With a selection the copy of the active rows and their gradient come back to the workspace
+    after the backward pass and ``zero_grad``; the next steps write into the same memory, and
+    what they compute is exactly what a twin that allocates afresh every time computes. A gradient
+    the caller kept from ``gradient()`` is not reused, and keeps its values."""
+    spec = {"type": "partial", "budget": 12}
+    head, twin = (ClassParallelFC(CLASSES, WIDTH, seed=4, selection=spec).double() for _ in range(2))
+    twin._workspace.take_rows = lambda rows, like: like.new_empty(rows, like.shape[1])
+    twin._workspace.take_gradient = lambda like: like.new_empty(like.shape)
+    optimizers = [build_head_optimizer(h, {"type": "sgd", "params": {"lr": 0.1}}) for h in (head, twin)]
+    addresses = set()
+    for step in range(4):
+        embeddings, labels = _batch(10 + step)
+        for h, optimizer in zip((head, twin), optimizers):
+            h(embeddings, labels).backward()
+            optimizer.step()
+        assert torch.equal(head.weight, twin.weight), step
+        addresses.add((head._workspace._rows.data_ptr(), head.gradient()[1].data_ptr()))
+        kept = head.gradient()[1] if step == 2 else None
+        before = None if kept is None else kept.clone()
+        for optimizer in optimizers:
+            optimizer.zero_grad()
+        if kept is not None:
+            assert head._workspace._gradient is None, "a gradient the caller holds is not recycled"
+            head(*_batch(20)).backward()
+            assert torch.equal(kept, before)
+            optimizers[0].zero_grad()
+            twin(*_batch(20)).backward()
+            optimizers[1].zero_grad()
+            del kept
+    assert len(addresses) <= 2, "the same buffers served the steps (one new pair after the kept gradient)"

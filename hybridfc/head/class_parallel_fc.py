@@ -58,7 +58,7 @@ from torch import nn
 
 from hybridfc.config import (DTYPES, LOGITS_CHOICES, CommunicationConfig, ConfigError, ParsedMargin,
                              ParsedSelection, parse_communication, resolve_logits)
-from hybridfc.head.cross_entropy import LogitsWorkspace, margin_cross_entropy
+from hybridfc.head.cross_entropy import LogitsWorkspace, margin_cross_entropy, unshared
 from hybridfc.head.margins import AngularMargin, Margin, build_margin
 from hybridfc.head.validation import check_inputs, raise_if_any_bad
 from hybridfc.log import log_dist
@@ -214,15 +214,26 @@ class ClassParallelFC(nn.Module):
         return selection
 
     def _active_rows(self, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """A leaf copy of ``weight[rows]`` whose gradient is added to the touched rows."""
-        active = self.weight.detach().index_select(0, rows).to(dtype)
-        if torch.is_grad_enabled():
-            active.requires_grad_(True)
-            active.register_hook(lambda grad: self._add_row_gradient(rows, grad))
+        """A leaf copy of ``weight[rows]`` whose gradient is added to the touched rows; for a step
+        that will be backpropagated, in the workspace's buffer, handed back once the gradient is in
+        (a fresh copy of that size costs its page faults every step)."""
+        weight = self.weight.detach()
+        if not torch.is_grad_enabled():
+            return weight.index_select(0, rows).to(dtype)
+        if weight.dtype == dtype:
+            buffer = self._workspace.take_rows(rows.numel(), weight)
+            active = torch.index_select(weight, 0, rows, out=buffer).detach()
+        else:
+            buffer, active = None, weight.index_select(0, rows).to(dtype)
+        active.requires_grad_(True)
+        active.register_hook(lambda grad: self._add_row_gradient(rows, grad, buffer))
         return active
 
-    def _add_row_gradient(self, rows: torch.Tensor, grad: torch.Tensor) -> None:
-        """Keep ``grad`` of ``rows``; rows touched by several micro-batches are summed."""
+    def _add_row_gradient(self, rows: torch.Tensor, grad: torch.Tensor, buffer: Optional[torch.Tensor]) -> None:
+        """Keep ``grad`` of ``rows``; rows touched by several micro-batches are summed. The active
+        rows' ``buffer`` goes back to the workspace: the backward pass no longer reads it."""
+        if buffer is not None:
+            self._workspace.give_back_rows(buffer)
         if self._touched is None:
             self._touched = (rows, grad)
             return
@@ -270,7 +281,12 @@ class ClassParallelFC(nn.Module):
     def reset_step_state(self) -> None:
         """Start a new optimizer step (called by the head optimizer's ``zero_grad``)."""
         self.non_finite_inputs, self.non_finite_loss = set(), False
-        self._touched = None
+        touched, self._touched = self._touched, None
+        if touched is not None:
+            gradient = touched[1]
+            del touched
+            if unshared(gradient):   # the active rows' gradient: its memory serves the next step
+                self._workspace.recycle_gradient(gradient)
         self._micro_batches = 0
 
     def recycle_gradient(self, gradient: torch.Tensor) -> None:

@@ -42,6 +42,7 @@ when work happens, never a bit of what is computed.
 from __future__ import annotations
 
 import math
+import sys
 from typing import Callable, Optional
 
 import torch
@@ -58,9 +59,10 @@ _NORM_FLOOR = 1e-12
 
 
 class LogitsWorkspace:
-    """The loss's two large buffers, kept from one step to the next: the ``(B, C_r)`` logits that
-    ``store`` lends to a forward pass and gets back from its backward pass, and a ``(C_r, d)``
-    weight gradient handed back by the head optimizer's ``zero_grad``.
+    """The step's large buffers, kept from one step to the next: the ``(B, C_r)`` logits that
+    ``store`` lends to a forward pass and gets back from its backward pass, the weight gradient
+    handed back by the head optimizer's ``zero_grad`` (dense, or a selection's active rows'), and a
+    selection's copy of its active rows.
 
     Reusing them saves the page faults of fresh allocations of that size every step (about a
     fifth of the step on CPU at a million classes). A pass that finds a buffer lent out, or of
@@ -71,6 +73,7 @@ class LogitsWorkspace:
     def __init__(self) -> None:
         self._buffer: Optional[torch.Tensor] = None
         self._gradient: Optional[torch.Tensor] = None
+        self._rows: Optional[torch.Tensor] = None
 
     def take(self, rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
         """A ``(rows, cols)`` buffer of ``like``'s dtype and device."""
@@ -80,6 +83,15 @@ class LogitsWorkspace:
     def give_back(self, buffer: torch.Tensor) -> None:
         self._buffer = buffer
 
+    def take_rows(self, rows: int, like: torch.Tensor) -> torch.Tensor:
+        """A ``(rows, d)`` buffer of ``like``'s dtype and device for a selection's active rows."""
+        buffer, self._rows = self._rows, None
+        return _reuse_or_allocate(buffer, (rows, like.shape[1]), like)
+
+    def give_back_rows(self, buffer: torch.Tensor) -> None:
+        """Take back the active rows' buffer once their backward pass is done."""
+        self._rows = buffer
+
     def take_gradient(self, like: torch.Tensor) -> torch.Tensor:
         """A tensor shaped as ``like`` to write a weight gradient into; no other reference to it is kept."""
         gradient, self._gradient = self._gradient, None
@@ -88,6 +100,16 @@ class LogitsWorkspace:
     def recycle_gradient(self, gradient: torch.Tensor) -> None:
         """Take back a weight gradient that nothing will read again (the head optimizer's ``zero_grad``)."""
         self._gradient = gradient
+
+
+def unshared(tensor: torch.Tensor) -> bool:
+    """No Python reference to ``tensor`` but the one name its caller holds, and no view of its
+    memory (CPython's count; where torch cannot tell, shared)."""
+    storage_uses = getattr(torch._C, "_storage_Use_Count", None)
+    if storage_uses is None:
+        return False
+    # the caller's name, this parameter and getrefcount's argument; the tensor and the storage() temporary
+    return sys.getrefcount(tensor) <= 3 and storage_uses(tensor.untyped_storage()._cdata) <= 2
 
 
 def _reuse_or_allocate(buffer: Optional[torch.Tensor], shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:

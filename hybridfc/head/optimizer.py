@@ -46,13 +46,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-import sys
 from typing import Iterator, Optional
 
 import torch
 
 from hybridfc.config import ParsedHeadOptimizer, parse_head_optimizer
 from hybridfc.head.class_parallel_fc import ClassParallelFC
+from hybridfc.head.cross_entropy import unshared
 from hybridfc.head.row_clock import RowClock, decay_rate
 from hybridfc.parallel.collectives import all_reduce
 from hybridfc.parallel.groups import collective_device
@@ -93,7 +93,7 @@ class HeadOptimizer(torch.optim.Optimizer):
         gradient into its memory."""
         gradient = self.head.weight.grad
         super().zero_grad(set_to_none)
-        if set_to_none and gradient is not None and _unshared(gradient):
+        if set_to_none and gradient is not None and unshared(gradient):
             self.head.recycle_gradient(gradient)
         del gradient
         self.head.reset_step_state()
@@ -342,16 +342,6 @@ class HeadAdam(HeadOptimizer):
         bias2_sqrt = (1 - beta2 ** steps).sqrt().to(weight.dtype)
         denom = (exp_avg_sq.sqrt() / bias2_sqrt).add_(eps)
         weight.sub_(exp_avg / denom * step_size)
-
-
-def _unshared(tensor: torch.Tensor) -> bool:
-    """No Python reference to ``tensor`` but the caller's, and no view of its memory (CPython's
-    count; where torch cannot tell, shared)."""
-    storage_uses = getattr(torch._C, "_storage_Use_Count", None)
-    if storage_uses is None:
-        return False
-    # the caller's name and getrefcount's argument; the tensor itself and the storage() temporary
-    return sys.getrefcount(tensor) <= 3 and storage_uses(tensor.untyped_storage()._cdata) <= 2
 
 
 def build_head_optimizer(head: ClassParallelFC, spec: "dict | ParsedHeadOptimizer",
