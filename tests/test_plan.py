@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -210,3 +211,12 @@ def test_the_planner_and_the_head_pick_the_same_mode():
         plan = make_plan(PlanInputs(num_classes=1000, embedding_size=4, world_size=1, local_batch=batch,
                                     logits_budget_mb=1))
         assert plan.method("model_parallel").logits_mode == head.logits_mode(batch, 1000)
+
+
+def test_the_cli_says_what_auto_keeps_and_takes_a_mode(capsys):
+    args = ["plan", "--num-classes", "1000000", "--embedding-size", "128", "--world-size", "2", "--local-batch", "2048"]
+    auto = run_cli(capsys, *args)
+    assert re.search(r"logits kept \(auto\)\s+store\s+recompute\s+recompute", auto)
+    stored = run_cli(capsys, *args, "--logits", "store", "--logits-budget-mb", "1")
+    assert re.search(r"logits kept \(store\)\s+store\s+store\s+store", stored)
+    assert "--logits: invalid choice: 'keep'" in cli_error(capsys, *args, "--logits", "keep")
