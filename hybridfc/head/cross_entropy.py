@@ -49,7 +49,7 @@ import torch
 
 from hybridfc.head.margins import Margin
 from hybridfc.head.tiles import Cells, TileGrid, TileShape
-from hybridfc.parallel.chunks import ChunkedGather, ChunkLayout, scatter_chunk
+from hybridfc.parallel.chunks import ChunkedGather, scatter_chunk
 from hybridfc.parallel.collectives import Pending, all_reduce
 from hybridfc.parallel.groups import ProcessGroup
 
@@ -173,7 +173,7 @@ class _MarginCrossEntropy(torch.autograd.Function):
         tile_sum = features.new_zeros(batch, len(grid.col_tiles))
         for chunk in range(layout.chunks):
             row_tiles = grid.row_tiles(chunk)
-            _prepare_chunk_(features, inv_feature_norm, gathered.wait(chunk), layout, chunk, row_tiles)
+            _prepare_chunk_(features, inv_feature_norm, gathered.wait(chunk), grid.places(chunk))
             for rows in row_tiles:
                 _target_logits_(target_logit[rows], dpsi[rows], features[rows], local_target[rows], columns, margin)
             for j, cols in enumerate(grid.col_tiles):
@@ -313,17 +313,12 @@ class _Gradients:
     def send_chunk(self, chunk: int, group: ProcessGroup) -> Pending:
         """Start the reduce-scatter of ``chunk``'s rows of ∂L/∂(gathered features) (rank order), taken
         through the features' normalisation."""
-        layout, grid = self.grid.layout, self.grid
+        layout = self.grid.layout
         grad = self.features_grad.new_empty(sum(layout.chunk_sizes(chunk)), self.features_grad.shape[1])
-        offset = 0
-        for start, end in layout.blocks(chunk):
-            for rows in grid.row_tiles(chunk):
-                if start <= rows.start < end:
-                    place = grad[offset + rows.start - start: offset + rows.stop - start]
-                    place.copy_(self.features_grad[rows])
-                    if self.inv_feature_norm is not None:
-                        _normalize_backward_(place, self.features[rows], self.inv_feature_norm[rows])
-            offset += end - start
+        for rows, place in self.grid.places(chunk):
+            grad[place] = self.features_grad[rows]
+            if self.inv_feature_norm is not None:
+                _normalize_backward_(grad[place], self.features[rows], self.inv_feature_norm[rows])
         return scatter_chunk(grad, layout, chunk, group)
 
     def finish_weight(self) -> torch.Tensor:
@@ -356,15 +351,11 @@ def _store_sweeps(ctx, gradients: _Gradients, stored: TileGradient) -> list[Pend
 
 
 def _prepare_chunk_(features: torch.Tensor, inv_feature_norm: Optional[torch.Tensor], arrived: torch.Tensor,
-                    layout: ChunkLayout, chunk: int, row_tiles: list[slice]) -> None:
-    """Copy the rows of ``chunk`` that ``arrived`` (``(Σ_r rows of chunk, d)``, rank order) to their
-    places in ``features``, tile by tile, normalised when ``inv_feature_norm`` is given."""
-    parts = arrived.split(layout.chunk_sizes(chunk))
-    for (start, end), part in zip(layout.blocks(chunk), parts):
-        for rows in row_tiles:
-            if start <= rows.start < end:
-                _prepare_features_(features[rows], part[rows.start - start: rows.stop - start],
-                                   None if inv_feature_norm is None else inv_feature_norm[rows])
+                    places: list[tuple[slice, slice]]) -> None:
+    """Copy the rows of a chunk that ``arrived`` (``(Σ_r rows of chunk, d)``, rank order) to their
+    ``places`` in ``features``, tile by tile, normalised when ``inv_feature_norm`` is given."""
+    for rows, place in places:
+        _prepare_features_(features[rows], arrived[place], None if inv_feature_norm is None else inv_feature_norm[rows])
 
 
 def _prepare_features_(out: torch.Tensor, rows: torch.Tensor, inv_norm: Optional[torch.Tensor]) -> None:

@@ -95,7 +95,6 @@ class HeadOptimizer(torch.optim.Optimizer):
         super().zero_grad(set_to_none)
         if set_to_none and gradient is not None and unshared(gradient):
             self.head.recycle_gradient(gradient)
-        del gradient
         self.head.reset_step_state()
 
     def check_peak_lr(self, lr: float) -> None:

@@ -76,20 +76,25 @@ class TileGrid:
         self.num_cols = num_cols
         width = shape.cols or max(num_cols, 1)
         self.col_tiles = [slice(first, min(first + width, num_cols)) for first in range(0, num_cols, width)]
-        self._by_chunk = [[tile for start, end in layout.blocks(chunk) for tile in _row_tiles(start, end, shape.rows)]
-                          for chunk in range(layout.chunks)]
-        self._row_index = {tile.start: i for i, tile in enumerate(self.all_row_tiles())}
+        self._places = [_chunk_places(layout, chunk, shape.rows) for chunk in range(layout.chunks)]
+        self._all_rows = sorted((rows for places in self._places for rows, _ in places), key=lambda rows: rows.start)
+        self._row_index = {tile.start: i for i, tile in enumerate(self._all_rows)}
         self.has_target = local_target >= 0
-        self._levels, self._cells, self._row_targets = _place_targets(local_target, self.all_row_tiles(), width,
+        self._levels, self._cells, self._row_targets = _place_targets(local_target, self._all_rows, width,
                                                                       len(self.col_tiles))
 
     def row_tiles(self, chunk: int) -> list[slice]:
         """The row tiles of ``chunk``, in the gathered batch's order."""
-        return self._by_chunk[chunk]
+        return [rows for rows, _ in self._places[chunk]]
+
+    def places(self, chunk: int) -> list[tuple[slice, slice]]:
+        """Each row tile of ``chunk``: its rows in the gathered batch, and its place among the rows
+        of the chunk as they travel (``(Σ_r rows of chunk, ...)``, rank order)."""
+        return self._places[chunk]
 
     def all_row_tiles(self) -> list[slice]:
         """Every row tile, in the gathered batch's order (whatever the chunks)."""
-        return sorted((tile for chunk in self._by_chunk for tile in chunk), key=lambda tile: tile.start)
+        return self._all_rows
 
     def cells(self, rows: slice, col_tile: int) -> Optional[Cells]:
         """The local targets in the tile of ``rows`` and column tile ``col_tile``, or None."""
@@ -106,10 +111,15 @@ class TileGrid:
         return self._levels
 
 
-def _row_tiles(start: int, end: int, rows: Optional[int]) -> list[slice]:
-    if rows is None:
-        return [slice(start, end)] if end > start else []
-    return tiles(start, end, rows)
+def _chunk_places(layout: ChunkLayout, chunk: int, tile_rows: Optional[int]) -> list[tuple[slice, slice]]:
+    """``(rows in the batch, place in the chunk)`` of each row tile of ``chunk`` (``tile_rows`` None:
+    a rank's whole block)."""
+    places, offset = [], 0
+    for start, end in layout.blocks(chunk):
+        spans = tiles(start, end, tile_rows) if tile_rows else ([slice(start, end)] if end > start else [])
+        places += [(rows, slice(offset + rows.start - start, offset + rows.stop - start)) for rows in spans]
+        offset += end - start
+    return places
 
 
 def _place_targets(local_target: torch.Tensor, row_tiles: list[slice], width: int, num_col_tiles: int):
