@@ -105,9 +105,15 @@ TEST_TILE_COLUMNS = 5
 """Columns of a CPU logits tile in the ranks of tests that call :func:`use_small_tiles`: small shards
 then span several tiles, with targets on their edges."""
 
+TEST_BATCH_ROWS = 48
+"""Rows of a CPU tile in a sweep over the whole batch in those ranks: not a multiple of the chunks'
+64-row tiles, so its tiles straddle theirs."""
+
 
 def use_small_tiles(columns: int = TEST_TILE_COLUMNS) -> None:
-    """Make this process's CPU logits tiles ``columns`` wide (call it in a rank, before the head runs)."""
+    """Make this process's CPU logits tiles ``columns`` wide, and the whole batch's sweeps
+    :data:`TEST_BATCH_ROWS` rows tall (call it in a rank, before the head runs)."""
     import hybridfc.head.tiles as tiles
 
     tiles.CPU_COLUMNS = columns
+    tiles.CPU_BATCH_ROWS = TEST_BATCH_ROWS

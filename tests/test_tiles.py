@@ -21,27 +21,37 @@ MARGIN = {"type": "arcface", "scale": 8.0, "margin": 0.3}
 
 
 def test_tile_shape_per_device():
-    assert TileShape.for_device(torch.device("cpu")) == TileShape(64, tiles.CPU_COLUMNS)
+    assert TileShape.for_device(torch.device("cpu")) == TileShape(64, tiles.CPU_COLUMNS, tiles.CPU_BATCH_ROWS)
     assert TileShape.for_device(torch.device("cuda", 0)) == TileShape(None, tiles.CUDA_COLUMNS)
 
 
-@pytest.mark.parametrize("shape", [TileShape(64, 7), TileShape(None, 7), TileShape(None, None)], ids=str)
+@pytest.mark.parametrize("shape", [TileShape(64, 7, 100), TileShape(64, 7), TileShape(None, 7), TileShape(None, None)],
+                         ids=str)
 @pytest.mark.parametrize("chunks", [1, 3])
 def test_every_local_target_has_one_cell_in_the_tile_that_holds_it(shape, chunks):
     layout = ChunkLayout.of([200, 0, 70], chunks)
     batch, cols = sum(layout.sizes), 40
     target = torch.randint(-1, cols, (batch,), generator=torch.Generator().manual_seed(chunks))
     grid = TileGrid(layout, cols, shape, target)
-    found = torch.full((batch,), -1)
-    for chunk in range(layout.chunks):
-        for rows in grid.row_tiles(chunk):
+    chunk_tiles = [rows for chunk in range(layout.chunks) for rows in grid.row_tiles(chunk)]
+    for row_tiles in (chunk_tiles, grid.batch_row_tiles()):
+        found, found_in_rows = torch.full((batch,), -1), torch.full((batch,), -1)
+        for rows in row_tiles:
             for j, span in enumerate(grid.col_tiles):
                 cells = grid.cells(rows, j)
                 if cells is not None:
                     row, col, sample = cells
                     assert torch.equal(sample, row + rows.start) and (found[sample] == -1).all()
                     found[sample] = col + span.start
-    assert torch.equal(found, target)
+            if grid.targets_in(rows) is not None:
+                samples, columns = grid.targets_in(rows)
+                assert ((samples >= rows.start) & (samples < rows.stop)).all()
+                found_in_rows[samples] = columns
+        assert torch.equal(found, target) and torch.equal(found_in_rows, target)
+    covered = sorted(i for rows in grid.batch_row_tiles() for i in range(rows.start, rows.stop))
+    assert covered == list(range(batch))
+    if shape.batch_rows is not None:
+        assert all(rows.stop - rows.start <= shape.batch_rows for rows in grid.batch_row_tiles())
     levels = grid.target_levels()
     for samples, columns in levels:
         assert torch.equal(target[samples], columns) and columns.unique().numel() == columns.numel()

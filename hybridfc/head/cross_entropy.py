@@ -34,9 +34,10 @@ started before the function runs: chunk j's logits are computed as soon as chunk
 while the later chunks are still on the wire. With ``store`` and K > 1 each chunk's feature
 gradient is sent as soon as it is computed, then the weight gradient is summed in a sweep of its
 own; with one chunk, and with ``recompute``, one sweep adds each tile to both gradients while it
-is in cache and the feature gradients travel after it. The weight gradient's sum runs over the
-rows in one order whatever K is, and on CPU every tile is the same whatever K is, so K changes
-when work happens, never a bit of what is computed.
+is in cache and the feature gradients travel after it (``recompute``'s over the whole batch's
+row tiles, larger on CPU than a chunk's). The weight gradient's sum runs over the rows in one
+order whatever K is, and on CPU every tile is the same whatever K is, so K changes when work
+happens, never a bit of what is computed.
 """
 
 from __future__ import annotations
@@ -232,7 +233,7 @@ class _MarginCrossEntropy(torch.autograd.Function):
                     tile[cells[0], cells[1]] = 0
                 return tile, None
 
-            gradients.sweep(recomputed, grid.all_row_tiles(), features_too=True, weight_too=True)
+            gradients.sweep(recomputed, grid.batch_row_tiles(), features_too=True, weight_too=True)
             scattered = [gradients.send_chunk(chunk, ctx.group) for chunk in range(grid.layout.chunks)]
         grad_weight = gradients.finish_weight()
         layout = grid.layout

@@ -10,11 +10,16 @@ is in cache (:mod:`hybridfc.head.cross_entropy`).
 * Columns: on CPU :data:`CPU_COLUMNS` (a ``64 × 2048`` fp32 tile is 512 KiB and the rows it reads
   1 MiB: both stay in a 2 MiB L2); on CUDA :data:`CUDA_COLUMNS`, so that a column tile's scaled
   rows and, with ``recompute``, the tile itself stay small beside the shard.
+* Sweeps over the whole batch: ``recompute``'s backward pass has every chunk at hand, so its tiles
+  need not respect the chunks. On CPU they take :data:`CPU_BATCH_ROWS` rows of the gathered batch:
+  a quarter as many GEMMs, each summing the weight gradient over four times the rows, and still
+  the same rows whatever K is. On CUDA they are the chunk tiles.
 
 >>> shape = TileShape.for_device(torch.device("cpu"))
 >>> grid = TileGrid(layout, num_cols=500_000, shape=shape, local_target=target)
 >>> grid.row_tiles(chunk=0), grid.col_tiles[:2]
 >>> grid.cells(row_tile, j)     # the targets inside that tile: (row in tile, column in tile, sample)
+>>> grid.batch_row_tiles()       # the row tiles of a sweep over the whole batch
 """
 
 from __future__ import annotations
@@ -33,24 +38,31 @@ CPU_COLUMNS = 2048
 CUDA_COLUMNS = 16384
 """Columns of a CUDA tile."""
 
+CPU_BATCH_ROWS = 256
+"""Rows of a CPU tile in a sweep over the whole batch (``256 × 2048`` fp32: 2 MiB)."""
+
 
 @dataclass(frozen=True)
 class TileShape:
-    """Rows and columns of a tile; ``None``: a rank's whole block of a chunk, or every column."""
+    """Rows and columns of a tile; ``None``: a rank's whole block of a chunk, or every column.
+    ``batch_rows``: rows of a tile in a sweep over the whole batch (``None``: the chunk tiles)."""
 
     rows: Optional[int]
     cols: Optional[int]
+    batch_rows: Optional[int] = None
 
     @classmethod
     def for_device(cls, device: torch.device) -> "TileShape":
         """The tile for ``device``."""
         if device.type == "cpu":
-            return cls(TILE_ROWS, CPU_COLUMNS)
+            return cls(TILE_ROWS, CPU_COLUMNS, CPU_BATCH_ROWS)
         return cls(None, CUDA_COLUMNS)
 
     def elements(self, layout: ChunkLayout, num_cols: int) -> int:
-        """The most elements one tile holds."""
+        """The most elements one tile holds, in a chunk's sweep or the whole batch's."""
         rows = self.rows or max(max(layout.chunk_sizes(chunk)) for chunk in range(layout.chunks))
+        if self.batch_rows is not None:
+            rows = max(rows, min(self.batch_rows, sum(layout.sizes)))
         return rows * min(self.cols or num_cols, num_cols)
 
 
@@ -78,9 +90,11 @@ class TileGrid:
         self.col_tiles = [slice(first, min(first + width, num_cols)) for first in range(0, num_cols, width)]
         self._places = [_chunk_places(layout, chunk, shape.rows) for chunk in range(layout.chunks)]
         self._all_rows = sorted((rows for places in self._places for rows, _ in places), key=lambda rows: rows.start)
-        self._row_index = {tile.start: i for i, tile in enumerate(self._all_rows)}
+        self._batch_rows = (self._all_rows if shape.batch_rows is None
+                            else tiles(0, sum(layout.sizes), shape.batch_rows))
         self.has_target = local_target >= 0
-        self._levels, self._cells, self._row_targets = _place_targets(local_target, self._all_rows, width,
+        tilings = [self._all_rows] if self._batch_rows == self._all_rows else [self._all_rows, self._batch_rows]
+        self._levels, self._cells, self._row_targets = _place_targets(local_target, tilings, width,
                                                                       len(self.col_tiles))
 
     def row_tiles(self, chunk: int) -> list[slice]:
@@ -96,13 +110,18 @@ class TileGrid:
         """Every row tile, in the gathered batch's order (whatever the chunks)."""
         return self._all_rows
 
+    def batch_row_tiles(self) -> list[slice]:
+        """The row tiles of a sweep over the whole batch, in its order (whatever the chunks)."""
+        return self._batch_rows
+
     def cells(self, rows: slice, col_tile: int) -> Optional[Cells]:
-        """The local targets in the tile of ``rows`` and column tile ``col_tile``, or None."""
-        return self._cells.get((self._row_index[rows.start], col_tile))
+        """The local targets in the tile of ``rows`` (a row tile of either sweep) and column tile
+        ``col_tile``, or None."""
+        return self._cells.get((rows.start, rows.stop, col_tile))
 
     def targets_in(self, rows: slice) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         """``(sample, column)`` of the local targets in the row tile ``rows``, or None."""
-        return self._row_targets.get(self._row_index[rows.start])
+        return self._row_targets.get((rows.start, rows.stop))
 
     def target_levels(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``(sample, column)`` of every local target, in levels that name each column at most once
@@ -122,32 +141,38 @@ def _chunk_places(layout: ChunkLayout, chunk: int, tile_rows: Optional[int]) -> 
     return places
 
 
-def _place_targets(local_target: torch.Tensor, row_tiles: list[slice], width: int, num_col_tiles: int):
+def _place_targets(local_target: torch.Tensor, tilings: list[list[slice]], width: int, num_col_tiles: int):
     """The local targets moved to the device in one copy: ``(sample, column)`` by level (see
-    :meth:`TileGrid.target_levels`), the cells by tile, and ``(sample, column)`` by row tile."""
+    :meth:`TileGrid.target_levels`), and for each tiling of the rows the cells by tile
+    ``(start, stop, column tile)`` and ``(sample, column)`` by row tile ``(start, stop)``."""
     target = local_target.cpu().numpy()
     samples = np.nonzero(target >= 0)[0]
     if samples.size == 0:
         return [], {}, {}
     cols = target[samples]
-    starts = np.array([tile.start for tile in row_tiles])
-    row_tile = np.searchsorted(starts, samples, side="right") - 1
-    col_tile = cols // width
-    key = row_tile * num_col_tiles + col_tile
-    order = np.argsort(key, kind="stable")
-    samples, cols, row_tile, col_tile, key = (a[order] for a in (samples, cols, row_tile, col_tile, key))
     by_column = np.lexsort((samples, cols))
     level = np.empty(samples.size, dtype=np.int64)
     level[by_column] = _rank_within_runs(cols[by_column])
     by_level = np.lexsort((cols, level))
-    table = torch.from_numpy(np.concatenate([
-        np.stack([samples - starts[row_tile], cols - col_tile * width, samples, cols]),
-        np.stack([samples[by_level], cols[by_level], level[by_level], level[by_level]])], axis=1))
-    table = table.to(local_target.device)
-    cells, levels = table[:, :samples.size], table[:2, samples.size:]
-    return (list(_slices(levels, level[by_level], lambda k: k).values()),
-            _slices(cells[:3], key, lambda k: (k // num_col_tiles, k % num_col_tiles)),
-            _slices(cells[2:], row_tile, lambda k: k))
+    parts = [np.stack([samples[by_level], cols[by_level], level[by_level], level[by_level]])]
+    keys = []
+    for row_tiles in tilings:
+        starts = np.array([tile.start for tile in row_tiles])
+        row_tile = np.searchsorted(starts, samples, side="right") - 1
+        col_tile = cols // width
+        order = np.argsort(row_tile * num_col_tiles + col_tile, kind="stable")
+        sample, col, r, j = (a[order] for a in (samples, cols, row_tile, col_tile))
+        parts.append(np.stack([sample - starts[r], col - j * width, sample, col]))
+        keys.append((row_tiles, r, j))
+    table = torch.from_numpy(np.concatenate(parts, axis=1)).to(local_target.device)
+    levels = table[:2, :samples.size]
+    cells, row_targets = {}, {}
+    for i, (row_tiles, r, j) in enumerate(keys):
+        part = table[:, (i + 1) * samples.size:(i + 2) * samples.size]
+        span = [(row_tiles[t].start, row_tiles[t].stop) for t in range(len(row_tiles))]
+        cells.update(_slices(part[:3], r * num_col_tiles + j, lambda k: (*span[k // num_col_tiles], k % num_col_tiles)))
+        row_targets.update(_slices(part[2:], r, lambda k: span[k]))
+    return list(_slices(levels, level[by_level], lambda k: k).values()), cells, row_targets
 
 
 def _rank_within_runs(values: np.ndarray) -> np.ndarray:
