@@ -216,7 +216,9 @@ class ClassParallelFC(nn.Module):
     def _active_rows(self, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """A leaf copy of ``weight[rows]`` whose gradient is added to the touched rows; for a step
         that will be backpropagated, in the workspace's buffer, handed back once the gradient is in
-        (a fresh copy of that size costs its page faults every step)."""
+        (a fresh copy of that size costs its page faults every step). The gradient is taken from the
+        leaf once autograd has put it there: autograd hands a leaf the gradient itself only when
+        nothing else holds it (else a copy), and the leaf keeps none, so zero_grad can recycle it."""
         weight = self.weight.detach()
         if not torch.is_grad_enabled():
             return weight.index_select(0, rows).to(dtype)
@@ -226,7 +228,12 @@ class ClassParallelFC(nn.Module):
         else:
             buffer, active = None, weight.index_select(0, rows).to(dtype)
         active.requires_grad_(True)
-        active.register_hook(lambda grad: self._add_row_gradient(rows, grad, buffer))
+
+        def take_gradient(leaf: torch.Tensor) -> None:
+            gradient, leaf.grad = leaf.grad, None
+            self._add_row_gradient(rows, gradient, buffer)
+
+        active.register_post_accumulate_grad_hook(take_gradient)
         return active
 
     def _add_row_gradient(self, rows: torch.Tensor, grad: torch.Tensor, buffer: Optional[torch.Tensor]) -> None:

@@ -160,8 +160,7 @@ class ClassSelection:
         active = rows.finish()
         offset = None
         if self.sampling_correction and 0 < count < free:
-            offset = torch.zeros(active.numel(), dtype=torch.float32, device=active.device)
-            offset[torch.searchsorted(active, drawn)] = math.log(free / count)
+            offset = rows.which(active, drawn).to(torch.float32).mul_(math.log(free / count))
         return Selection(active, _remap(target, active), logit_offset=offset)
 
     def _rows(self, device: torch.device) -> "RowSet":
@@ -249,6 +248,15 @@ class RowSet:
             self.take_first_new(draw, count)
             count -= self.count - before
         return torch.cat(self._parts[parts_before:])
+
+    def which(self, rows: torch.Tensor, among: torch.Tensor) -> torch.Tensor:
+        """``(len(rows),)`` bool: which of ``rows`` are in ``among``, both rows of the shard, at a
+        cost proportional to the two (the set must be empty: between :meth:`finish` and the next
+        :meth:`take`)."""
+        self._taken[among] = True
+        found = self._taken[rows]
+        self._taken[among] = False
+        return found
 
     def finish(self) -> torch.Tensor:
         """The rows taken, sorted ``(A,)``; the set is empty again afterwards."""
