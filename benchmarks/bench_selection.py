@@ -117,7 +117,7 @@ CENTRES = {"init": "(a) head's initial rows", "struct": "(b) families of 8 (0.15
            "lowdim": "(c) intrinsic dimension 16 (+0.05 noise)"}
 STRUCTURED = ("struct", "lowdim")
 LOWDIM_RANK, LOWDIM_NOISE, LOWDIM_BLOCK = 16, 0.05, 32768
-TIME_TARGET, MEMORY_TARGET, FIXED_TARGET, RECALL_TARGET = 5.0, 0.6, 1.3, 0.9
+TIME_TARGET, MEMORY_TARGET, FIXED_TARGET, RECALL_TARGET = 8.0, 0.6, 1.3, 0.9
 GPU_PRESET = {"classes": [1_000_000], "budgets": [0.1], "batch": 1024, "steps": 10, "world_size": 1,
               "graph_kinds": []}
 
