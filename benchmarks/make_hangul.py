@@ -10,8 +10,9 @@ asked for to a glyph (read from the file's own ``cmap`` table here, format 4 or 
 glyph for each has ink (Baekmuk's faces map all 11,172 but draw only the 2,350 of KS X 1001;
 a face that misses any syllable asked for does not take part). A font collection's faces
 that draw the same Hangul (Noto CJK's JP/KR/SC/TC/HK faces of one weight) count as one face:
-only the Korean one is kept. Missing packages are installed with apt-get when running as root;
-otherwise the script says what to install.
+only the Korean one is kept, and a face that draws a kept face's glyphs (Noto Sans Mono CJK KR:
+Noto Sans CJK KR's Hangul) is not counted again. Missing packages are installed with apt-get
+when running as root; otherwise the script says what to install.
 
 Split by face: the :data:`TEST_FACES` (three faces, no other face of their families in
 training) are the held-out set, one centred image per syllable; every other face draws each
@@ -157,23 +158,41 @@ def font_files() -> list[Path]:
 
 def faces_drawing(first: int, count: int) -> tuple[list[Face], list[str]]:
     """The faces that draw every code point asked for, one per design; and what was left out, why."""
-    kept, skipped, seen = [], [], set()
+    kept, skipped, drawings = [], [], {}
     for path in font_files():
         data = path.read_bytes()
         for index, directory in enumerate(face_offsets(data)):
-            family, style = ImageFont.truetype(str(path), 16, index=index).getname()
+            try:
+                family, style = ImageFont.truetype(str(path), 16, index=index).getname()
+            except OSError as error:
+                skipped.append(f"{path.name} face {index}: unreadable ({error})")
+                continue
             face = Face(str(path), index, family, style)
             if "CJK" in family and not family.endswith(" KR"):
                 continue   # a collection's other-language faces draw the KR face's Hangul
             mapped = mapped_codepoints(data, directory, first, count)
-            drawn = mapped & inked_codepoints(face, first, count) if mapped.all() else mapped
+            if not mapped.all():
+                skipped.append(f"{face.name} ({path.name}): maps {int(mapped.sum())} of {count} syllables")
+                continue
+            drawn = inked_codepoints(face, first, count)
             if not drawn.all():
-                skipped.append(f"{face.name} ({path.name}): maps {int(mapped.sum())}, draws {int(drawn.sum())} "
-                               f"of {count} syllables")
-            elif face.name not in seen:
-                seen.add(face.name)
-                kept.append(face)
+                skipped.append(f"{face.name} ({path.name}): maps all, draws {int(drawn.sum())} of {count} syllables")
+                continue
+            drawing = _sample_drawing(face, first, count)
+            if drawing in drawings:
+                skipped.append(f"{face.name} ({path.name}): draws the syllables as {drawings[drawing]} does")
+                continue
+            drawings[drawing] = face.name
+            kept.append(face)
     return kept, skipped
+
+
+def _sample_drawing(face: Face, first: int, count: int, samples: int = 16) -> bytes:
+    """The 24-px bitmaps of ``samples`` syllables spread over the range: equal for two faces that
+    draw the same glyphs (Noto Sans Mono CJK KR draws Noto Sans CJK KR's Hangul)."""
+    font = ImageFont.truetype(face.path, 24, index=face.index)
+    codes = np.linspace(first, first + count - 1, num=min(samples, count)).round().astype(int)
+    return b"".join(bytes(font.getmask(chr(int(code)))) for code in codes)
 
 
 def install_fonts() -> None:

@@ -34,7 +34,7 @@ started before the function runs: chunk j's logits are computed as soon as chunk
 while the later chunks are still on the wire. With ``store`` and K > 1 each chunk's feature
 gradient is sent as soon as it is computed, then the weight gradient is summed in a sweep of its
 own; with one chunk, and with ``recompute``, one sweep adds each tile to both gradients while it
-is in cache and the feature gradients travel after it (``recompute``'s over the whole batch's
+is fresh in cache and the feature gradients travel after it (``recompute``'s over the whole batch's
 row tiles, larger on CPU than a chunk's). The weight gradient's sum runs over the rows in one
 order whatever K is, and on CPU every tile is the same whatever K is, so K changes when work
 happens, never a bit of what is computed.
@@ -222,7 +222,7 @@ class _MarginCrossEntropy(torch.autograd.Function):
                                       lambda rows, j, cols, _: (buffer[rows, cols], tile_factor[rows, j]))
             ctx.workspace.give_back(buffer)
         else:
-            scratch = features.new_empty(ctx.shape.elements(grid.layout, grid.num_cols))
+            scratch = features.new_empty(ctx.shape.elements(grid.layout, grid.num_cols, whole_batch=True))
 
             def recomputed(rows: slice, j: int, cols: slice, scaled_t: torch.Tensor):
                 tile = _tile_view(scratch, rows, cols)

@@ -13,7 +13,8 @@ is in cache (:mod:`hybridfc.head.cross_entropy`).
 * Sweeps over the whole batch: ``recompute``'s backward pass has every chunk at hand, so its tiles
   need not respect the chunks. On CPU they take :data:`CPU_BATCH_ROWS` rows of the gathered batch:
   a quarter as many GEMMs, each summing the weight gradient over four times the rows, and still
-  the same rows whatever K is. On CUDA they are the chunk tiles.
+  the same rows whatever K is. Such a tile (2 MiB) and its rows no longer fit L2 together; it
+  was faster all the same (measured: RESULTS.md, the head step). On CUDA they are the chunk tiles.
 
 >>> shape = TileShape.for_device(torch.device("cpu"))
 >>> grid = TileGrid(layout, num_cols=500_000, shape=shape, local_target=target)
@@ -39,7 +40,8 @@ CUDA_COLUMNS = 16384
 """Columns of a CUDA tile."""
 
 CPU_BATCH_ROWS = 256
-"""Rows of a CPU tile in a sweep over the whole batch (``256 × 2048`` fp32: 2 MiB)."""
+"""Rows of a CPU tile in a sweep over the whole batch (``256 × 2048`` fp32: 2 MiB, beyond L2 with
+its rows, yet faster than four 64-row tiles)."""
 
 
 @dataclass(frozen=True)
@@ -58,11 +60,11 @@ class TileShape:
             return cls(TILE_ROWS, CPU_COLUMNS, CPU_BATCH_ROWS)
         return cls(None, CUDA_COLUMNS)
 
-    def elements(self, layout: ChunkLayout, num_cols: int) -> int:
-        """The most elements one tile holds, in a chunk's sweep or the whole batch's."""
+    def elements(self, layout: ChunkLayout, num_cols: int, whole_batch: bool = False) -> int:
+        """The most elements one tile holds, in a chunk's sweep or (``whole_batch``) the whole batch's."""
         rows = self.rows or max(max(layout.chunk_sizes(chunk)) for chunk in range(layout.chunks))
-        if self.batch_rows is not None:
-            rows = max(rows, min(self.batch_rows, sum(layout.sizes)))
+        if whole_batch and self.batch_rows is not None:
+            rows = min(self.batch_rows, sum(layout.sizes))
         return rows * min(self.cols or num_cols, num_cols)
 
 
