@@ -33,13 +33,13 @@ import shutil
 import struct
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parents[1]
 FIRST, COUNT = 0xAC00, 11172
@@ -241,36 +241,18 @@ class GlyphDrawer:
 
 
 def samples(faces: list[Face], count: int, size: int, draws: int, seed: int,
-            progress: "Progress") -> Iterator[tuple[np.ndarray, int]]:
+            desc: str) -> Iterator[tuple[np.ndarray, int]]:
     """Every syllable class by class (RecordIO with a header needs them sorted), each face
-    ``draws`` times: jittered when ``draws`` > 0, else once, centred."""
+    ``draws`` times: jittered when ``draws`` > 0, else once, centred; a progress bar over the
+    classes."""
     drawers = [GlyphDrawer(face, size) for face in faces]
     rng = np.random.default_rng(seed)
-    for label in range(count):
+    for label in tqdm(range(count), desc=desc, unit="class", mininterval=1.0):
         char = chr(FIRST + label)
         for drawer in drawers:
             for _ in range(max(draws, 1)):
                 grey = drawer.draw(char, rng if draws > 0 else None)
                 yield np.repeat(grey[:, :, None], 3, axis=2), label
-        progress.update(label + 1)
-
-
-class Progress:
-    """A one-line progress report: classes done, rate, time left."""
-
-    def __init__(self, what: str, total: int) -> None:
-        self.what, self.total, self.start, self.last = what, total, time.monotonic(), 0.0
-
-    def update(self, done: int) -> None:
-        now = time.monotonic()
-        if now - self.last < 1 and done < self.total:
-            return
-        self.last = now
-        rate = done / max(now - self.start, 1e-9)
-        left = (self.total - done) / max(rate, 1e-9)
-        end = "\n" if done == self.total else ""
-        print(f"\r{self.what}: {done:,}/{self.total:,} classes, {rate:,.0f}/s, {left:,.0f} s left   ",
-              end=end, flush=True)
 
 
 def main() -> int:
@@ -298,12 +280,12 @@ def main() -> int:
                  f"({', '.join(face.name for face in faces)})")
     print(f"{len(faces)} faces draw the {args.classes:,} syllables: {len(train)} for training, "
           f"{len(test)} held out ({', '.join(TEST_FACES)}); "
-          f"{len(faces) - len(train) - len(test)} left out as kin of a held-out face; {len(skipped)} do not draw them all")
+          f"{len(faces) - len(train) - len(test)} left out as kin of a held-out face; {len(skipped)} left out (faces.json says why)")
     out = args.out or REPO / "benchmarks" / "data" / ("hangul" if args.classes == COUNT else f"hangul-{args.classes}")
     out.mkdir(parents=True, exist_ok=True)
     for name, split_faces, draws in (("test", test, 0), ("train", train, args.train_draws)):
-        progress = Progress(f"{out / name}.rec", args.classes)
-        images = write_recordio(out / name, samples(split_faces, args.classes, args.size, draws, args.seed, progress))
+        images = write_recordio(out / name, samples(split_faces, args.classes, args.size, draws, args.seed,
+                                                    desc=f"{out / name}.rec"))
         print(f"{out / name}.rec: {images:,} images of {args.classes:,} classes")
     summary = {"classes": args.classes, "size": args.size, "train_draws": args.train_draws, "seed": args.seed,
                "train_faces": [face.name for face in train], "test_faces": [face.name for face in test],

@@ -32,7 +32,7 @@ def test_every_local_target_has_one_cell_in_the_tile_that_holds_it(shape, chunks
     layout = ChunkLayout.of([200, 0, 70], chunks)
     batch, cols = sum(layout.sizes), 40
     target = torch.randint(-1, cols, (batch,), generator=torch.Generator().manual_seed(chunks))
-    grid = TileGrid(layout, cols, shape, target)
+    grid = TileGrid(layout, cols, shape, target, whole_batch=True)
     chunk_tiles = [rows for chunk in range(layout.chunks) for rows in grid.row_tiles(chunk)]
     for row_tiles in (chunk_tiles, grid.batch_row_tiles()):
         found, found_in_rows = torch.full((batch,), -1), torch.full((batch,), -1)

@@ -163,7 +163,7 @@ class _MarginCrossEntropy(torch.autograd.Function):
                 logit_offset: Optional[torch.Tensor]):
         layout = gathered.layout
         batch, num_cols = sum(layout.sizes), weight.shape[0]
-        grid = TileGrid(layout, num_cols, shape, local_target)
+        grid = TileGrid(layout, num_cols, shape, local_target, whole_batch=not store)
         columns = _Columns(weight, margin, logit_offset)
         features = embeddings.new_empty(batch, embeddings.shape[1])
         inv_feature_norm = embeddings.new_empty(batch) if margin.normalize else None

@@ -80,20 +80,23 @@ class TileGrid:
         num_cols: C_r, the shard's rows that enter the softmax.
         shape: the tile shape.
         local_target: ``(B,)`` the target's column, -1 where the target lives on another rank.
+        whole_batch: a sweep over the whole batch will follow (``recompute``): its row tiles are
+            :attr:`TileShape.batch_rows` tall; otherwise they are the chunks' tiles.
 
     Building the grid reads the targets on the host: the one host synchronisation of the loss,
     made before its loops.
     """
 
-    def __init__(self, layout: ChunkLayout, num_cols: int, shape: TileShape, local_target: torch.Tensor) -> None:
+    def __init__(self, layout: ChunkLayout, num_cols: int, shape: TileShape, local_target: torch.Tensor,
+                 whole_batch: bool = False) -> None:
         self.layout = layout
         self.num_cols = num_cols
         width = shape.cols or max(num_cols, 1)
         self.col_tiles = [slice(first, min(first + width, num_cols)) for first in range(0, num_cols, width)]
         self._places = [_chunk_places(layout, chunk, shape.rows) for chunk in range(layout.chunks)]
         self._all_rows = sorted((rows for places in self._places for rows, _ in places), key=lambda rows: rows.start)
-        self._batch_rows = (self._all_rows if shape.batch_rows is None
-                            else tiles(0, sum(layout.sizes), shape.batch_rows))
+        self._batch_rows = (tiles(0, sum(layout.sizes), shape.batch_rows) if whole_batch and shape.batch_rows
+                            else self._all_rows)
         self.has_target = local_target >= 0
         tilings = [self._all_rows] if self._batch_rows == self._all_rows else [self._all_rows, self._batch_rows]
         self._levels, self._cells, self._row_targets = _place_targets(local_target, tilings, width,
